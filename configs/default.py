@@ -1,0 +1,71 @@
+"""The default run: a ~1M-parameter character-level model on the built-in Shakespeare corpus."""
+
+import ml_collections
+
+from configs import sizes
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "default"
+    c.seed = 0
+    c.batch_size = 16  # global, per optimizer step (split into opt.grad_accum_steps micro-batches)
+    c.seq_len = 128
+    c.num_train_steps = 1200
+    c.log_every_steps = 50
+    c.eval_every_steps = 400
+    c.eval_batch_size = 64
+    c.eval_max_batches = 0  # 0: the whole validation split
+    c.checkpoint_every_steps = 400
+    c.keep_checkpoints = 3
+    c.init_from = ""  # another run's workdir: start from its params (fine-tuning)
+    c.peak_tflops = 0.0  # for MFU; 0: measure a large matmul on this device at start
+    c.sample_prompt = "ROMEO:\n"
+    c.sample_tokens = 120  # printed after training; 0 to skip
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "shakespeare"  # or 'text:GLOB'
+    c.data.tokenizer = "char"  # 'char' | 'byte'
+    c.data.validation_fraction = 0.1  # for 'text:' datasets: the tail of each file
+    c.data.test_fraction = 0.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 0  # 0: the tokenizer's, padded up to vocab_multiple
+    c.model.vocab_multiple = 1
+    c.model.d_model = 0
+    c.model.num_layers = 0
+    c.model.num_heads = 0
+    c.model.num_kv_heads = 0
+    c.model.d_ff = 0
+    sizes.apply_size(c, "tiny")
+    c.model.pos_encoding = "rope"  # 'sinusoidal' | 'learned' | 'rope'
+    c.model.rope_theta = 10000.0
+    c.model.norm = "rmsnorm"  # 'layernorm' | 'rmsnorm'
+    c.model.mlp = "swiglu"  # 'gelu' | 'swiglu'
+    c.model.use_bias = False
+    c.model.tie_embeddings = True
+    c.model.dtype = "float32"  # compute dtype; softmax and loss always run in float32
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # 'none' | 'block' | 'dots'
+    c.model.scan_layers = False
+
+    c.opt = ml_collections.ConfigDict()
+    c.opt.learning_rate = 3e-3
+    c.opt.warmup_steps = 100
+    c.opt.schedule = "cosine"  # 'cosine' | 'linear' | 'constant' | 'wsd'
+    c.opt.final_lr_ratio = 0.1
+    c.opt.decay_fraction = 0.2  # wsd: the last fraction of steps decays
+    c.opt.b1 = 0.9
+    c.opt.b2 = 0.99
+    c.opt.eps = 1e-8
+    c.opt.weight_decay = 0.1
+    c.opt.decay_embeddings = False
+    c.opt.clip_norm = 1.0  # 0 disables
+    c.opt.grad_accum_steps = 1
+    c.opt.z_loss = 0.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: the rest of the devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c

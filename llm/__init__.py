@@ -1,0 +1,8 @@
+"""A JAX/Flax codebase for training, evaluating, sampling and scaling decoder-only language models."""
+
+
+def load(workdir: str, step: int | None = None):
+    """Loads a trained run: `.config`, `.tokenizer`, `.logits(tokens)`, `.generate(prompts)`, `.evaluate(split)`."""
+    from llm.api import load as _load
+
+    return _load(workdir, step)

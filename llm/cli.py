@@ -1,0 +1,106 @@
+"""Command-line entry points behind run.sh: train, eval, sample (sweep, fit, bench live beside them)."""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from llm.attention import NEG_INF  # noqa: F401  (imports jax before flags parse, keeping start-up errors early)
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "ml_collections config file.", lock_config=True)
+flags.DEFINE_string("workdir", "", "Run directory (default: runs/<config name>).")
+flags.DEFINE_string("split", "validation", "eval: split to score.")
+flags.DEFINE_string("dataset", "", "eval: a dataset other than the run's (out-of-domain perplexity).")
+flags.DEFINE_integer("step", None, "eval/sample: checkpoint step (default: the latest).")
+flags.DEFINE_integer("batch_size", 0, "eval: rows per batch (default: the run's eval_batch_size).")
+flags.DEFINE_string("prompt", "", "sample: the prompt.")
+flags.DEFINE_string("prompts_file", "", "sample: a file with one prompt per line.")
+flags.DEFINE_integer("num_samples", 1, "sample: samples per prompt.")
+flags.DEFINE_integer("max_new_tokens", 200, "sample: tokens to generate.")
+flags.DEFINE_float("temperature", 1.0, "sample: softmax temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", 1.0, "sample: nucleus mass in (0, 1].")
+flags.DEFINE_integer("seed", 0, "sample: random seed.")
+FLAGS = flags.FLAGS
+
+
+def _user_errors() -> tuple[type, ...]:
+    from llm import checkpoint, config, data, sample, sharding, tokenizer, train
+
+    return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
+            sample.SampleError, sharding.MeshError, train.NonFiniteLossError)
+
+
+def cmd_train() -> None:
+    from llm import api, config as config_lib, train
+
+    cfg = _CONFIG.value
+    config_lib.validate(cfg)
+    workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
+    summary = train.train(cfg, workdir)
+    print(json.dumps({k: v for k, v in summary.items()}), file=sys.stderr)
+    if cfg.sample_tokens:
+        run = api.load(workdir)
+        budget = min(cfg.sample_tokens, cfg.seq_len - len(run.encode_prompt(cfg.sample_prompt)))
+        print(f"\n--- sample (step {run.step}, temperature 0.8) ---")
+        print(cfg.sample_prompt, end="", flush=True)
+        run.generate(cfg.sample_prompt, max_new_tokens=budget, temperature=0.8, seed=cfg.seed,
+                     stream=lambda s: print(s, end="", flush=True))
+        print()
+
+
+def _need_workdir() -> str:
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    return FLAGS.workdir
+
+
+def cmd_eval() -> None:
+    from llm import api
+
+    run = api.load(_need_workdir(), FLAGS.step)
+    result = run.evaluate(FLAGS.split, FLAGS.dataset or None, FLAGS.batch_size or None)
+    print(json.dumps(result))
+
+
+def cmd_sample() -> None:
+    from llm import api, sample
+
+    sample.check_options(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.max_new_tokens)
+    prompts = [FLAGS.prompt]
+    if FLAGS.prompts_file:
+        with open(FLAGS.prompts_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    run = api.load(_need_workdir(), FLAGS.step)
+    options = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    if len(prompts) == 1 and FLAGS.num_samples == 1:
+        print(prompts[0], end="", flush=True)
+        run.generate(prompts[0], seed=FLAGS.seed, stream=lambda s: print(s, end="", flush=True), **options)
+        print()
+        return
+    expanded = [p for p in prompts for _ in range(FLAGS.num_samples)]
+    texts = run.generate(expanded, seed=FLAGS.seed, **options)
+    for i, (prompt, text) in enumerate(zip(expanded, texts)):
+        print(f"--- sample {i} ---\n{prompt}{text}")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: python -m llm.cli {{{','.join(COMMANDS)}}} [flags]")
+    if len(argv) > 2:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[2:])}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    try:
+        COMMANDS[argv[1]]()
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

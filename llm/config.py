@@ -1,0 +1,126 @@
+"""The one place a run's ConfigDict is read: validation with clear messages, then plain values."""
+
+import ml_collections
+
+from llm.model import ModelConfig
+from llm.optim import OptConfig
+from llm.tokenizer import KINDS as TOKENIZERS
+
+POS_ENCODINGS = ("sinusoidal", "learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+DTYPES = ("float32", "bfloat16", "float16")
+REMATS = ("none", "block", "dots")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _reference() -> ml_collections.ConfigDict:
+    # configs/default.py lists every key a run config may have.
+    from configs import default
+
+    return default.get_config()
+
+
+def _unknown_keys(cfg, ref, prefix="") -> list[str]:
+    unknown = []
+    for key, value in cfg.items():
+        if key not in ref:
+            unknown.append(prefix + key)
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(ref[key], ml_collections.ConfigDict):
+            unknown += _unknown_keys(value, ref[key], prefix + key + ".")
+    return unknown
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    ref = _reference()
+    unknown = _unknown_keys(cfg, ref)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)} (configs/default.py lists every key)")
+    missing = [k for k in ref if k not in cfg]
+    if missing:
+        raise ConfigError(f"config is missing keys: {', '.join(missing)} (start from configs/default.py)")
+
+    m, o = cfg.model, cfg.opt
+    problems = []
+
+    def need(ok: bool, message: str):
+        if not ok:
+            problems.append(message)
+
+    def one_of(value, choices, key):
+        need(value in choices, f"{key}={value!r} is not one of {', '.join(choices)}")
+
+    for key in ("batch_size", "seq_len", "num_train_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size"):
+        need(cfg[key] > 0, f"{key} must be positive, got {cfg[key]}")
+    for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+        need(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
+    need(cfg.eval_every_steps >= 0, "eval_every_steps must be >= 0 (0 disables eval during training)")
+    if m.num_heads > 0 and m.d_model % m.num_heads:
+        problems.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
+        problems.append(f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    if m.pos_encoding in ("rope", "sinusoidal") and m.num_heads > 0 and m.d_model % m.num_heads == 0:
+        dim = m.d_model // m.num_heads if m.pos_encoding == "rope" else m.d_model
+        need(dim % 2 == 0, f"model.pos_encoding={m.pos_encoding!r} needs an even {'head' if m.pos_encoding == 'rope' else 'model'} dimension, got {dim}")
+    one_of(m.pos_encoding, POS_ENCODINGS, "model.pos_encoding")
+    one_of(m.norm, NORMS, "model.norm")
+    one_of(m.mlp, MLPS, "model.mlp")
+    one_of(m.dtype, DTYPES, "model.dtype")
+    one_of(m.param_dtype, DTYPES, "model.param_dtype")
+    one_of(m.remat, REMATS, "model.remat")
+    need(m.vocab_size >= 0 and m.vocab_multiple >= 1, "model.vocab_size must be >= 0 and model.vocab_multiple >= 1")
+    one_of(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
+    need(
+        0 <= cfg.data.validation_fraction < 1 and 0 <= cfg.data.test_fraction < 1
+        and cfg.data.validation_fraction + cfg.data.test_fraction < 1,
+        "data.validation_fraction and data.test_fraction must be in [0, 1) and sum to less than 1",
+    )
+
+    one_of(o.schedule, SCHEDULES, "opt.schedule")
+    need(o.learning_rate > 0, f"opt.learning_rate must be positive, got {o.learning_rate}")
+    need(o.warmup_steps >= 0, f"opt.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(0 <= o.final_lr_ratio <= 1, f"opt.final_lr_ratio must be in [0, 1], got {o.final_lr_ratio}")
+    need(0 < o.decay_fraction <= 1, f"opt.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"opt.b1 and opt.b2 must be in [0, 1), got {o.b1}, {o.b2}")
+    need(o.eps > 0 and o.weight_decay >= 0 and o.clip_norm >= 0 and o.z_loss >= 0, "opt.eps must be > 0; opt.weight_decay, opt.clip_norm, opt.z_loss >= 0")
+    need(o.grad_accum_steps >= 1, f"opt.grad_accum_steps must be >= 1, got {o.grad_accum_steps}")
+    if o.grad_accum_steps >= 1 and cfg.batch_size % o.grad_accum_steps:
+        problems.append(f"batch_size={cfg.batch_size} is not divisible by opt.grad_accum_steps={o.grad_accum_steps}")
+    for axis in ("data", "fsdp", "tensor"):
+        need(cfg.mesh[axis] == -1 or cfg.mesh[axis] >= 1, f"mesh.{axis} must be >= 1 or -1, got {cfg.mesh[axis]}")
+    need([cfg.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def padded_vocab_size(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> int:
+    if cfg.model.vocab_size:
+        if cfg.model.vocab_size < tokenizer_vocab:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids")
+        return cfg.model.vocab_size
+    multiple = cfg.model.vocab_multiple
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    m = cfg.model
+    return ModelConfig(
+        V=vocab_size, D=m.d_model, F=m.d_ff, N=m.num_layers, H=m.num_heads, G=m.num_kv_heads, L=cfg.seq_len,
+        pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp,
+        tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype,
+        remat=m.remat, scan_layers=m.scan_layers,
+    )
+
+
+def opt_config(cfg: ml_collections.ConfigDict) -> OptConfig:
+    opt = cfg.opt.to_dict()
+    opt["warmup_steps"] = min(opt["warmup_steps"], cfg.num_train_steps)  # short runs warm up for their whole length
+    return OptConfig(num_train_steps=cfg.num_train_steps, **opt)
+
+
+def from_json(d: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(d)

@@ -1,0 +1,55 @@
+"""Metric writers (JSONL + TensorBoard) and the throughput arithmetic: tokens/s, FLOP/s, MFU."""
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Writer:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            self._tb.add_scalar(key, float(value), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def measure_peak_tflops(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Best of a few large square matmuls on the default device: what this machine can actually do."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = jax.random.normal(key_b, (size, size), dtype)
+    matmul = jax.jit(lambda a, b: a @ b)
+    matmul(a, b).block_until_ready()
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float) -> float:
+    return flops_per_token * tokens_per_s / (peak_tflops * 1e12)

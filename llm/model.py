@@ -1,0 +1,213 @@
+"""The decoder-only Transformer: embeddings, position encodings, pre-norm blocks, output head.
+
+Every parameter carries logical axis names (vocab, embed, heads, kv_heads, kv, mlp, pos, norm,
+layers); llm/sharding.py maps them to mesh axes, so the model never mentions a mesh.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm.attention import Attention, KVCache, cache_mask, causal_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    V: int  # vocabulary (padded)
+    D: int  # model width
+    F: int  # feed-forward width
+    N: int  # layers
+    H: int  # query heads
+    G: int  # key/value heads (H // G query heads share one)
+    L: int  # context length
+    pos_encoding: str = "rope"
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+
+    @property
+    def K(self) -> int:
+        return self.D // self.H
+
+
+class Norm(nn.Module):
+    kind: str
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        D = x_BxLxD.shape[-1]
+        x = x_BxLxD.astype(jnp.float32)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (D,), self.param_dtype)
+        if self.kind == "rmsnorm":
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+        else:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (D,), self.param_dtype)
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+        return y.astype(x_BxLxD.dtype)
+
+
+class Mlp(nn.Module):
+    kind: str
+    F: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    out_init_std: float
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        D = x_BxLxD.shape[-1]
+        init = nn.initializers.normal(0.02)
+        out_init = nn.initializers.normal(self.out_init_std)
+        wi_DxF = self.param("wi", nn.with_logical_partitioning(init, ("embed", "mlp")), (D, self.F), self.param_dtype)
+        wo_FxD = self.param("wo", nn.with_logical_partitioning(out_init, ("mlp", "embed")), (self.F, D), self.param_dtype)
+        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, wi_DxF.astype(self.dtype))
+        if self.kind == "swiglu":
+            wg_DxF = self.param("wg", nn.with_logical_partitioning(init, ("embed", "mlp")), (D, self.F), self.param_dtype)
+            gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, wg_DxF.astype(self.dtype))
+            h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
+        else:
+            h_BxLxF = nn.gelu(h_BxLxF)
+        return jnp.einsum("blf,fd->bld", h_BxLxF, wo_FxD.astype(self.dtype))
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, layer_kv, positions_BxL, mask_BxLxS, cache_index):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        # GPT-2's scaled init of the projections that write into the residual stream.
+        out_std = 0.02 / math.sqrt(2 * cfg.N)
+        h_BxLxD = Norm(cfg.norm, param_dtype, name="attn_norm")(x_BxLxD)
+        attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std, name="attn")
+        a_BxLxD, layer_kv = attn(h_BxLxD, positions_BxL, mask_BxLxS, layer_kv, cache_index)
+        x_BxLxD = x_BxLxD + a_BxLxD
+        h_BxLxD = Norm(cfg.norm, param_dtype, name="mlp_norm")(x_BxLxD)
+        x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, name="mlp")(h_BxLxD)
+        return x_BxLxD, layer_kv
+
+
+def sinusoidal(positions_BxL: jax.Array, D: int) -> jax.Array:
+    """Vaswani et al.: sin(i / 10000^(2k/D)) at index 2k, cos of the same angle at 2k + 1."""
+    inv_freq_D2 = 10000.0 ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)
+    angle_BxLxD2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_D2
+    return jnp.stack([jnp.sin(angle_BxLxD2), jnp.cos(angle_BxLxD2)], axis=-1).reshape(*positions_BxL.shape, D)
+
+
+_REMAT_POLICIES = {
+    "block": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache: KVCache | None = None):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        B, L = tokens_BxL.shape
+        embed_VxD = self.param(
+            "embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")), (cfg.V, cfg.D), param_dtype
+        )
+        x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dtype)
+
+        if cache is not None:
+            mask_BxLxS, positions_BxL = cache_mask(cache, L)
+            kv = (cache.k_NxBxSxGxK, cache.v_NxBxSxGxK)
+        else:
+            mask_BxLxS = causal_mask(segment_ids_BxL, L)
+            if positions_BxL is None:
+                positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+            kv = None
+
+        if cfg.pos_encoding == "sinusoidal":
+            # The paper scales token embeddings by sqrt(D) so they are not drowned by the unit-size encoding.
+            x_BxLxD = (x_BxLxD * math.sqrt(cfg.D) + sinusoidal(positions_BxL, cfg.D)).astype(dtype)
+        elif cfg.pos_encoding == "learned":
+            pos_LxD = self.param(
+                "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("pos", "embed")), (cfg.L, cfg.D), param_dtype
+            )
+            x_BxLxD = x_BxLxD + jnp.take(pos_LxD, positions_BxL, axis=0).astype(dtype)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        index = None if cache is None else cache.index
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.N,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BxLxD, kv = stack(cfg, name="blocks")(x_BxLxD, kv, positions_BxL, mask_BxLxS, index)
+        else:
+            new_k, new_v = [], []
+            for i in range(cfg.N):
+                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+                x_BxLxD, layer_kv = block(cfg, name=f"block_{i}")(x_BxLxD, layer_kv, positions_BxL, mask_BxLxS, index)
+                if layer_kv is not None:
+                    new_k.append(layer_kv[0])
+                    new_v.append(layer_kv[1])
+            if kv is not None:
+                kv = (jnp.stack(new_k), jnp.stack(new_v))
+
+        x_BxLxD = Norm(cfg.norm, param_dtype, name="final_norm")(x_BxLxD)
+        if cfg.tie_embeddings:
+            logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            head_DxV = self.param(
+                "head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.D, cfg.V), param_dtype
+            )
+            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+
+        if cache is not None:
+            cache = cache.replace(k_NxBxSxGxK=kv[0], v_NxBxSxGxK=kv[1], index=cache.index + L)
+        return logits_BxLxV, cache
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Exact counts; non-embedding excludes the token and position embeddings and an untied head."""
+    norm = cfg.D * (2 if cfg.norm == "layernorm" else 1)
+    attn = cfg.D * cfg.K * (2 * cfg.H + 2 * cfg.G)
+    mlp = cfg.D * cfg.F * (3 if cfg.mlp == "swiglu" else 2)
+    non_embedding = cfg.N * (2 * norm + attn + mlp) + norm
+    embedding = cfg.V * cfg.D
+    embedding += cfg.L * cfg.D if cfg.pos_encoding == "learned" else 0
+    embedding += 0 if cfg.tie_embeddings else cfg.D * cfg.V
+    return {"total": non_embedding + embedding, "non_embedding": non_embedding}
+
+
+def flops_per_token(cfg: ModelConfig) -> int:
+    """Training FLOPs per token: 6 x (matmul params incl. the output head) + 12 N H K L for attention.
+
+    The attention term counts the full L x L score matrix (PaLM's convention, also nanoGPT's MFU).
+    """
+    matmul_params = param_counts(cfg)["non_embedding"] + cfg.D * cfg.V
+    return 6 * matmul_params + 12 * cfg.N * cfg.H * cfg.K * cfg.L
+
+
+def init(cfg: ModelConfig, rng: jax.Array):
+    """Boxed params (nn.Partitioned leaves carrying logical axis names)."""
+    tokens_1xL = jnp.zeros((1, cfg.L), jnp.int32)
+    return Transformer(cfg).init(rng, tokens_1xL)["params"]
+
+
+def apply(cfg: ModelConfig, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None):
+    return Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL, cache)

