@@ -1,7 +1,8 @@
-"""Command-line entry points behind run.sh: train, eval, sample (sweep, fit, bench live beside them)."""
+"""Command-line entry points behind run.sh: train, eval, sample, sweep, fit, bench."""
 
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -9,7 +10,15 @@ from ml_collections import config_flags
 
 from llm.attention import NEG_INF  # noqa: F401  (imports jax before flags parse, keeping start-up errors early)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "ml_collections config file.", lock_config=True)
+try:
+    # config_flags applies --config.KEY=VALUE overrides here, at definition time.
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "ml_collections config file.", lock_config=True)
+except (AttributeError, KeyError) as e:
+    overrides = [a.split("=")[0] for a in sys.argv if a.startswith("--config.")]
+    key = re.search(r"(\w+)", str(e))
+    print(f"error: unknown config key {key.group(1) if key else e!r} in the overrides {', '.join(overrides)} "
+          f"(configs/default.py lists every key)", file=sys.stderr)
+    sys.exit(2)
 flags.DEFINE_string("workdir", "", "Run directory (default: runs/<config name>).")
 flags.DEFINE_string("split", "validation", "eval: split to score.")
 flags.DEFINE_string("dataset", "", "eval: a dataset other than the run's (out-of-domain perplexity).")
@@ -23,6 +32,13 @@ flags.DEFINE_float("temperature", 1.0, "sample: softmax temperature; 0 is greedy
 flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0: all).")
 flags.DEFINE_float("top_p", 1.0, "sample: nucleus mass in (0, 1].")
 flags.DEFINE_integer("seed", 0, "sample: random seed.")
+flags.DEFINE_bool("dry_run", False, "sweep: print the table of points and stop.")
+flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at i (0-based).")
+flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
+flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/).")
+flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for standard errors.")
+flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
+flags.DEFINE_float("peak_tflops", 0.0, "bench: published peak TFLOP/s (default: measure a large matmul).")
 FLAGS = flags.FLAGS
 
 
@@ -86,17 +102,59 @@ def cmd_sample() -> None:
         print(f"--- sample {i} ---\n{prompt}{text}")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+def cmd_sweep() -> None:
+    from llm.scaling import sweep
+
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    sweep.run(_CONFIG.value, FLAGS.workdir, dry_run=FLAGS.dry_run, shard=FLAGS.shard)
+
+
+def cmd_fit() -> None:
+    from llm.scaling import fit, plots
+
+    if bool(FLAGS.points) == bool(FLAGS.workdir):
+        raise app.UsageError("give exactly one of --points=FILE.csv or --workdir=SWEEPDIR")
+    path = FLAGS.points or os.path.join(FLAGS.workdir, "results.csv")
+    if not os.path.exists(path):
+        raise app.UsageError(f"{path} does not exist")
+    points = fit.load_points(path)
+    result = fit.fit_all(points, bootstrap=FLAGS.bootstrap)
+    out = FLAGS.out or FLAGS.workdir or "fit_out"
+    os.makedirs(out, exist_ok=True)
+    result["plots"] = plots.plot_all(points, result, out)
+    with open(os.path.join(out, "fit.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))
+
+
+def cmd_bench(kind: str) -> None:
+    from llm import bench
+
+    if kind == "train":
+        result = bench.bench_train(_CONFIG.value, steps=FLAGS.steps, peak_tflops=FLAGS.peak_tflops)
+    elif kind == "sample":
+        result = bench.bench_sample(_CONFIG.value)
+    else:
+        raise app.UsageError("usage: ./run.sh bench train|sample [flags]")
+    print(json.dumps(result))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench}
 
 
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m llm.cli {{{','.join(COMMANDS)}}} [flags]")
-    if len(argv) > 2:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[2:])}")
+    positional = argv[2:]
+    if argv[1] == "bench":
+        if len(positional) != 1:
+            raise app.UsageError("usage: ./run.sh bench train|sample [flags]")
+    elif positional:
+        raise app.UsageError(f"unexpected arguments: {' '.join(positional)}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
-        COMMANDS[argv[1]]()
+        COMMANDS[argv[1]](*positional)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

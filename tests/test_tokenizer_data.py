@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+
+from llm import data, tokenizer
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_tokenizer_round_trip_and_reload(tmp_path, kind):
+    text = "To be, or not to be: that is the question.\nÆ ü 中文"
+    tok = tokenizer.train(kind, [text])
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert min(ids) >= 3 and max(ids) < tok.vocab_size  # pad/bos/eos stay reserved
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    tokenizer.save(tok, str(tmp_path))
+    again = tokenizer.load(str(tmp_path))
+    np.testing.assert_array_equal(again.encode(text), ids)
+    assert again.vocab_size == tok.vocab_size
+
+
+def test_token_bytes_count_utf8_bytes():
+    tok = tokenizer.train("char", ["aé中"])
+    ids = tok.encode("aé中")
+    assert tok.token_bytes()[ids].tolist() == [1, 2, 3]
+
+
+def test_char_tokenizer_names_characters_it_cannot_encode():
+    tok = tokenizer.train("char", ["abc"])
+    with pytest.raises(tokenizer.TokenizerError, match="'z'"):
+        tok.encode("abz")
+
+
+def test_shakespeare_splits_are_disjoint_whole_works():
+    train = data.load_documents("shakespeare", "train")
+    validation = data.load_documents("shakespeare", "validation")
+    test = data.load_documents("shakespeare", "test")
+    assert len(train) == 36 and len(validation) == 3 and len(test) == 3
+    assert not set(validation) & set(train) and not set(test) & set(train)
+    assert any(doc.startswith("JULIUS CAESAR") or "JULIUS CAESAR" in doc[:200] for doc in validation)
+
+
+def test_text_dataset_splits_each_file_by_position(tmp_path):
+    (tmp_path / "a.txt").write_text("0123456789" * 10)
+    train = data.load_documents(f"text:{tmp_path}/*.txt", "train", validation_fraction=0.1)
+    validation = data.load_documents(f"text:{tmp_path}/*.txt", "validation", validation_fraction=0.1)
+    assert train[0] + validation[0] == "0123456789" * 10 and len(validation[0]) == 10
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "is empty"), (b"\xff\xfe\x00\x01binary", "not text|not UTF-8"), (b"caf\xe9 latin-1", "not UTF-8")],
+)
+def test_bad_files_get_one_clear_message(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+        data.load_documents(f"text:{path}", "train")
+
+
+def test_glob_matching_nothing_and_unknown_dataset_are_named(tmp_path):
+    with pytest.raises(data.DataError, match="matches no files"):
+        data.load_documents(f"text:{tmp_path}/*.nope", "train")
+    with pytest.raises(data.DataError, match="unknown dataset 'wikitext'"):
+        data.load_documents("wikitext", "train")
+    with pytest.raises(data.DataError, match="unknown split 'dev'"):
+        data.load_documents("shakespeare", "dev")
+
+
+def _stream(n=5000):
+    return np.arange(n, dtype=np.int32) % 97
+
+
+def test_batches_are_deterministic_and_resume_exactly():
+    a = data.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
+    first = [next(a) for _ in range(200)]  # crosses several epochs
+    b = data.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
+    for _ in range(57):
+        next(b)
+    state = b.get_state()
+    c = data.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
+    c.set_state(state)
+    for expected in first[57:]:
+        got = next(c)
+        np.testing.assert_array_equal(got["inputs"], expected["inputs"])
+    assert a.epoch > 0
+
+
+def test_rows_are_shifted_next_token_pairs_and_epochs_reshuffle():
+    batches = data.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=0)
+    batch = next(batches)
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    per_epoch = (5000 - 1) // 16 // 4 - 1
+    epoch0 = [next(batches)["inputs"][0, 0] for _ in range(per_epoch)]
+    epoch1 = [next(batches)["inputs"][0, 0] for _ in range(per_epoch)]
+    assert epoch0 != epoch1
+
+
+def test_hosts_get_disjoint_slices_whose_union_is_the_global_batch():
+    whole = next(data.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=1))
+    parts = [next(data.TrainBatches(_stream(), 8, 16, 1, process_index=i, process_count=2)) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), whole["inputs"])
+
+
+def test_eval_batches_score_every_token_once_with_padding_masked():
+    stream = _stream(1001)
+    batches = list(data.eval_batches(stream, batch_size=8, seq_len=16))
+    weights = np.concatenate([b["weights"] for b in batches])
+    targets = np.concatenate([b["targets"] for b in batches])
+    assert weights.sum() == len(stream) - 1
+    np.testing.assert_array_equal(targets[weights > 0], stream[1:])
+    assert all(b["inputs"].shape == (8, 16) for b in batches)
