@@ -33,6 +33,7 @@ usage: ./run.sh COMMAND [flags]
   sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n]
   fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]
   bench  train|sample [flags]
+  launch-local N COMMAND [flags]   N local CPU processes joined as one multi-host job
   test   [pytest args]          run the test suite
 USAGE
 }
@@ -44,6 +45,9 @@ case "$cmd" in
   train|eval|sample|sweep|fit|bench)
     setup
     exec "$PY" -m llm.cli "$cmd" "$@" ;;
+  launch-local)
+    setup
+    exec "$PY" -m llm.launch "$@" ;;
   test)
     setup
     exec "$PY" -m pytest -q tests "$@" ;;

@@ -4,7 +4,7 @@ setup(
     name="llm",
     version="0.1.0",
     description="A small JAX/Flax codebase for training, evaluating and scaling decoder-only language models.",
-    packages=find_packages(include=["llm", "llm.*"]),
+    packages=find_packages(include=["llm", "llm.*", "configs", "configs.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

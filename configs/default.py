@@ -68,4 +68,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: the rest of the devices
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # logical axis -> mesh axes (None: replicated). Dimensions a mesh axis does not divide are replicated.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("kv", None),
+        ("layers", None),
+        ("norm", None),
+        ("pos", None),
+    )
     return c

@@ -32,6 +32,11 @@ flags.DEFINE_float("temperature", 1.0, "sample: softmax temperature; 0 is greedy
 flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0: all).")
 flags.DEFINE_float("top_p", 1.0, "sample: nucleus mass in (0, 1].")
 flags.DEFINE_integer("seed", 0, "sample: random seed.")
+flags.DEFINE_string("coordinator_address", "", "multi-host: HOST:PORT of process 0 (Cloud TPU: auto-detected).")
+flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes.")
+flags.DEFINE_integer("process_id", 0, "multi-host: this process's index.")
+flags.DEFINE_integer("distributed_timeout_s", 300, "multi-host: how long to wait for all processes to join.")
+flags.DEFINE_integer("heartbeat_timeout_s", 60, "multi-host: a process silent this long is taken as dead; the others stop.")
 flags.DEFINE_bool("dry_run", False, "sweep: print the table of points and stop.")
 flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at i (0-based).")
 flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
@@ -46,7 +51,16 @@ def _user_errors() -> tuple[type, ...]:
     from llm import checkpoint, config, data, sample, sharding, tokenizer, train
 
     return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
-            sample.SampleError, sharding.MeshError, train.NonFiniteLossError)
+            sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError)
+
+
+def _join_distributed_job() -> None:
+    from llm import sharding
+
+    on_tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if FLAGS.coordinator_address or on_tpu_pod:
+        sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                        FLAGS.distributed_timeout_s, FLAGS.heartbeat_timeout_s)
 
 
 def cmd_train() -> None:
@@ -54,10 +68,17 @@ def cmd_train() -> None:
 
     cfg = _CONFIG.value
     config_lib.validate(cfg)
+    _join_distributed_job()
+    import jax
+
     workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
     summary = train.train(cfg, workdir)
+    if jax.process_index() != 0:
+        return
     print(json.dumps({k: v for k, v in summary.items()}), file=sys.stderr)
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and jax.process_count() > 1:
+        print(f"(multi-process run: sample afterwards with ./run.sh sample --workdir={workdir})", file=sys.stderr)
+    elif cfg.sample_tokens:
         run = api.load(workdir)
         budget = min(cfg.sample_tokens, cfg.seq_len - len(run.encode_prompt(cfg.sample_prompt)))
         print(f"\n--- sample (step {run.step}, temperature 0.8) ---")

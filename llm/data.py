@@ -122,8 +122,7 @@ class TrainBatches:
     batch_size: int
     seq_len: int
     seed: int
-    process_index: int = 0
-    process_count: int = 1
+    rows: tuple[int, int] | None = None  # this host's rows [lo, hi) of each global batch; None: all
     epoch: int = 0
     batch_in_epoch: int = 0
 
@@ -152,10 +151,10 @@ class TrainBatches:
         if (self.batch_in_epoch + 1) * self.batch_size > len(starts):
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             starts = self._order()
-        per_host = self.batch_size // self.process_count
-        first = self.batch_in_epoch * self.batch_size + self.process_index * per_host
+        lo, hi = self.rows or (0, self.batch_size)
+        first = self.batch_in_epoch * self.batch_size
         self.batch_in_epoch += 1
-        return _rows(self.stream, starts[first : first + per_host], self.seq_len)
+        return _rows(self.stream, starts[first + lo : first + hi], self.seq_len)
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}

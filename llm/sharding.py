@@ -1,5 +1,7 @@
 """Device mesh, logical-axis rules and the shardings of state and batches; jax.distributed start-up."""
 
+import socket
+import time
 from typing import Sequence
 
 import flax.linen as nn
@@ -9,7 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axes; the model names logical axes only.
+# logical axis -> mesh axes; the model names logical axes only. configs/default.py carries a copy
+# as mesh.rules so that a run can change it.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
@@ -22,6 +25,13 @@ DEFAULT_RULES = (
     ("norm", None),
     ("pos", None),
 )
+
+
+def rules_from_config(rules) -> tuple:
+    """config.json turns tuples into lists; rules need tuples of mesh axes."""
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
 class MeshError(ValueError):
@@ -70,6 +80,21 @@ def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules=DEFAULT_RU
     )
 
 
+def check_divisible(mesh: Mesh, batch: int, num_heads: int, num_kv_heads: int, d_ff: int, d_model: int) -> None:
+    """Dimensions that must split evenly; a vocab that does not is replicated instead (see _fit)."""
+    dp, tensor, fsdp = data_parallel_size(mesh), mesh.shape["tensor"], mesh.shape["fsdp"]
+    problems = []
+    if batch % dp:
+        problems.append(f"the micro-batch of {batch} rows is not divisible by the {dp} data-parallel devices (mesh.data x mesh.fsdp)")
+    for name, size in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("d_ff", d_ff)):
+        if size % tensor:
+            problems.append(f"model.{name}={size} is not divisible by mesh.tensor={tensor}")
+    if d_model % fsdp:
+        problems.append(f"model.d_model={d_model} is not divisible by mesh.fsdp={fsdp}")
+    if problems:
+        raise MeshError(f"mesh {dict(mesh.shape)} does not fit this run:\n  " + "\n  ".join(problems))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
 
@@ -82,7 +107,78 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def host_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """The rows [lo, hi) of a global batch that this host's devices hold (all of them when the batch
+    is replicated, e.g. on a tensor-only mesh)."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_batch_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    lo, hi = min(starts), max(stops)
+    covered = sum(b - a for a, b in {(a, b) for a, b in zip(starts, stops)})
+    assert covered == hi - lo, "a host's batch rows must be contiguous; use a mesh whose devices are ordered by process"
+    return lo, hi
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int) -> dict[str, jax.Array]:
     """Assembles each host's rows into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size, *v.shape[1:]))
+        for k, v in local_batch.items()
+    }
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+def _check_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    """JAX aborts the process with a misleading 'another task died' when the coordinator is missing;
+    checking the socket first turns that into one clear message."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"--coordinator_address={address!r} must be HOST:PORT")
+    if process_id == 0:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("", int(port)))
+            except OSError as e:
+                raise DistributedError(f"process 0 cannot serve as coordinator on port {port}: {e.strerror}") from e
+        return
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return
+        except OSError as e:
+            if time.time() > deadline:
+                raise DistributedError(
+                    f"the coordinator {address} cannot be reached from process {process_id} after {timeout_s:.0f}s "
+                    f"({e.strerror or e}); is process 0 running there?"
+                ) from e
+            time.sleep(0.5)
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, timeout_s: int = 300,
+                           heartbeat_timeout_s: int = 60) -> None:
+    """Joins a multi-process job: explicit flags, or auto-detection on Cloud TPU / SLURM when no address is given."""
+    if coordinator_address:
+        if num_processes < 1:
+            raise DistributedError(f"--num_processes must be >= 1, got {num_processes}")
+        if not 0 <= process_id < num_processes:
+            raise DistributedError(f"--process_id={process_id} is out of range for --num_processes={num_processes} (0..{num_processes - 1})")
+        _check_coordinator(coordinator_address, process_id, timeout_s)
+    # CPU processes exchange collectives through gloo; accelerators use their own interconnect.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address or None, num_processes if coordinator_address else None,
+            process_id if coordinator_address else None, initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+        )
+    except Exception as e:  # the runtime raises several types; all mean the job could not form
+        raise DistributedError(
+            f"could not join the distributed job (coordinator {coordinator_address or 'auto-detected'}, "
+            f"process {process_id} of {num_processes}) within {timeout_s}s: {str(e).splitlines()[0]}"
+        ) from e

@@ -85,13 +85,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    dp = sharding.data_parallel_size(mesh)
-    micro_batch = cfg.batch_size // cfg.opt.grad_accum_steps
-    if micro_batch % dp:
-        raise config_lib.ConfigError(
-            f"the micro-batch (batch_size={cfg.batch_size} / opt.grad_accum_steps={cfg.opt.grad_accum_steps} = {micro_batch}) "
-            f"is not divisible by the {dp} data-parallel devices (mesh.data x mesh.fsdp)"
-        )
+    rules = sharding.rules_from_config(cfg.mesh.rules)
+    m = cfg.model
+    sharding.check_divisible(mesh, cfg.batch_size // cfg.opt.grad_accum_steps, m.num_heads, m.num_kv_heads, m.d_ff, m.d_model)
+    if cfg.eval_every_steps and cfg.eval_batch_size % sharding.data_parallel_size(mesh):
+        raise sharding.MeshError(f"eval_batch_size={cfg.eval_batch_size} is not divisible by the {sharding.data_parallel_size(mesh)} data-parallel devices")
 
     train_docs = data.load_documents(cfg.data.dataset, "train", cfg.data.validation_fraction, cfg.data.test_fraction)
     tok = _tokenizer(cfg, workdir, train_docs)
@@ -100,7 +98,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     if cfg.eval_every_steps:
         eval_docs = data.load_documents(cfg.data.dataset, "validation", cfg.data.validation_fraction, cfg.data.test_fraction)
         eval_stream = data.tokenize(tok, eval_docs)
-    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, jax.process_index(), jax.process_count())
+    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, rows=sharding.host_rows(mesh, cfg.batch_size))
     mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
     oc = config_lib.opt_config(cfg)
     if is_main:
@@ -111,7 +109,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     boxed = jax.eval_shape(lambda: model.init(mc, jax.random.key(cfg.seed)))
     logical_specs = nn.get_partition_spec(boxed)
     abstract_params = nn.unbox(boxed)
-    param_sh = sharding.param_shardings(logical_specs, abstract_params, mesh)
+    param_sh = sharding.param_shardings(logical_specs, abstract_params, mesh, rules)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     # Optimizer moments mirror the params they belong to; every other leaf is a replicated scalar.
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: sharding.replicated(mesh))
@@ -152,12 +150,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
         print(f"model: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding), vocab {mc.V}, "
               f"{flops_per_token / 1e6:.2f} MFLOPs/token; mesh {dict(mesh.shape)}", file=sys.stderr)
 
-    put = lambda b: sharding.global_batch(b, mesh)
+    put = lambda b: sharding.global_batch(b, mesh, cfg.batch_size)
+    eval_lo, eval_hi = sharding.host_rows(mesh, cfg.eval_batch_size)
+    put_eval = lambda b: sharding.global_batch({k: v[eval_lo:eval_hi] for k, v in b.items()}, mesh, cfg.eval_batch_size)
 
     def run_eval(step: int) -> dict:
         result = evaluate.evaluate(
             p_eval_step, state.params, data.eval_batches(eval_stream, cfg.eval_batch_size, cfg.seq_len),
-            tok.token_bytes(), put, cfg.eval_max_batches,
+            tok.token_bytes(), put_eval, cfg.eval_max_batches,
         )
         record = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
         writer.write(step, record)
@@ -166,11 +166,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last_train, last_eval = {}, {}
     pending = None  # (step, device metrics): checked one step late so the host never stalls the device
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_step = time.perf_counter(), start  # throughput since the last log
     bar = tqdm(total=cfg.num_train_steps, initial=start, disable=quiet or not is_main, dynamic_ncols=True, file=sys.stderr)
 
     def check(step, metrics, force_log=False):
-        nonlocal last_train, window_start, window_steps
+        nonlocal last_train, window_start, window_step
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
             raise NonFiniteLossError(
@@ -178,19 +178,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
                 f"The last good checkpoint is kept in {os.path.join(workdir, checkpoint.DIRNAME)}"
             )
         if force_log or step % cfg.log_every_steps == 0 or step == cfg.num_train_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else 0.0
+            now = time.perf_counter()
+            tokens_per_s = (step - window_step) * tokens_per_step / (now - window_start)
             metrics.update(perplexity=float(np.exp(min(metrics["loss"], 50.0))), tokens_per_s=tokens_per_s,
                            mfu=mfu(flops_per_token, tokens_per_s, peak_tflops))
             writer.write(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             last_train = metrics
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_step = now, step
 
     try:
         for step in range(start + 1, cfg.num_train_steps + 1):
             state, metrics = p_train_step(state, put(next(batches)))
-            window_steps += 1
             if pending is not None:
                 check(*pending)
             pending = (step, metrics)
@@ -202,7 +201,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
             if eval_stream is not None and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps):
                 last_eval = run_eval(step)
                 bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, bits/byte {last_eval['eval_bits_per_byte']:.4f}") if not quiet and is_main else None
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_step = time.perf_counter(), step
         if pending is not None:
             check(*pending)
         if start >= cfg.num_train_steps and eval_stream is not None:

@@ -1,0 +1,54 @@
+"""Runs for tests/test_sharding.py, in a fresh process so that XLA_FLAGS decides the device count.
+
+usage: python tests/sharding_runs.py eight|one CORPUS WORKDIR  -> prints one JSON object
+"""
+
+import json
+import sys
+
+sys.path[:0] = [".", "tests"]
+
+import jax  # noqa: E402
+from conftest import tiny_config  # noqa: E402
+
+from llm import sharding, train  # noqa: E402
+
+STEPS = 20
+# A constant schedule makes a 10-step run the exact prefix of the 20-step one.
+MODEL = dict(model__d_model=64, model__num_heads=8, model__num_kv_heads=8, model__d_ff=128, model__vocab_multiple=8,
+             opt__schedule="constant")
+
+
+def losses(workdir: str) -> list[float]:
+    return [r["loss"] for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "loss" in r]
+
+
+def run(corpus, workdir, mesh=(-1, 1, 1), steps=STEPS) -> list[float]:
+    cfg = tiny_config(corpus, num_train_steps=steps, log_every_steps=1, checkpoint_every_steps=10, **MODEL,
+                      mesh__data=mesh[0], mesh__fsdp=mesh[1], mesh__tensor=mesh[2])
+    train.train(cfg, workdir, quiet=True)
+    return losses(workdir)
+
+
+def main(kind: str, corpus: str, root: str) -> None:
+    out = {"devices": jax.device_count()}
+    if kind == "eight":
+        for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)]:
+            out[str(mesh)] = run(corpus, f"{root}/mesh_{'_'.join(map(str, mesh))}", mesh)
+        # Save on (8,1,1) at step 10, resume on (2,2,2) to the end.
+        run(corpus, f"{root}/cross", (8, 1, 1), steps=10)
+        out["cross_mesh"] = run(corpus, f"{root}/cross", (2, 2, 2))
+        run(corpus, f"{root}/to_one_device", (8, 1, 1), steps=10)  # resumed by the one-device process
+        try:
+            cfg = tiny_config(corpus, model__num_heads=4, model__num_kv_heads=4, mesh__data=1, mesh__tensor=8)
+            train.train(cfg, f"{root}/bad", quiet=True)
+        except sharding.MeshError as e:
+            out["bad_heads_error"] = str(e)
+    else:
+        out["(1,1,1)"] = run(corpus, f"{root}/single")
+        out["eight_to_one"] = run(corpus, f"{root}/to_one_device")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

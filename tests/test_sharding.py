@@ -1,0 +1,129 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, cli_overrides, run_cli, tiny_config
+
+from llm import model, train
+from llm.model import ModelConfig
+
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+def _runs(kind: str, corpus, root, env=None) -> dict:
+    result = subprocess.run([sys.executable, "tests/sharding_runs.py", kind, str(corpus), str(root)], cwd=REPO,
+                            capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    from conftest import write_corpus
+
+    root = tmp_path_factory.mktemp("mesh")
+    corpus = write_corpus(root / "corpus.txt")
+    eight = _runs("eight", corpus, root, EIGHT)
+    one = _runs("one", corpus, root)
+    return eight, one, corpus, root
+
+
+@pytest.mark.parametrize("mesh", ["(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 1, 8)"])
+def test_every_mesh_gives_the_single_device_loss_curve(mesh_runs, mesh):
+    eight, one, _, _ = mesh_runs
+    assert eight["devices"] == 8 and one["devices"] == 1
+    assert len(eight[mesh]) == 20
+    assert np.max(np.abs(np.array(eight[mesh]) - np.array(one["(1,1,1)"]))) < 1e-4
+
+
+def test_checkpoints_restore_onto_another_mesh_and_device_count(mesh_runs):
+    eight, one, _, _ = mesh_runs
+    reference = np.array(one["(1,1,1)"])
+    # (8,1,1) -> (2,2,2) and 8 devices -> 1 device, each resumed at step 10 of 20.
+    assert np.max(np.abs(np.array(eight["cross_mesh"]) - reference)) < 1e-4
+    assert np.max(np.abs(np.array(one["eight_to_one"]) - reference)) < 1e-4
+
+
+def test_a_mesh_that_does_not_divide_the_heads_is_refused(mesh_runs):
+    eight, _, _, _ = mesh_runs
+    assert "model.num_heads=4 is not divisible by mesh.tensor=8" in eight["bad_heads_error"]
+
+
+def test_two_processes_give_the_one_process_loss_curve(mesh_runs, tmp_path):
+    eight, _, corpus, _ = mesh_runs
+    from sharding_runs import MODEL
+
+    workdir = tmp_path / "multi"
+    overrides = cli_overrides(corpus, num_train_steps=20, log_every_steps=1, checkpoint_every_steps=10, **MODEL)
+    result = subprocess.run(["./run.sh", "launch-local", "2", "train", f"--workdir={workdir}", *overrides], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "LLM_LOCAL_DEVICES": "8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in r]
+    assert np.max(np.abs(np.array(losses) - np.array(eight["(8, 1, 1)"]))) < 1e-4
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [10, 20]
+
+
+def test_when_one_process_dies_the_other_stops_within_bounded_time(tmp_path, corpus):
+    from conftest import TINY
+
+    port = 23000 + os.getpid() % 1000
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    common = ["train", f"--workdir={tmp_path}", *cli_overrides(corpus, num_train_steps=100000, checkpoint_every_steps=50),
+              f"--coordinator_address=localhost:{port}", "--num_processes=2", "--heartbeat_timeout_s=5"]
+    procs = [subprocess.Popen([sys.executable, "-m", "llm.cli", *common, f"--process_id={i}"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "50").exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    try:
+        _, stderr = procs[0].communicate(timeout=90)
+    finally:
+        procs[0].kill()
+    assert procs[0].returncode != 0
+    assert time.time() - killed < 90
+    assert "another task died" in stderr
+
+
+def test_bad_distributed_flags_get_one_clear_message(tmp_path, corpus):
+    result = run_cli("train", f"--workdir={tmp_path}", *cli_overrides(corpus), "--coordinator_address=localhost:12999",
+                     "--num_processes=2", "--process_id=2")
+    assert result.returncode == 2 and "--process_id=2 is out of range for --num_processes=2" in result.stderr
+    result = run_cli("train", f"--workdir={tmp_path}", *cli_overrides(corpus), "--coordinator_address=localhost:1",
+                     "--num_processes=2", "--process_id=1", "--distributed_timeout_s=2")
+    assert result.returncode == 2 and "the coordinator localhost:1 cannot be reached from process 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _compile_seconds_and_hlo_size(num_layers: int) -> tuple[float, int]:
+    cfg = ModelConfig(V=64, D=64, F=128, N=num_layers, H=4, G=4, L=32, scan_layers=True)
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from llm import optim
+
+    oc = optim.OptConfig(10, 1e-3, 0, "constant", 1.0, 0.2, 0.9, 0.99, 1e-8, 0.0, False, 1.0, 1, 0.0)
+    tx = optim.make(oc)
+    params = nn.unbox(jax.eval_shape(lambda: model.init(cfg, jax.random.key(0))))
+    state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+    batch = {k: jax.ShapeDtypeStruct((4, 32), jnp.int32) for k in ("inputs", "targets")}
+    batch["weights"] = jax.ShapeDtypeStruct((4, 32), jnp.float32)
+    lowered = jax.jit(train.make_train_step(cfg, tx, oc)).lower(state, batch)
+    start = time.perf_counter()
+    lowered.compile()
+    return time.perf_counter() - start, len(lowered.as_text())
+
+
+def test_scanned_layers_compile_once_whatever_the_depth():
+    seconds_2, size_2 = _compile_seconds_and_hlo_size(2)
+    seconds_12, size_12 = _compile_seconds_and_hlo_size(12)
+    assert size_12 < 1.05 * size_2  # one body, whatever the depth
+    assert seconds_12 < 2.0 * seconds_2 + 1.0
