@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "shakespeare"  # or 'text:GLOB'
     c.data.tokenizer = "char"  # 'char' | 'byte'
+    c.data.sampling = "rows"  # 'rows': each epoch shuffles packed rows; 'windows': random windows, as nanoGPT
     c.data.validation_fraction = 0.1  # for 'text:' datasets: the tail of each file
     c.data.test_fraction = 0.0
 

@@ -24,6 +24,7 @@ def get_config():
     c.sample_prompt = "\n"
     c.data.dataset = "text:" + os.path.normpath(_TINY_SHAKESPEARE)
     c.data.tokenizer = "char"
+    c.data.sampling = "windows"
     c.data.validation_fraction = 0.1
     c.data.test_fraction = 0.0
     c.model.d_model = 128
@@ -41,5 +42,6 @@ def get_config():
     c.opt.final_lr_ratio = 0.1
     c.opt.b2 = 0.99
     c.opt.weight_decay = 0.1
+    c.opt.decay_embeddings = True  # nanoGPT decays every 2-D weight, embeddings included
     c.opt.clip_norm = 1.0
     return c

@@ -74,6 +74,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     one_of(m.remat, REMATS, "model.remat")
     need(m.vocab_size >= 0 and m.vocab_multiple >= 1, "model.vocab_size must be >= 0 and model.vocab_multiple >= 1")
     one_of(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
+    one_of(cfg.data.sampling, ("rows", "windows"), "data.sampling")
     need(
         0 <= cfg.data.validation_fraction < 1 and 0 <= cfg.data.test_fraction < 1
         and cfg.data.validation_fraction + cfg.data.test_fraction < 1,

@@ -123,6 +123,7 @@ class TrainBatches:
     seq_len: int
     seed: int
     rows: tuple[int, int] | None = None  # this host's rows [lo, hi) of each global batch; None: all
+    sampling: str = "rows"  # 'rows': shuffled packed rows per epoch; 'windows': random windows (nanoGPT)
     epoch: int = 0
     batch_in_epoch: int = 0
 
@@ -147,11 +148,17 @@ class TrainBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        lo, hi = self.rows or (0, self.batch_size)
+        if self.sampling == "windows":
+            # Every batch draws its own windows from (seed, batch index): no epochs, still exactly resumable.
+            rng = np.random.default_rng([self.seed, self.batch_in_epoch, 1])
+            starts = rng.integers(0, len(self.stream) - self.seq_len - 1, self.batch_size)
+            self.batch_in_epoch += 1
+            return _rows(self.stream, starts[lo:hi], self.seq_len)
         starts = self._order()
         if (self.batch_in_epoch + 1) * self.batch_size > len(starts):
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             starts = self._order()
-        lo, hi = self.rows or (0, self.batch_size)
         first = self.batch_in_epoch * self.batch_size
         self.batch_in_epoch += 1
         return _rows(self.stream, starts[first + lo : first + hi], self.seq_len)

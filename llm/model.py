@@ -77,7 +77,7 @@ class Mlp(nn.Module):
             gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, wg_DxF.astype(self.dtype))
             h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
         else:
-            h_BxLxF = nn.gelu(h_BxLxF)
+            h_BxLxF = nn.gelu(h_BxLxF, approximate=False)  # the exact erf form, as in the GELU paper and PyTorch
         return jnp.einsum("blf,fd->bld", h_BxLxF, wo_FxD.astype(self.dtype))
 
 

@@ -98,7 +98,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     if cfg.eval_every_steps:
         eval_docs = data.load_documents(cfg.data.dataset, "validation", cfg.data.validation_fraction, cfg.data.test_fraction)
         eval_stream = data.tokenize(tok, eval_docs)
-    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, rows=sharding.host_rows(mesh, cfg.batch_size))
+    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, rows=sharding.host_rows(mesh, cfg.batch_size), sampling=cfg.data.sampling)
     mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
     oc = config_lib.opt_config(cfg)
     if is_main:

@@ -109,3 +109,14 @@ def test_eval_batches_score_every_token_once_with_padding_masked():
     assert weights.sum() == len(stream) - 1
     np.testing.assert_array_equal(targets[weights > 0], stream[1:])
     assert all(b["inputs"].shape == (8, 16) for b in batches)
+
+
+def test_window_sampling_resumes_exactly_and_splits_across_hosts():
+    a = data.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=2, sampling="windows")
+    expected = [next(a) for _ in range(10)]
+    b = data.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=2, sampling="windows")
+    b.set_state({"epoch": 0, "batch_in_epoch": 6})
+    np.testing.assert_array_equal(next(b)["inputs"], expected[6]["inputs"])
+    halves = [data.TrainBatches(_stream(), 8, 16, 2, rows=r, sampling="windows") for r in [(0, 4), (4, 8)]]
+    np.testing.assert_array_equal(np.concatenate([next(h)["inputs"] for h in halves]), expected[0]["inputs"])
+    assert not np.array_equal(expected[0]["inputs"], expected[1]["inputs"])
