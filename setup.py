@@ -16,6 +16,8 @@ setup(
         "numpy",
         "sentencepiece",
         "tensorflow-datasets>=4.9.8",
+        "importlib_resources",  # tensorflow-datasets imports it without declaring it
+        "tensorflow-cpu",  # TFDS community builders (tiny_shakespeare, lm1b, c4, ...) need tf to prepare
         "grain>=0.2.12",
         "array-record",
         "tensorboardX",

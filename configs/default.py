@@ -24,15 +24,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_tokens = 120  # printed after training; 0 to skip
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "shakespeare"  # or 'text:GLOB'
-    c.data.tokenizer = "char"  # 'char' | 'byte'
-    c.data.sampling = "rows"  # 'rows': each epoch shuffles packed rows; 'windows': random windows, as nanoGPT
+    c.data.dataset = "shakespeare"  # or 'text:GLOB', or 'tfds:NAME[/CONFIG][:VERSION]'
+    c.data.text_key = "text"  # the TFDS feature holding the text
+    c.data.data_dir = ""  # TFDS data dir ('' : ~/tensorflow_datasets); token caches live beside each dataset
+    c.data.manual_dir = ""  # TFDS manual_dir (files TFDS would otherwise download)
     c.data.validation_fraction = 0.1  # for 'text:' datasets: the tail of each file
     c.data.test_fraction = 0.0
+    c.data.tokenizer = "char"  # 'char' | 'byte' | 'sentencepiece'
+    c.data.tokenizer_path = ""  # sentencepiece: an existing .model file instead of training one
+    c.data.vocab_size = 4096  # sentencepiece: pieces to train
+    c.data.spm_model_type = "bpe"  # 'bpe' | 'unigram'
+    c.data.spm_input_sentences = 1_000_000  # sentencepiece: at most this many training lines
+    c.data.packing = "concat"  # 'concat': one stream; 'documents': no attention or loss across documents
+    c.data.add_bos = False  # put bos before every document (eos always follows one)
+    c.data.sampling = "rows"  # concat only: 'rows' shuffles packed rows per epoch; 'windows' draws random windows (nanoGPT)
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = 0  # 0: the tokenizer's, padded up to vocab_multiple
-    c.model.vocab_multiple = 1
+    c.model.vocab_multiple = 128  # padded ids are never sampled
     c.model.d_model = 0
     c.model.num_layers = 0
     c.model.num_heads = 0

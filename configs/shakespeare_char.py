@@ -25,6 +25,7 @@ def get_config():
     c.data.dataset = "text:" + os.path.normpath(_TINY_SHAKESPEARE)
     c.data.tokenizer = "char"
     c.data.sampling = "windows"
+    c.model.vocab_multiple = 1  # nanoGPT's 65 characters (+ our 3 special ids), unpadded
     c.data.validation_fraction = 0.1
     c.data.test_fraction = 0.0
     c.model.d_model = 128

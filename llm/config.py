@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from llm.data import PACKINGS, DataConfig
 from llm.model import ModelConfig
 from llm.optim import OptConfig
 from llm.tokenizer import KINDS as TOKENIZERS
@@ -75,6 +76,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(m.vocab_size >= 0 and m.vocab_multiple >= 1, "model.vocab_size must be >= 0 and model.vocab_multiple >= 1")
     one_of(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     one_of(cfg.data.sampling, ("rows", "windows"), "data.sampling")
+    one_of(cfg.data.packing, PACKINGS, "data.packing")
+    one_of(cfg.data.spm_model_type, ("bpe", "unigram"), "data.spm_model_type")
+    if cfg.data.sampling == "windows" and cfg.data.packing != "concat":
+        problems.append("data.sampling='windows' needs data.packing='concat'")
+    if cfg.data.tokenizer == "sentencepiece" and not cfg.data.tokenizer_path:
+        # Byte fallback alone takes 256 pieces, plus pad/bos/eos/unk and the newline piece.
+        need(cfg.data.vocab_size > 261, f"data.vocab_size={cfg.data.vocab_size} is too small for SentencePiece with byte fallback (> 261)")
+    need(cfg.data.spm_input_sentences > 0, "data.spm_input_sentences must be positive")
     need(
         0 <= cfg.data.validation_fraction < 1 and 0 <= cfg.data.test_fraction < 1
         and cfg.data.validation_fraction + cfg.data.test_fraction < 1,
@@ -123,5 +132,9 @@ def opt_config(cfg: ml_collections.ConfigDict) -> OptConfig:
     return OptConfig(num_train_steps=cfg.num_train_steps, **opt)
 
 
-def from_json(d: dict) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(d)
+def data_config(cfg: ml_collections.ConfigDict, dataset: str | None = None) -> DataConfig:
+    d = cfg.data
+    return DataConfig(
+        dataset=dataset or d.dataset, text_key=d.text_key, data_dir=d.data_dir, manual_dir=d.manual_dir,
+        validation_fraction=d.validation_fraction, test_fraction=d.test_fraction, packing=d.packing, add_bos=d.add_bos,
+    )

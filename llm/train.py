@@ -70,13 +70,19 @@ def _save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         json.dump(cfg.to_dict(), f, indent=2)
 
 
-def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str, train_docs):
+def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str, dc: data.DataConfig):
     if os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
-        return tokenizer_lib.load(workdir)
+        return tokenizer_lib.load(workdir)  # a resumed run keeps its vocabulary
     if cfg.init_from:
         return tokenizer_lib.load(cfg.init_from)  # fine-tuning keeps the pretrained vocabulary
-    docs = train_docs + data.load_documents(cfg.data.dataset, "validation", cfg.data.validation_fraction, cfg.data.test_fraction)
-    return tokenizer_lib.train(cfg.data.tokenizer, docs)
+    d = cfg.data
+    if d.tokenizer == "byte" or d.tokenizer_path:
+        texts = []
+    elif d.tokenizer == "sentencepiece":
+        texts = data.load_documents(dc, "train", limit=d.spm_input_sentences)
+    else:  # the char vocabulary must cover every character the run will score
+        texts = data.load_documents(dc, "train") + data.load_documents(dc, "validation")
+    return tokenizer_lib.train(d.tokenizer, texts, d.vocab_size, d.spm_model_type, d.spm_input_sentences, d.tokenizer_path)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict:
@@ -91,18 +97,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     if cfg.eval_every_steps and cfg.eval_batch_size % sharding.data_parallel_size(mesh):
         raise sharding.MeshError(f"eval_batch_size={cfg.eval_batch_size} is not divisible by the {sharding.data_parallel_size(mesh)} data-parallel devices")
 
-    train_docs = data.load_documents(cfg.data.dataset, "train", cfg.data.validation_fraction, cfg.data.test_fraction)
-    tok = _tokenizer(cfg, workdir, train_docs)
-    train_stream = data.tokenize(tok, train_docs)
-    eval_stream = None
-    if cfg.eval_every_steps:
-        eval_docs = data.load_documents(cfg.data.dataset, "validation", cfg.data.validation_fraction, cfg.data.test_fraction)
-        eval_stream = data.tokenize(tok, eval_docs)
-    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, rows=sharding.host_rows(mesh, cfg.batch_size), sampling=cfg.data.sampling)
+    dc = config_lib.data_config(cfg)
+    tok = _tokenizer(cfg, workdir, dc)
+    train_stream = data.token_stream(dc, "train", tok)
+    eval_stream = data.token_stream(dc, "validation", tok) if cfg.eval_every_steps else None
+    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, rows=sharding.host_rows(mesh, cfg.batch_size),
+                                sampling=cfg.data.sampling, packing=dc.packing, eos_id=tok.eos_id)
     mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
     oc = config_lib.opt_config(cfg)
     if is_main:
-        tokenizer_lib.save(tok, workdir)
+        if not os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
+            tokenizer_lib.save(tok, workdir)
         _save_config(cfg, workdir)
 
     optimizer = optim.make(oc)
@@ -156,7 +161,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
 
     def run_eval(step: int) -> dict:
         result = evaluate.evaluate(
-            p_eval_step, state.params, data.eval_batches(eval_stream, cfg.eval_batch_size, cfg.seq_len),
+            p_eval_step, state.params, data.eval_batches(eval_stream, cfg.eval_batch_size, cfg.seq_len, dc.packing, tok.eos_id),
             tok.token_bytes(), put_eval, cfg.eval_max_batches,
         )
         record = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}

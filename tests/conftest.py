@@ -42,6 +42,7 @@ def tiny_config(corpus_path: Path, **overrides) -> ml_collections.ConfigDict:
     """configs/default.py shrunk to a model that trains in seconds on a written corpus."""
     cfg = default.get_config()
     cfg.data.dataset = f"text:{corpus_path}"
+    cfg.data.data_dir = str(corpus_path.parent / "tfds")
     for key, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
         node = cfg
         *parents, leaf = key.split(".")
@@ -52,7 +53,7 @@ def tiny_config(corpus_path: Path, **overrides) -> ml_collections.ConfigDict:
 
 
 def cli_overrides(corpus_path: Path, **overrides) -> list[str]:
-    values = {"data.dataset": f"text:{corpus_path}", **TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    values = {"data.dataset": f"text:{corpus_path}", "data.data_dir": str(corpus_path.parent / "tfds"), **TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 

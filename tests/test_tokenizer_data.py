@@ -30,10 +30,11 @@ def test_char_tokenizer_names_characters_it_cannot_encode():
         tok.encode("abz")
 
 
-def test_shakespeare_splits_are_disjoint_whole_works():
-    train = data.load_documents("shakespeare", "train")
-    validation = data.load_documents("shakespeare", "validation")
-    test = data.load_documents("shakespeare", "test")
+def test_shakespeare_splits_are_disjoint_whole_works(tmp_path):
+    dc = data.DataConfig(dataset="shakespeare", data_dir=str(tmp_path))
+    train = data.load_documents(dc, "train")
+    validation = data.load_documents(dc, "validation")
+    test = data.load_documents(dc, "test")
     assert len(train) == 36 and len(validation) == 3 and len(test) == 3
     assert not set(validation) & set(train) and not set(test) & set(train)
     assert any(doc.startswith("JULIUS CAESAR") or "JULIUS CAESAR" in doc[:200] for doc in validation)
@@ -41,8 +42,9 @@ def test_shakespeare_splits_are_disjoint_whole_works():
 
 def test_text_dataset_splits_each_file_by_position(tmp_path):
     (tmp_path / "a.txt").write_text("0123456789" * 10)
-    train = data.load_documents(f"text:{tmp_path}/*.txt", "train", validation_fraction=0.1)
-    validation = data.load_documents(f"text:{tmp_path}/*.txt", "validation", validation_fraction=0.1)
+    dc = data.DataConfig(dataset=f"text:{tmp_path}/*.txt", data_dir=str(tmp_path / "tfds"), validation_fraction=0.1)
+    train = data.load_documents(dc, "train")
+    validation = data.load_documents(dc, "validation")
     assert train[0] + validation[0] == "0123456789" * 10 and len(validation[0]) == 10
 
 
@@ -54,16 +56,17 @@ def test_bad_files_get_one_clear_message(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     with pytest.raises(data.DataError, match=message):
-        data.load_documents(f"text:{path}", "train")
+        data.load_documents(data.DataConfig(dataset=f"text:{path}", data_dir=str(tmp_path / "tfds")), "train")
 
 
 def test_glob_matching_nothing_and_unknown_dataset_are_named(tmp_path):
+    dd = str(tmp_path / "tfds")
     with pytest.raises(data.DataError, match="matches no files"):
-        data.load_documents(f"text:{tmp_path}/*.nope", "train")
+        data.load_documents(data.DataConfig(dataset=f"text:{tmp_path}/*.nope", data_dir=dd), "train")
     with pytest.raises(data.DataError, match="unknown dataset 'wikitext'"):
-        data.load_documents("wikitext", "train")
+        data.load_documents(data.DataConfig(dataset="wikitext", data_dir=dd), "train")
     with pytest.raises(data.DataError, match="unknown split 'dev'"):
-        data.load_documents("shakespeare", "dev")
+        data.load_documents(data.DataConfig(dataset="shakespeare", data_dir=dd), "dev")
 
 
 def _stream(n=5000):
