@@ -52,7 +52,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.rope_theta = 10000.0
     c.model.norm = "rmsnorm"  # 'layernorm' | 'rmsnorm'
     c.model.mlp = "swiglu"  # 'gelu' | 'swiglu'
-    c.model.use_bias = False
     c.model.tie_embeddings = True
     c.model.dtype = "float32"  # compute dtype; softmax and loss always run in float32
     c.model.param_dtype = "float32"

@@ -1,7 +1,15 @@
-"""A trained run, loaded for notebooks and the eval/sample commands: `llm.load(workdir)`."""
+"""A trained run, loaded for notebooks and the eval/sample commands: `llm.load(workdir)`.
 
+    run = llm.load("runs/default")
+    run.generate("ROMEO:", max_new_tokens=100, temperature=0.8, top_k=40)
+    run.evaluate("validation")           # {"split", "step", "tokens", "bytes", "loss", "perplexity", "bits_per_byte"}
+    run.logits(run.tokenizer.encode("To be"))
+"""
+
+import functools
 import json
 import os
+import warnings
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -13,11 +21,20 @@ import numpy as np
 from llm import checkpoint, config as config_lib, data, evaluate as evaluate_lib, model, sample as sample_lib, tokenizer as tokenizer_lib
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted(cfg: model.ModelConfig) -> tuple[Callable, Callable]:
+    """The forward pass and eval step, compiled once per model shape however many checkpoints are loaded."""
+    logits = jax.jit(lambda params, tokens_BxL: model.apply(cfg, params, tokens_BxL)[0])
+    return logits, jax.jit(evaluate_lib.make_eval_step(cfg))
+
+
 class Run:
     def __init__(self, workdir: str, step: int | None = None):
+        if not os.path.isdir(workdir):
+            raise checkpoint.CheckpointError(f"{workdir} does not exist: nothing to load")
         config_path = os.path.join(workdir, "config.json")
         if not os.path.exists(config_path):
-            raise checkpoint.CheckpointError(f"{workdir} is not a run directory (no config.json)")
+            raise checkpoint.CheckpointError(f"{workdir} is not a run directory (no config.json): nothing to load")
         with open(config_path) as f:
             self.config = ml_collections.ConfigDict(json.load(f))
         self.workdir = workdir
@@ -27,58 +44,89 @@ class Run:
         abstract = nn.unbox(jax.eval_shape(lambda: model.init(self.model_config, jax.random.key(0))))
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
         self.params, self.step = checkpoint.restore_params(workdir, abstract, step)
-        self._logits = jax.jit(lambda params, tokens: model.apply(self.model_config, params, tokens)[0])
-        self._eval_step = jax.jit(evaluate_lib.make_eval_step(self.model_config))
+        self._logits, self._eval_step = _jitted(self.model_config)
+        self._sink: Callable[[np.ndarray], None] | None = None
+
+    @property
+    def context(self) -> int:
+        return self.model_config.L
 
     def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Next-token logits (float32) at every position of a [L] or [B, L] token array."""
         tokens = np.asarray(tokens, np.int32)
         batched = tokens if tokens.ndim == 2 else tokens[None]
+        if batched.shape[1] > self.context:
+            raise sample_lib.SampleError(f"{batched.shape[1]} tokens are longer than the model's context of {self.context}")
         out = np.asarray(self._logits(self.params, jnp.asarray(batched)))[..., : self.tokenizer.vocab_size]
         return out if tokens.ndim == 2 else out[0]
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        # An empty prompt starts a fresh document: eos is the document separator the model was trained on.
-        return [self.tokenizer.eos_id] + self.tokenizer.encode(prompt).tolist() if not prompt else self.tokenizer.encode(prompt).tolist()
+        if not prompt:
+            # An empty prompt starts a fresh document: eos is the separator the model was trained on.
+            return [self.tokenizer.eos_id]
+        return self.tokenizer.encode(prompt).tolist()
+
+    def _on_tokens(self, token_B: np.ndarray) -> None:
+        # One bound method for every call: the sampler takes it as a static argument, so a new
+        # closure per call would recompile the sampler each time.
+        if self._sink is not None:
+            self._sink(np.asarray(token_B))
 
     def generate(
         self, prompts: str | Sequence[str], max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0,
         top_p: float = 1.0, seed: int = 0, stream: Callable[[str], None] | None = None,
     ) -> list[str]:
-        """Continuations of each prompt; `stream` (single prompt only) receives text as it is generated."""
+        """Continuations of each prompt (see llm/sample.py for the order of top-k, top-p, temperature).
+
+        max_new_tokens is cut (with a warning) to what fits in the model's context after the longest
+        prompt. `stream` (single prompt only) receives the text piece by piece as it is generated.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sample_lib.check_options(temperature, top_k, top_p, max_new_tokens)
         encoded = [self.encode_prompt(p) for p in prompts]
-        on_token = None
-        if stream is not None:
-            if len(prompts) != 1:
-                raise sample_lib.SampleError("streaming works for a single prompt")
-            emitted: list[int] = []
-            shown = [""]
+        longest = max(len(p) for p in encoded)
+        if longest < self.context and longest + max_new_tokens > self.context:
+            warnings.warn(
+                f"max_new_tokens={max_new_tokens} does not fit after a {longest}-token prompt in the model's "
+                f"context of {self.context}; generating {self.context - longest} tokens", stacklevel=2,
+            )
+            max_new_tokens = self.context - longest
+        if stream is not None and len(prompts) != 1:
+            raise sample_lib.SampleError("streaming works for a single prompt")
+        self._sink = None if stream is None else self._text_sink(stream)
+        try:
+            tokens = sample_lib.generate(
+                self.model_config, self.params, encoded, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
+                pad_id=self.tokenizer.pad_id, vocab_limit=self.tokenizer.vocab_size, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed, stream=self._on_tokens if stream is not None else None,
+            )
+        finally:
+            self._sink = None
+        return [self.tokenizer.decode([t for t in row if t != self.tokenizer.eos_id]) for row in tokens]
 
-            def on_token(token_B):
-                token = int(np.asarray(token_B)[0])
-                if token == self.tokenizer.eos_id:
-                    return
-                emitted.append(token)
-                text = self.tokenizer.decode(emitted)
-                # Byte-level tokens can end mid-character; hold back the replacement char until complete.
-                stable = text.rstrip("\ufffd")
+    def _text_sink(self, stream: Callable[[str], None]) -> Callable[[np.ndarray], None]:
+        emitted: list[int] = []
+        shown = [""]
+
+        def on_tokens(token_B: np.ndarray) -> None:
+            token = int(token_B[0])
+            if token == self.tokenizer.eos_id:
+                return
+            emitted.append(token)
+            # Byte-level tokens can end mid-character: hold back the replacement char until it completes.
+            stable = self.tokenizer.decode(emitted).rstrip("\ufffd")
+            if len(stable) > len(shown[0]):
                 stream(stable[len(shown[0]) :])
                 shown[0] = stable
 
-        tokens = sample_lib.generate(
-            self.model_config, self.params, encoded, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id, vocab_limit=self.tokenizer.vocab_size, temperature=temperature,
-            top_k=top_k, top_p=top_p, seed=seed, stream=on_token,
-        )
-        return [self.tokenizer.decode([t for t in row if t != self.tokenizer.eos_id]) for row in tokens]
+        return on_tokens
 
     def evaluate(self, split: str = "validation", dataset: str | None = None, batch_size: int | None = None) -> dict:
+        """One pass over `split` of the run's dataset, or of `dataset` (out-of-domain), read as training read it."""
         cfg = self.config
-        docs = data.load_documents(dataset or cfg.data.dataset, split, cfg.data.validation_fraction, cfg.data.test_fraction)
-        stream = data.tokenize(self.tokenizer, docs)
-        batches = data.eval_batches(stream, batch_size or cfg.eval_batch_size, cfg.seq_len)
+        dc = config_lib.data_config(cfg, dataset)
+        stream = data.token_stream(dc, split, self.tokenizer)
+        batches = data.eval_batches(stream, batch_size or cfg.eval_batch_size, cfg.seq_len, dc.packing, self.tokenizer.eos_id)
         put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
         result = evaluate_lib.evaluate(self._eval_step, self.params, batches, self.tokenizer.token_bytes(), put)
         return {"split": split, "step": int(self.step), **result}

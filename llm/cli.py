@@ -81,6 +81,9 @@ def cmd_train() -> None:
     elif cfg.sample_tokens:
         run = api.load(workdir)
         budget = min(cfg.sample_tokens, cfg.seq_len - len(run.encode_prompt(cfg.sample_prompt)))
+        if budget < 1:
+            print(f"(no sample: sample_prompt fills the {cfg.seq_len}-token context)", file=sys.stderr)
+            return
         print(f"\n--- sample (step {run.step}, temperature 0.8) ---")
         print(cfg.sample_prompt, end="", flush=True)
         run.generate(cfg.sample_prompt, max_new_tokens=budget, temperature=0.8, seed=cfg.seed,
@@ -113,6 +116,7 @@ def cmd_sample() -> None:
     run = api.load(_need_workdir(), FLAGS.step)
     options = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
     if len(prompts) == 1 and FLAGS.num_samples == 1:
+        run.encode_prompt(prompts[0])  # an unencodable prompt fails here, before anything is printed
         print(prompts[0], end="", flush=True)
         run.generate(prompts[0], seed=FLAGS.seed, stream=lambda s: print(s, end="", flush=True), **options)
         print()

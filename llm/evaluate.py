@@ -1,7 +1,12 @@
-"""One deterministic pass over a split: loss (nats/token), perplexity and bits per byte."""
+"""One deterministic pass over a split: loss (nats/token), perplexity and bits per byte.
+
+Batches come from data.eval_batches: every token after the first is a target exactly once, in
+order, and the padding of the last partial row weighs 0. bits_per_byte divides the summed loss by
+the UTF-8 bytes of the scored targets, so runs with different tokenizers compare.
+"""
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import jax
 import numpy as np
@@ -11,7 +16,9 @@ from llm.loss import cross_entropy_sums
 from llm.model import ModelConfig
 
 
-def make_eval_step(cfg: ModelConfig):
+def make_eval_step(cfg: ModelConfig) -> Callable:
+    """(params, batch) -> (summed loss in nats, number of scored tokens); jit it with the caller's shardings."""
+
     def eval_step(params, batch):
         logits_BxLxV, _ = model.apply(cfg, params, batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
         loss_sum, _, num_tokens = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
@@ -26,22 +33,29 @@ def summarize(loss_sum: float, tokens: int, num_bytes: int) -> dict:
         "tokens": int(tokens),
         "bytes": int(num_bytes),
         "loss": loss,
-        "perplexity": math.exp(loss),
-        # Written so that tokens == bytes gives exactly loss / ln 2.
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,  # exp overflows a double past ~709
+        # loss * tokens / (bytes * ln 2), written so that tokens == bytes gives exactly loss / ln 2.
         "bits_per_byte": loss / math.log(2) * (tokens / num_bytes),
     }
 
 
-def evaluate(eval_step, params, batches: Iterable[dict], token_bytes: np.ndarray, put_batch, max_batches: int = 0) -> dict:
-    """`eval_step` is the jitted step; `put_batch` turns a host batch into device arrays."""
-    loss_sum, tokens, num_bytes = 0.0, 0, 0
+def evaluate(
+    eval_step: Callable, params, batches: Iterable[dict], token_bytes: np.ndarray, put_batch: Callable,
+    max_batches: int = 0,
+) -> dict:
+    """`eval_step` is the jitted step; `put_batch` turns a host batch into device arrays; 0 batches: all."""
+    per_batch, num_bytes = [], 0
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        batch_loss, batch_tokens = jax.device_get(eval_step(params, put_batch(batch)))
+        # Dispatch now, read back at the end: the host prepares the next batch while the device works.
+        per_batch.append(eval_step(params, put_batch(batch)))
+        num_bytes += int(np.sum(token_bytes[batch["targets"]] * (batch["weights"] > 0)))
+    # Summed in float64 on the host in batch order: the same split gives the same numbers every time.
+    loss_sum, tokens = 0.0, 0
+    for batch_loss, batch_tokens in jax.device_get(per_batch):
         loss_sum += float(batch_loss)
         tokens += int(round(float(batch_tokens)))
-        num_bytes += int(np.sum(token_bytes[batch["targets"]] * (batch["weights"] > 0)))
     if tokens == 0:
         raise ValueError("the evaluation split has no tokens to score")
     return summarize(loss_sum, tokens, num_bytes)

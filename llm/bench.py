@@ -1,0 +1,168 @@
+"""Benchmarks behind `./run.sh bench train|sample`; each returns one dict that the CLI prints as JSON.
+
+bench_train  times the real jitted train step on a synthetic batch: step time, tokens/s, MFU.
+bench_sample times the cached sampler against recomputing the whole prefix at every new token.
+Neither reads data: random token ids cost nothing to make and keep input loading out of the timing.
+"""
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from llm import config as config_lib, model, optim, sample, sharding, train
+from llm.attention import NEG_INF
+from llm.metrics import measure_peak_tflops
+from llm.model import ModelConfig
+from llm.tokenizer import NUM_SPECIAL
+
+# Vocabulary sizes of the tokenizers, so a benchmark needs no corpus: the char tokenizer of the
+# Shakespeare corpus has 84 characters + 3 specials; the byte tokenizer 256 + 3.
+CHAR_VOCAB, BYTE_VOCAB = 87, NUM_SPECIAL + 256
+
+
+def _tokenizer_vocab(cfg: ml_collections.ConfigDict) -> int:
+    if cfg.data.tokenizer == "sentencepiece":
+        return cfg.data.vocab_size
+    return BYTE_VOCAB if cfg.data.tokenizer == "byte" else CHAR_VOCAB
+
+
+def _median_seconds(compiled: Callable, *args, repeats: int = 5, budget_s: float = 30.0) -> float:
+    """Median wall time of an already compiled function; fewer repeats when one call is slow."""
+    times = []
+    while len(times) < repeats and sum(times) < budget_s:
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_train(cfg: ml_collections.ConfigDict, steps: int = 20, peak_tflops: float = 0.0) -> dict:
+    """Times `steps` train steps after 2 warm-up steps, with the sharding and jit setup of train.train.
+
+    peak_tflops is per device; 0 measures a large matmul on this device. mfu = achieved / (peak x devices).
+    """
+    config_lib.validate(cfg)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rules = sharding.rules_from_config(cfg.mesh.rules)
+    m = cfg.model
+    sharding.check_divisible(mesh, cfg.batch_size // cfg.opt.grad_accum_steps, m.num_heads, m.num_kv_heads, m.d_ff, m.d_model)
+    vocab = _tokenizer_vocab(cfg)
+    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, vocab))
+    oc = config_lib.opt_config(cfg)
+    optimizer = optim.make(oc)
+
+    # The same shardings and jit options as llm/train.py's train().
+    boxed = jax.eval_shape(lambda: model.init(mc, jax.random.key(cfg.seed)))
+    abstract_params = nn.unbox(boxed)
+    param_sh = sharding.param_shardings(nn.get_partition_spec(boxed), abstract_params, mesh, rules)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: sharding.replicated(mesh))
+    state_sh = train.TrainState(sharding.replicated(mesh), param_sh, opt_sh)
+
+    def init_state(rng):
+        params = nn.unbox(model.init(mc, rng))
+        return train.TrainState(jnp.int32(0), params, optimizer.init(params))
+
+    state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed))
+    p_train_step = jax.jit(
+        train.make_train_step(mc, optimizer, oc), in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, None), donate_argnums=0,
+    )
+
+    lo, hi = sharding.host_rows(mesh, cfg.batch_size)
+    tokens = np.random.default_rng(cfg.seed).integers(NUM_SPECIAL, vocab, (hi - lo, cfg.seq_len + 1), dtype=np.int32)
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((hi - lo, cfg.seq_len), np.float32)}
+    batch = sharding.global_batch(host_batch, mesh, cfg.batch_size)
+
+    start = time.perf_counter()
+    compiled = p_train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(2):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    step_s = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        step_s.append(time.perf_counter() - start)
+
+    devices = jax.device_count()
+    peak = peak_tflops if peak_tflops > 0 else measure_peak_tflops(jnp.dtype(cfg.model.dtype))
+    median_s = float(np.median(step_s))
+    tokens_per_s = cfg.batch_size * cfg.seq_len / median_s
+    flops_per_token = model.flops_per_token(mc)
+    achieved_tflops = flops_per_token * tokens_per_s / 1e12
+    return {
+        "config": cfg.name,
+        "devices": devices,
+        "step_ms_median": 1e3 * median_s,
+        "step_ms_p90": 1e3 * float(np.percentile(step_s, 90)),
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": flops_per_token,
+        "achieved_tflops": achieved_tflops,
+        "peak_tflops": peak,
+        "mfu": achieved_tflops / (peak * devices),
+        "compile_s": compile_s,
+    }
+
+
+def _recompute_generate(cfg: ModelConfig, prompt_len: int, new_tokens: int, vocab_limit: int) -> Callable:
+    """The no-cache baseline: each new token reruns the model over a fixed-size buffer of every token so far."""
+
+    @jax.jit
+    def generate(params, prompts_BxP, rng):
+        B = prompts_BxP.shape[0]
+        buffer_BxT = jnp.zeros((B, prompt_len + new_tokens), jnp.int32).at[:, :prompt_len].set(prompts_BxP)
+
+        def body(i, buffer_BxT):
+            logits_BxTxV, _ = model.apply(cfg, params, buffer_BxT)
+            # Causal attention: the unfilled tail of the buffer cannot change the logits at prompt_len + i - 1.
+            logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, prompt_len + i - 1, axis=1, keepdims=False)
+            logits_BxV = jnp.where(jnp.arange(cfg.V) < vocab_limit, logits_BxV, NEG_INF)  # as the sampler does
+            token_B = sample.choose(logits_BxV, jax.random.fold_in(rng, i), 1.0, 0, 1.0)
+            return jax.lax.dynamic_update_index_in_dim(buffer_BxT, token_B, prompt_len + i, axis=1)
+
+        return jax.lax.fori_loop(0, new_tokens, body, buffer_BxT)[:, prompt_len:]
+
+    return generate
+
+
+def bench_sample(cfg: ml_collections.ConfigDict, new_tokens: int = 256, prompt_len: int = 16, batches=(1, 32)) -> dict:
+    """Tokens/s of the cached sampler vs the recompute baseline, both sampling at temperature 1.
+
+    The model is the config's with random weights (speed does not depend on them), the vocabulary of
+    its tokenizer (87 for char, padded as the config says) and a context of 512, since the default
+    seq_len (128) is shorter than a prompt plus 256 new tokens; with rope or sinusoidal positions the
+    parameter count is unchanged.
+    """
+    context = max(512, prompt_len + new_tokens)
+    vocab = _tokenizer_vocab(cfg)
+    mc = dataclasses.replace(config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, vocab)), L=context)
+    params = nn.unbox(jax.jit(lambda rng: model.init(mc, rng))(jax.random.key(0)))
+    recompute = _recompute_generate(mc, prompt_len, new_tokens, vocab)
+    result = {"config": cfg.name, "context": context, "prompt_len": prompt_len, "new_tokens": new_tokens}
+    for B in batches:
+        prompts_BxP = jax.random.randint(jax.random.key(B), (B, prompt_len), NUM_SPECIAL, vocab, jnp.int32)
+        # Both sample at temperature 1; eos_id=-1 is never sampled, so every row generates all new_tokens.
+        cached_args = (params, prompts_BxP, jnp.zeros((B,), jnp.int32), jax.random.key(1), jnp.float32(1.0),
+                       jnp.float32(1.0), jnp.int32(-1), jnp.int32(vocab))
+        cached = sample.generate_tokens.lower(*cached_args, cfg=mc, max_new_tokens=new_tokens).compile()
+        _, steps = cached(*cached_args)
+        assert int(steps) == new_tokens, f"the cached sampler stopped after {int(steps)} of {new_tokens} tokens"
+        recompute_args = (params, prompts_BxP, jax.random.key(1))
+        recompute_compiled = recompute.lower(*recompute_args).compile()
+        cached_s = _median_seconds(cached, *cached_args)
+        recompute_s = _median_seconds(recompute_compiled, *recompute_args)
+        result[f"tokens_per_s_cached_b{B}"] = B * new_tokens / cached_s
+        result[f"tokens_per_s_recompute_b{B}"] = B * new_tokens / recompute_s
+        result[f"speedup_batch{B}"] = recompute_s / cached_s
+    return result
