@@ -3,6 +3,7 @@
 import ml_collections
 
 from configs import sizes
+from llm import sharding
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -77,17 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: the rest of the devices
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
-    # logical axis -> mesh axes (None: replicated). Dimensions a mesh axis does not divide are replicated.
-    c.mesh.rules = (
-        ("batch", ("data", "fsdp")),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("kv", None),
-        ("layers", None),
-        ("norm", None),
-        ("pos", None),
-    )
+    # logical axis -> mesh axes (None: replicated); llm/sharding.py lists the defaults. Dimensions a mesh
+    # axis does not divide evenly (e.g. a vocabulary of 65) are replicated.
+    c.mesh.rules = sharding.DEFAULT_RULES
     return c

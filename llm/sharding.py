@@ -11,8 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axes; the model names logical axes only. configs/default.py carries a copy
-# as mesh.rules so that a run can change it.
+# logical axis -> mesh axes; the model names logical axes only. configs/default.py sets these as
+# mesh.rules, which a run can override.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),
@@ -93,6 +93,11 @@ def check_divisible(mesh: Mesh, batch: int, num_heads: int, num_kv_heads: int, d
         problems.append(f"model.d_model={d_model} is not divisible by mesh.fsdp={fsdp}")
     if problems:
         raise MeshError(f"mesh {dict(mesh.shape)} does not fit this run:\n  " + "\n  ".join(problems))
+
+
+def abstract(tree, shardings):
+    """ShapeDtypeStructs that carry shardings: what Orbax restores onto (any mesh, any device count)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -131,8 +131,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
     start = mngr.latest_step()
     if start is not None:
-        with_sh = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-        params, opt_state, meta = checkpoint.restore(mngr, start, with_sh(abstract_params, param_sh), with_sh(abstract_opt, opt_sh))
+        params, opt_state, meta = checkpoint.restore(
+            mngr, start, sharding.abstract(abstract_params, param_sh), sharding.abstract(abstract_opt, opt_sh))
         state = TrainState(jax.device_put(jnp.int32(start), sharding.replicated(mesh)), params, opt_state)
         batches.set_state(meta["data"])
         if is_main and not quiet:
@@ -141,8 +141,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
         start = 0
         state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed))
         if cfg.init_from:
-            src = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, param_sh)
-            params, src_step = checkpoint.restore_params(cfg.init_from, src)
+            params, src_step = checkpoint.restore_params(cfg.init_from, sharding.abstract(abstract_params, param_sh))
             state = state.replace(params=params)
             if is_main and not quiet:
                 print(f"initialised from {cfg.init_from} (step {src_step})", file=sys.stderr)
