@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import struct
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from llm import checkpoint, config as config_lib, data, evaluate, model, optim, sharding, tokenizer as tokenizer_lib
@@ -98,6 +99,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
         raise sharding.MeshError(f"eval_batch_size={cfg.eval_batch_size} is not divisible by the {sharding.data_parallel_size(mesh)} data-parallel devices")
 
     dc = config_lib.data_config(cfg)
+    if jax.process_count() > 1:
+        # Hosts sharing a data dir would otherwise all prepare the dataset into it at once.
+        if is_main:
+            data.prepared_builder(dc)
+        multihost_utils.sync_global_devices("dataset prepared")
     tok = _tokenizer(cfg, workdir, dc)
     train_stream = data.token_stream(dc, "train", tok)
     eval_stream = data.token_stream(dc, "validation", tok) if cfg.eval_every_steps else None

@@ -40,6 +40,7 @@ TINY = {
 
 def tiny_config(corpus_path: Path, **overrides) -> ml_collections.ConfigDict:
     """configs/default.py shrunk to a model that trains in seconds on a written corpus."""
+    corpus_path = Path(corpus_path)
     cfg = default.get_config()
     cfg.data.dataset = f"text:{corpus_path}"
     cfg.data.data_dir = str(corpus_path.parent / "tfds")
@@ -53,6 +54,7 @@ def tiny_config(corpus_path: Path, **overrides) -> ml_collections.ConfigDict:
 
 
 def cli_overrides(corpus_path: Path, **overrides) -> list[str]:
+    corpus_path = Path(corpus_path)
     values = {"data.dataset": f"text:{corpus_path}", "data.data_dir": str(corpus_path.parent / "tfds"), **TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
     return [f"--config.{k}={v}" for k, v in values.items()]
 
