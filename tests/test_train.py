@@ -152,3 +152,14 @@ def test_init_from_fine_tunes_from_another_runs_params(tmp_path, corpus):
     a, b = api.load(str(pre)).params, api.load(str(fine)).params
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-9), a, b)
     assert api.load(str(fine)).step == 1
+
+
+def test_bfloat16_compute_trains_evaluates_and_samples(tmp_path, corpus):
+    cfg = tiny_config(corpus, num_train_steps=10, eval_every_steps=10, model__dtype="bfloat16")
+    summary = train.train(cfg, str(tmp_path), quiet=True)
+    assert np.isfinite(summary["loss"]) and np.isfinite(summary["eval_loss"])
+    from llm import api
+
+    run = api.load(str(tmp_path))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(run.params))
+    assert isinstance(run.generate("The ", max_new_tokens=5, temperature=0.0)[0], str)
