@@ -1,0 +1,299 @@
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from configs.sweeps import grid_example, isoflop_cpu
+from llm import checkpoint
+from llm.scaling import fit, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+ISSUE_COLUMNS = ["name", "params", "non_embedding_params", "tokens", "flops", "train_loss", "eval_loss",
+                 "bits_per_byte", "wall_seconds"]
+
+
+def read_rows(workdir: Path) -> list[dict]:
+    with open(workdir / sweep.RESULTS, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expansion
+
+
+def test_isoflop_cpu_expands_to_3_budgets_x_5_sizes_of_at_least_100k_params():
+    cfg = isoflop_cpu.get_config()
+    points = sweep.expand(cfg)
+    budgets = sorted({p.budget for p in points})
+    assert len(budgets) >= 3
+    for budget in budgets:
+        at_budget = [p for p in points if p.budget == budget]
+        assert len({p.params for p in at_budget}) >= 5
+    for p in points:
+        run = p.config
+        assert p.params >= 100_000
+        assert p.tokens == run.num_train_steps * run.batch_size * run.seq_len
+        # D = C / exact FLOPs per token, to the nearest whole step; the 6N count is recorded beside it.
+        assert abs(p.flops - p.budget) <= 0.5 * p.flops_per_token * run.batch_size * run.seq_len
+        assert p.tokens_6n == pytest.approx(p.budget / (6 * p.params))
+        assert p.flops_6n == pytest.approx(6 * p.params * p.tokens)
+        assert p.flops_per_token > 6 * p.params  # attention and the output head are on top of 6N
+        assert run.eval_every_steps == run.num_train_steps
+        assert run.model.num_layers >= 2
+
+
+def test_isoflop_cpu_models_hit_their_target_sizes():
+    cfg = isoflop_cpu.get_config()
+    points = sweep.expand(cfg)
+    targets = [t for budget_targets in cfg.targets for t in budget_targets]
+    assert len(targets) == len(points)
+    for p, target in zip(points, targets):
+        assert abs(math.log(p.non_embedding_params / target)) < math.log(1.1), (p.name, target)
+
+
+@pytest.mark.parametrize("target", np.geomspace(1.3e5, 5e6, 9).tolist())
+def test_shape_rule_gives_two_or_more_layers_near_the_target(target):
+    cfg = isoflop_cpu.get_config()
+    d_model, num_layers, num_heads, d_ff = sweep.shape_for(target, cfg.base, cfg.shape)
+    run = ml_collections.ConfigDict(cfg.base.to_dict())
+    sweep._set_shape(run, d_model, num_layers, num_heads, d_ff)
+    counts, _ = sweep._counts(run)
+    assert num_layers >= 2
+    head_dim = d_model // num_heads
+    assert d_model % num_heads == 0 and head_dim % 2 == 0  # rope rotates pairs
+    assert cfg.shape.head_dim / 1.5 <= head_dim <= cfg.shape.head_dim * 1.5
+    lo, hi = cfg.shape.d_model_per_layer
+    assert lo * num_layers <= d_model <= hi * num_layers
+    assert abs(math.log(counts["non_embedding"] / target)) < math.log(1.3)
+
+
+def test_per_size_overrides_pick_the_first_matching_entry():
+    cfg = isoflop_cpu.get_config()
+    cfg.overrides = [{"max_params": 2e5, "opt.learning_rate": 4e-3, "batch_size": 8},
+                     {"max_params": 4e5, "opt.learning_rate": 2.5e-3}]
+    for p in sweep.expand(cfg):
+        small, medium = p.non_embedding_params <= 2e5, p.non_embedding_params <= 4e5
+        assert p.config.opt.learning_rate == (4e-3 if small else 2.5e-3 if medium else cfg.base.opt.learning_rate)
+        assert p.config.batch_size == (8 if small else cfg.base.batch_size)
+        # Steps follow the overridden batch size, so the budget still holds.
+        assert abs(p.flops - p.budget) <= 0.5 * p.flops_per_token * p.config.batch_size * p.config.seq_len
+
+
+def test_unknown_override_key_is_refused():
+    cfg = isoflop_cpu.get_config()
+    cfg.overrides = [{"max_params": float("inf"), "opt.learning_rat": 1e-3}]
+    with pytest.raises(ValueError, match="learning_rat"):
+        sweep.expand(cfg)
+
+
+def test_grid_example_expands_sizes_times_tokens():
+    cfg = grid_example.get_config()
+    points = sweep.expand(cfg)
+    assert len(points) == len(cfg.sizes) * len(cfg.tokens)
+    assert len({p.name for p in points}) == len(points)
+    for p in points:
+        tokens_per_step = p.config.batch_size * p.config.seq_len
+        assert any(abs(p.tokens - t) <= tokens_per_step / 2 for t in cfg.tokens)
+        assert p.budget == p.flops
+
+
+def test_shards_partition_the_points():
+    points = sweep.expand(grid_example.get_config())
+    shards = [sweep.select_shard(points, f"{i}/3") for i in range(3)]
+    names = [p.name for shard in shards for p in shard]
+    assert sorted(names) == sorted(p.name for p in points)
+    with pytest.raises(ValueError):
+        sweep.select_shard(points, "3/3")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dry run
+
+
+def test_dry_run_prints_every_point_and_a_total_and_trains_nothing(tmp_path, capsys):
+    cfg = isoflop_cpu.get_config()
+    workdir = tmp_path / "sweep"
+    assert sweep.run(cfg, str(workdir), dry_run=True) == []
+    out = capsys.readouterr().out
+    for p in sweep.expand(cfg):
+        assert p.name in out
+    assert "estimated total time" in out
+    assert not workdir.exists()
+
+
+def test_cli_dry_run(tmp_path):
+    workdir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm.cli", "sweep", "--config=configs/sweeps/isoflop_cpu.py", f"--workdir={workdir}", "--dry_run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "C1e13_" in proc.stdout and "estimated total time" in proc.stdout
+    assert not workdir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running a tiny sweep end to end
+
+
+def tiny_sweep_config(text_path: Path) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "tiny"
+    c.kind = "isoflop"
+    c.budgets = [4e7, 8e7]
+    c.targets = [8e3, 1.6e4]
+    c.shape = ml_collections.ConfigDict(dict(d_model_step=16, d_model_per_layer=(4, 16), head_dim=16, ff_ratio=4, min_layers=2, max_layers=4))
+    c.overrides = [{"max_params": 1e4, "opt.learning_rate": 1e-2}]
+    c.warmup_fraction = 0.2
+    c.checkpoints_per_point = 2
+    base = default.get_config()
+    base.batch_size = 4
+    base.seq_len = 32
+    base.log_every_steps = 1
+    base.eval_batch_size = 8
+    base.peak_tflops = 1.0
+    base.data.dataset = f"text:{text_path}"
+    c.base = base
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny sweep run as two shards, one after the other; returns (config, workdir, rows after each shard)."""
+    root = tmp_path_factory.mktemp("tiny_sweep")
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "shall", "not", "be", "to", "of", "and", "my", "lord", "sweet", "love"]
+    text_path = root / "corpus.txt"
+    text_path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(600)))
+    cfg = tiny_sweep_config(text_path)
+    workdir = root / "sweep"
+    first = sweep.run(cfg, str(workdir), shard="0/2")
+    rows_after_first = read_rows(workdir)
+    second = sweep.run(cfg, str(workdir), shard="1/2")
+    return cfg, workdir, rows_after_first, first + second
+
+
+def test_tiny_sweep_writes_one_row_per_point_with_the_issue_columns(tiny):
+    cfg, workdir, _, _ = tiny
+    points = sweep.expand(cfg)
+    assert len(points) == 4
+    with open(workdir / sweep.RESULTS, newline="") as f:
+        header = next(csv.reader(f))
+    assert header[: len(ISSUE_COLUMNS)] == ISSUE_COLUMNS
+    rows = read_rows(workdir)
+    assert sorted(r["name"] for r in rows) == sorted(p.name for p in points)
+    for row in rows:
+        point = next(p for p in points if p.name == row["name"])
+        assert int(row["params"]) == point.params and int(row["tokens"]) == point.tokens
+        assert float(row["flops"]) == pytest.approx(point.flops, rel=1e-5)
+        assert 0 < float(row["eval_loss"]) < 10 and 0 < float(row["bits_per_byte"]) < 15
+        assert float(row["wall_seconds"]) > 0
+        assert (workdir / row["name"] / sweep.MARKER).exists()
+
+
+def test_shards_together_cover_every_point_once(tiny):
+    cfg, workdir, rows_after_first, new_rows = tiny
+    names = [p.name for p in sweep.expand(cfg)]
+    assert [r["name"] for r in rows_after_first] == names[0::2]
+    assert sorted(r["name"] for r in read_rows(workdir)) == sorted(names)
+    assert len(new_rows) == len(names)
+
+
+def test_rerun_skips_finished_points(tiny):
+    cfg, workdir, _, _ = tiny
+    before = (workdir / sweep.RESULTS).read_bytes()
+    metrics = {p: os.path.getmtime(p) for p in workdir.glob("*/metrics.jsonl")}
+    assert sweep.run(cfg, str(workdir)) == []
+    assert (workdir / sweep.RESULTS).read_bytes() == before
+    assert {p: os.path.getmtime(p) for p in workdir.glob("*/metrics.jsonl")} == metrics
+
+
+def test_lost_results_csv_is_rebuilt_from_the_markers_without_training(tiny, tmp_path):
+    cfg, workdir, _, _ = tiny
+    copy = tmp_path / "sweep"
+    shutil.copytree(workdir, copy)
+    expected = read_rows(copy)
+    (copy / sweep.RESULTS).unlink()
+    assert sweep.run(cfg, str(copy)) == []
+    assert sorted(read_rows(copy), key=lambda r: r["name"]) == sorted(expected, key=lambda r: r["name"])
+
+
+def test_half_finished_point_resumes_from_its_checkpoint(tiny, tmp_path):
+    cfg, workdir, _, _ = tiny
+    point = max(sweep.expand(cfg), key=lambda p: p.config.num_train_steps)
+    steps, every = point.config.num_train_steps, point.config.checkpoint_every_steps
+    assert every < steps
+    copy = tmp_path / "sweep"
+    shutil.copytree(workdir, copy)
+    original = next(r for r in read_rows(copy) if r["name"] == point.name)
+    # Undo the end of the run: drop its row, its marker and its final checkpoint, keeping the one halfway.
+    kept = [r for r in read_rows(copy) if r["name"] != point.name]
+    with open(copy / sweep.RESULTS, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+    point_dir = copy / point.name
+    (point_dir / sweep.MARKER).unlink()
+    shutil.rmtree(point_dir / checkpoint.DIRNAME / str(steps))
+    assert checkpoint.latest_step(str(point_dir)) == every
+    lines_before = len((point_dir / "metrics.jsonl").read_text().splitlines())
+
+    new_rows = sweep.run(cfg, str(copy))
+    assert [r["name"] for r in new_rows] == [point.name]
+    records = [json.loads(line) for line in (point_dir / "metrics.jsonl").read_text().splitlines()[lines_before:]]
+    trained = sorted({r["step"] for r in records if "loss" in r})
+    assert trained == list(range(every + 1, steps + 1))  # only the steps after the checkpoint ran again
+    # Same batches, same params: the resumed run ends where the uninterrupted one did.
+    assert float(new_rows[0]["eval_loss"]) == pytest.approx(float(original["eval_loss"]), abs=1e-4)
+    assert len(read_rows(copy)) == len(sweep.expand(cfg))
+
+
+def test_changed_config_for_a_started_point_is_refused(tiny, tmp_path):
+    cfg, workdir, _, _ = tiny
+    copy = tmp_path / "sweep"
+    shutil.copytree(workdir, copy)
+    (copy / sweep.RESULTS).unlink()
+    for marker in copy.glob(f"*/{sweep.MARKER}"):
+        marker.unlink()
+    changed = ml_collections.ConfigDict(cfg.to_dict())
+    changed.base.opt.weight_decay = 0.0
+    with pytest.raises(ValueError, match="different config"):
+        sweep.run(changed, str(copy))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fitter reads what the sweep writes
+
+
+def test_fit_cli_reads_a_sweep_results_csv(tmp_path):
+    true = dict(E=1.0, A=40.0, B=60.0, alpha=0.35, beta=0.3)
+    rng = np.random.default_rng(0)
+    for budget in (1e12, 3e12, 1e13):
+        for n in np.geomspace(1e5, 3e6, 5):
+            # The exact FLOPs sit a little off the nominal budget, as a real sweep's do.
+            flops = budget * rng.uniform(0.95, 1.05)
+            tokens = flops / (7 * n)
+            loss = fit.predict_loss(n, tokens, true) * rng.lognormal(0, 0.003)
+            sweep._append_row(str(tmp_path), dict(
+                name=f"C{budget:g}_{n:.0f}", params=int(n), non_embedding_params=int(0.97 * n), tokens=int(tokens),
+                flops=flops, train_loss=loss, eval_loss=loss, bits_per_byte=loss / math.log(2), wall_seconds=1.0,
+                flops_6n=6 * n * tokens, tokens_6n=budget / (6 * n), budget=budget, d_model=64, num_layers=2,
+                num_heads=2, d_ff=256, batch_size=16, num_train_steps=100, learning_rate=1e-3))
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm.cli", "fit", f"--workdir={tmp_path}", "--bootstrap=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["approach3"]["alpha"] == pytest.approx(true["alpha"], abs=0.1)
+    assert len(result["approach2"]["budgets"]) == 3  # grouped by the sweep's budget column
+    assert (tmp_path / "isoflops.png").exists()
