@@ -71,12 +71,9 @@ def _save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         json.dump(cfg.to_dict(), f, indent=2)
 
 
-def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str, dc: data.DataConfig):
-    if os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
-        return tokenizer_lib.load(workdir)  # a resumed run keeps its vocabulary
-    if cfg.init_from:
-        return tokenizer_lib.load(cfg.init_from)  # fine-tuning keeps the pretrained vocabulary
-    d = cfg.data
+def build_tokenizer(cfg: ml_collections.ConfigDict):
+    """The vocabulary a fresh run of `cfg` trains (sweeps count params and FLOPs with the same one)."""
+    d, dc = cfg.data, config_lib.data_config(cfg)
     if d.tokenizer == "byte" or d.tokenizer_path:
         texts = []
     elif d.tokenizer == "sentencepiece":
@@ -84,6 +81,14 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str, dc: data.DataConfig
     else:  # the char vocabulary must cover every character the run will score
         texts = data.load_documents(dc, "train") + data.load_documents(dc, "validation")
     return tokenizer_lib.train(d.tokenizer, texts, d.vocab_size, d.spm_model_type, d.spm_input_sentences, d.tokenizer_path)
+
+
+def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
+    if os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
+        return tokenizer_lib.load(workdir)  # a resumed run keeps its vocabulary
+    if cfg.init_from:
+        return tokenizer_lib.load(cfg.init_from)  # fine-tuning keeps the pretrained vocabulary
+    return build_tokenizer(cfg)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict:
@@ -104,7 +109,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
         if is_main:
             data.prepared_builder(dc)
         multihost_utils.sync_global_devices("dataset prepared")
-    tok = _tokenizer(cfg, workdir, dc)
+    tok = _tokenizer(cfg, workdir)
     train_stream = data.token_stream(dc, "train", tok)
     eval_stream = data.token_stream(dc, "validation", tok) if cfg.eval_every_steps else None
     batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, rows=sharding.host_rows(mesh, cfg.batch_size),

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.name = "isoflop_cpu"
     c.kind = "isoflop"
     # Training FLOPs (the model's exact per-token count x tokens). Three budgets x five sizes is what a 2-core
-    # machine trains in about 40 minutes; the budgets are 5-6 orders of magnitude below Chinchilla's.
+    # machine trains in about 40 minutes; the budgets are 6-9 orders of magnitude below Chinchilla's.
     c.budgets = [2e12, 4.5e12, 1e13]
     # Non-embedding params, 1.5-1.8x apart, around where each budget's optimum is expected (a 1e12 pilot
     # put it below 131k); the 100k floor on model size keeps the smallest budget's window from going lower.

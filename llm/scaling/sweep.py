@@ -68,25 +68,16 @@ class Point:
 # Expansion
 
 
-@functools.lru_cache(maxsize=8)
-def _build_tokenizer(dc: data.DataConfig, kind: str, vocab_size: int, spm_model_type: str, spm_input_sentences: int,
-                     tokenizer_path: str) -> tokenizer_lib.Tokenizer:
-    # The vocabulary llm/train.py would build for a fresh run with this data config.
-    if kind == "byte" or tokenizer_path:
-        texts = []
-    elif kind == "sentencepiece":
-        texts = data.load_documents(dc, "train", limit=spm_input_sentences)
-    else:
-        texts = data.load_documents(dc, "train") + data.load_documents(dc, "validation")
-    return tokenizer_lib.train(kind, texts, vocab_size, spm_model_type, spm_input_sentences, tokenizer_path)
+_TOKENIZERS: dict[str, tokenizer_lib.Tokenizer] = {}
 
 
 def sweep_tokenizer(cfg: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
     """One tokenizer for every point: each run finds it in its workdir and keeps it, so the vocabulary the
     sweep counts params and FLOPs with is the one that trains (and SentencePiece is trained once)."""
-    d = cfg.data
-    return _build_tokenizer(config_lib.data_config(cfg), d.tokenizer, d.vocab_size, d.spm_model_type,
-                            d.spm_input_sentences, d.tokenizer_path)
+    key = json.dumps(cfg.data.to_dict(), sort_keys=True)  # expansion asks once per point; build once per corpus
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = train_lib.build_tokenizer(cfg)
+    return _TOKENIZERS[key]
 
 
 @functools.lru_cache(maxsize=8)
