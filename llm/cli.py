@@ -8,7 +8,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm.attention import NEG_INF  # noqa: F401  (imports jax before flags parse, keeping start-up errors early)
 
 try:
     # config_flags applies --config.KEY=VALUE overrides here, at definition time.

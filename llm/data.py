@@ -104,7 +104,7 @@ def prepared_builder(dc: DataConfig):
 
 
 def _source(dc: DataConfig, split: str):
-    if split not in SPLITS and not split.startswith(SPLITS):
+    if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
     builder = prepared_builder(dc)
     available = list(builder.info.splits.keys())

@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, run_cli, tiny_config
+from conftest import REPO, cli_overrides, run_cli
 
 from llm import model, train
 from llm.model import ModelConfig
@@ -70,7 +70,6 @@ def test_two_processes_give_the_one_process_loss_curve(mesh_runs, tmp_path):
 
 
 def test_when_one_process_dies_the_other_stops_within_bounded_time(tmp_path, corpus):
-    from conftest import TINY
 
     port = 23000 + os.getpid() % 1000
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, cli_overrides, tiny_config
 
-from llm import checkpoint, config, model, optim, train
+from llm import checkpoint, model, optim, train
 from llm.model import ModelConfig
 
 
