@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from llm.dense import project
+
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
 
 
@@ -90,9 +92,15 @@ class Attention(nn.Module):
         wo_HxKxD = self.param("wo", nn.with_logical_partitioning(out_init, ("heads", "kv", "embed")), (self.H, self.K, D), self.param_dtype)
 
         x_BxLxD = x_BxLxD.astype(self.dtype)
-        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, wq_DxHxK.astype(self.dtype))
-        k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, wk_DxGxK.astype(self.dtype))
-        v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, wv_DxGxK.astype(self.dtype))
+        # q, k and v from one matmul: the same products in one larger GEMM (Q = (H + 2G) K columns).
+        B, L, _ = x_BxLxD.shape
+        H, G, K = self.H, self.G, self.K
+        w_DxQ = jnp.concatenate([w.reshape(D, -1) for w in (wq_DxHxK, wk_DxGxK, wv_DxGxK)], axis=1)
+        qkv_BxLxQ = project(x_BxLxD, w_DxQ.astype(self.dtype))
+        q_BxLxHK, k_BxLxGK, v_BxLxGK = jnp.split(qkv_BxLxQ, [H * K, (H + G) * K], axis=-1)
+        q_BxLxHxK = q_BxLxHK.reshape(B, L, H, K)
+        k_BxLxGxK = k_BxLxGK.reshape(B, L, G, K)
+        v_BxLxGxK = v_BxLxGK.reshape(B, L, G, K)
         if self.pos_encoding == "rope":
             q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
             k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
@@ -108,5 +116,5 @@ class Attention(nn.Module):
             k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
 
         out_BxLxHxK = attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS)
-        out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, wo_HxKxD.astype(self.dtype))
+        out_BxLxD = project(out_BxLxHxK, wo_HxKxD.astype(self.dtype), contract=2)
         return out_BxLxD, layer_kv

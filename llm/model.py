@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from llm.attention import Attention, KVCache, cache_mask, causal_mask
+from llm.dense import project
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,14 +72,14 @@ class Mlp(nn.Module):
         out_init = nn.initializers.normal(self.out_init_std)
         wi_DxF = self.param("wi", nn.with_logical_partitioning(init, ("embed", "mlp")), (D, self.F), self.param_dtype)
         wo_FxD = self.param("wo", nn.with_logical_partitioning(out_init, ("mlp", "embed")), (self.F, D), self.param_dtype)
-        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, wi_DxF.astype(self.dtype))
+        h_BxLxF = project(x_BxLxD, wi_DxF.astype(self.dtype))
         if self.kind == "swiglu":
             wg_DxF = self.param("wg", nn.with_logical_partitioning(init, ("embed", "mlp")), (D, self.F), self.param_dtype)
-            gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, wg_DxF.astype(self.dtype))
+            gate_BxLxF = project(x_BxLxD, wg_DxF.astype(self.dtype))
             h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
         else:
             h_BxLxF = nn.gelu(h_BxLxF, approximate=False)  # the exact erf form, as in the GELU paper and PyTorch
-        return jnp.einsum("blf,fd->bld", h_BxLxF, wo_FxD.astype(self.dtype))
+        return project(h_BxLxF, wo_FxD.astype(self.dtype))
 
 
 class Block(nn.Module):
@@ -170,12 +171,12 @@ class Transformer(nn.Module):
 
         x_BxLxD = Norm(cfg.norm, param_dtype, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
-            logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD.astype(dtype), preferred_element_type=jnp.float32)
+            logits_BxLxV = project(x_BxLxD, embed_VxD.T.astype(dtype), preferred_element_type=jnp.float32)
         else:
             head_DxV = self.param(
                 "head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.D, cfg.V), param_dtype
             )
-            logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+            logits_BxLxV = project(x_BxLxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
 
         if cache is not None:
             cache = cache.replace(k_NxBxSxGxK=kv[0], v_NxBxSxGxK=kv[1], index=cache.index + L)

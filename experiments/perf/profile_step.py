@@ -1,0 +1,73 @@
+"""Profiles the real jitted train step of a config and ranks XLA ops by time.
+
+usage: python experiments/perf/profile_step.py [configs/shakespeare_char.py] [--hlo=/tmp/step.hlo]
+"""
+import collections
+import gzip
+import glob
+import json
+import re
+import shutil
+import sys
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import shakespeare_char
+from llm import config as config_lib, model, optim, train
+from llm.bench import CHAR_VOCAB
+
+cfg = shakespeare_char.get_config()
+mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, CHAR_VOCAB))
+oc = config_lib.opt_config(cfg)
+optimizer = optim.make(oc)
+params = nn.unbox(model.init(mc, jax.random.key(0)))
+state = train.TrainState(jnp.int32(0), params, optimizer.init(params))
+tokens = np.random.default_rng(0).integers(3, CHAR_VOCAB, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((cfg.batch_size, cfg.seq_len), np.float32)}
+step = jax.jit(train.make_train_step(mc, optimizer, oc)).lower(state, batch).compile()
+for arg in sys.argv[1:]:
+    if arg.startswith("--hlo="):
+        open(arg[len("--hlo="):], "w").write(step.as_text())
+for _ in range(3):
+    state, metrics = step(state, batch)
+jax.block_until_ready(metrics)
+
+calls = 10
+trace_dir = tempfile.mkdtemp()
+with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(calls):
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+events = json.load(gzip.open(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]))
+events = events["traceEvents"] if isinstance(events, dict) else events
+shutil.rmtree(trace_dir)
+
+op_names = {}
+for line in step.as_text().split("\n"):
+    m = re.match(r"\s+%(\S+) = (\S+) \S+\(.*op_name=\"([^\"]*)\"", line)
+    if m:
+        op_names[m.group(1)] = f"{m.group(2)} {m.group(3)[-50:]}"
+per_op = collections.Counter()
+for e in events:
+    if e.get("ph") == "X" and e.get("name") in op_names:
+        per_op[e["name"]] += e["dur"] / calls / 1e3
+kinds = collections.Counter()
+for name, ms in per_op.items():
+    kinds[re.sub(r"\.\d+$", "", name)] += ms
+wall = [e["dur"] for e in events if e.get("ph") == "X" and e.get("name", "").startswith("ThunkExecutor::Execute (wait")]
+print(f"ops run per step: {len(per_op)}   sum of op times: {sum(per_op.values()):.1f} ms")
+print("by kind (ms/step):", ", ".join(f"{k} {v:.1f}" for k, v in kinds.most_common(12)))
+for name, ms in per_op.most_common(25):
+    print(f"{ms:7.2f} ms  {name:32s} {op_names[name]}")
+if "--phases" in sys.argv:
+    phase = collections.Counter(); count = collections.Counter()
+    for name, ms in per_op.items():
+        label = op_names[name]
+        key = "backward" if "transpose(jvp" in label else "forward" if "jvp(" in label else "optimizer/other"
+        phase[key] += ms; count[key] += 1
+    for k in phase:
+        print(f"{k:16s} {count[k]:4d} ops {phase[k]:6.1f} ms")
