@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 400
     c.keep_checkpoints = 3
     c.init_from = ""  # another run's workdir: start from its params (fine-tuning)
-    c.peak_tflops = 0.0  # for MFU; 0: measure a large matmul on this device at start
+    c.peak_tflops = 0.0  # for MFU, per device (on CPU per host); 0: measure a large matmul at start
     c.sample_prompt = "ROMEO:\n"
     c.sample_tokens = 120  # printed after training; 0 to skip
 
@@ -78,6 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: the rest of the devices
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # On a CPU host, the CLI splits the cores into this many JAX devices before JAX starts, so the
+    # data-parallel mesh uses every core; -1: one per core (reduced to divide the batches; default mesh
+    # only); 0: JAX's one CPU device. XLA_FLAGS=--xla_force_host_platform_device_count=N wins.
+    c.mesh.cpu_devices = -1
     # logical axis -> mesh axes (None: replicated); llm/sharding.py lists the defaults. Dimensions a mesh
     # axis does not divide evenly (e.g. a vocabulary of 65) are replicated.
     c.mesh.rules = sharding.DEFAULT_RULES

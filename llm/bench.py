@@ -19,7 +19,7 @@ import optax
 
 from llm import config as config_lib, model, optim, sample, sharding, train
 from llm.attention import NEG_INF
-from llm.metrics import measure_peak_tflops
+from llm.metrics import measure_peak_tflops, peak_units
 from llm.model import ModelConfig
 from llm.tokenizer import NUM_SPECIAL
 
@@ -47,7 +47,7 @@ def _median_seconds(compiled: Callable, *args, repeats: int = 5, budget_s: float
 def bench_train(cfg: ml_collections.ConfigDict, steps: int = 20, peak_tflops: float = 0.0) -> dict:
     """Times `steps` train steps after 2 warm-up steps, with the sharding and jit setup of train.train.
 
-    peak_tflops is per device; 0 measures a large matmul on this device. mfu = achieved / (peak x devices).
+    peak_tflops is per device (per host on CPU); 0 measures a large matmul. mfu = achieved / (peak x peak_units()).
     """
     config_lib.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
@@ -110,7 +110,7 @@ def bench_train(cfg: ml_collections.ConfigDict, steps: int = 20, peak_tflops: fl
         "model_flops_per_token": flops_per_token,
         "achieved_tflops": achieved_tflops,
         "peak_tflops": peak,
-        "mfu": achieved_tflops / (peak * devices),
+        "mfu": achieved_tflops / (peak * peak_units()),
         "compile_s": compile_s,
     }
 

@@ -62,11 +62,21 @@ def _join_distributed_job() -> None:
                                         FLAGS.distributed_timeout_s, FLAGS.heartbeat_timeout_s)
 
 
+def _split_host_cpu(cfg) -> None:
+    """Before JAX starts: a CPU host's cores become mesh.cpu_devices devices (see llm/sharding.py)."""
+    from llm import sharding
+
+    rows = [cfg.batch_size // cfg.opt.grad_accum_steps] + ([cfg.eval_batch_size] if cfg.eval_every_steps else [])
+    default_mesh = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (-1, 1, 1)
+    sharding.split_host_cpu(cfg.mesh.cpu_devices, rows, default_mesh)
+
+
 def cmd_train() -> None:
     from llm import api, config as config_lib, train
 
     cfg = _CONFIG.value
     config_lib.validate(cfg)
+    _split_host_cpu(cfg)
     _join_distributed_job()
     import jax
 
@@ -131,6 +141,11 @@ def cmd_sweep() -> None:
 
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    if "base" in _CONFIG.value:
+        try:
+            _split_host_cpu(_CONFIG.value.base)
+        except (AttributeError, KeyError, TypeError):
+            pass  # a malformed base: sweep.run names the problem
     sweep.run(_CONFIG.value, FLAGS.workdir, dry_run=FLAGS.dry_run, shard=FLAGS.shard)
 
 
@@ -153,9 +168,11 @@ def cmd_fit() -> None:
 
 
 def cmd_bench(kind: str) -> None:
-    from llm import bench
+    from llm import bench, config as config_lib
 
     if kind == "train":
+        config_lib.validate(_CONFIG.value)
+        _split_host_cpu(_CONFIG.value)
         result = bench.bench_train(_CONFIG.value, steps=FLAGS.steps, peak_tflops=FLAGS.peak_tflops)
     elif kind == "sample":
         result = bench.bench_sample(_CONFIG.value)

@@ -102,6 +102,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         problems.append(f"batch_size={cfg.batch_size} is not divisible by opt.grad_accum_steps={o.grad_accum_steps}")
     for axis in ("data", "fsdp", "tensor"):
         need(cfg.mesh[axis] == -1 or cfg.mesh[axis] >= 1, f"mesh.{axis} must be >= 1 or -1, got {cfg.mesh[axis]}")
+    need(cfg.mesh.cpu_devices >= -1, f"mesh.cpu_devices must be >= -1, got {cfg.mesh.cpu_devices}")
     need([cfg.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

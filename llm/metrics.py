@@ -51,5 +51,11 @@ def measure_peak_tflops(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -
     return 2 * size**3 / best / 1e12
 
 
+def peak_units() -> int:
+    """How many times a per-device peak counts: once per device, but on CPU once per process, because
+    split CPU devices (mesh.cpu_devices) share one host's cores and the matmul measured all of them."""
+    return jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
+
+
 def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float) -> float:
     return flops_per_token * tokens_per_s / (peak_tflops * 1e12)

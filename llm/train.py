@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from llm import checkpoint, config as config_lib, data, evaluate, model, optim, sharding, tokenizer as tokenizer_lib
 from llm.loss import cross_entropy_sums
-from llm.metrics import Writer, measure_peak_tflops, mfu
+from llm.metrics import Writer, measure_peak_tflops, mfu, peak_units
 from llm.model import ModelConfig
 
 
@@ -159,7 +159,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
 
     counts = model.param_counts(mc)
     flops_per_token = model.flops_per_token(mc)
-    peak_tflops = cfg.peak_tflops or measure_peak_tflops()  # per device
+    peak_tflops = cfg.peak_tflops or measure_peak_tflops()  # per device (per host on CPU)
     writer = Writer(workdir, enabled=is_main)
     if is_main and not quiet:
         print(f"model: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding), vocab {mc.V}, "
@@ -196,7 +196,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
             now = time.perf_counter()
             tokens_per_s = (step - window_step) * tokens_per_step / (now - window_start)
             metrics.update(perplexity=float(np.exp(min(metrics["loss"], 50.0))), tokens_per_s=tokens_per_s,
-                           mfu=mfu(flops_per_token, tokens_per_s, peak_tflops * jax.device_count()))
+                           mfu=mfu(flops_per_token, tokens_per_s, peak_tflops * peak_units()))
             writer.write(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             last_train = metrics

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, cli_overrides, run_cli
 
-from llm import model, train
+from llm import model, sharding, train
 from llm.model import ModelConfig
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
@@ -126,3 +127,20 @@ def test_scanned_layers_compile_once_whatever_the_depth():
     seconds_12, size_12 = _compile_seconds_and_hlo_size(12)
     assert size_12 < 1.05 * size_2  # one body, whatever the depth
     assert seconds_12 < 2.0 * seconds_2 + 1.0
+
+
+def test_cpu_cores_become_devices_only_when_asked_and_not_overridden(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert sharding.split_host_cpu(0, [12], default_mesh=True) == 0
+    assert "XLA_FLAGS" not in os.environ
+    assert sharding.split_host_cpu(-1, [12, 64], default_mesh=False) == 0  # an explicit mesh keeps its devices
+    split = math.gcd(cores, 12, 64)
+    assert sharding.split_host_cpu(-1, [12, 64], default_mesh=True) == (split if split > 1 else 0)
+    if split > 1:
+        assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={split}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x")
+    assert sharding.split_host_cpu(3, [12], default_mesh=True) == 0  # the user's XLA_FLAGS win
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    assert sharding.split_host_cpu(3, [12], default_mesh=True) == 3
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3"

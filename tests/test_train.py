@@ -86,11 +86,14 @@ def test_killed_run_resumes_to_bit_identical_params(tmp_path, corpus):
     # Long enough (a few seconds) that the kill lands after a checkpoint and well before the end.
     steps = 300
     overrides = dict(num_train_steps=steps, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10)
+    # Both runs go through the CLI, so both see the same devices (it splits a CPU host's cores).
+    command = lambda workdir: [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *cli_overrides(corpus, **overrides)]
     reference = tmp_path / "reference"
-    train.train(tiny_config(corpus, **overrides), str(reference), quiet=True)
+    done = subprocess.run(command(reference), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
     interrupted = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={interrupted}", *cli_overrides(corpus, **overrides)]
+    command = command(interrupted)
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (interrupted / "checkpoints" / "20").exists():
