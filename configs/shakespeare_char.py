@@ -35,6 +35,7 @@ def get_config():
     c.model.d_ff = 512
     c.model.pos_encoding = "learned"
     c.model.norm = "layernorm"
+    c.model.norm_bias = False  # nanoGPT's bias=False: no bias in LayerNorm (nor, as here always, in linears)
     c.model.mlp = "gelu"
     c.model.tie_embeddings = True
     c.opt.learning_rate = 1e-3

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from llm import checkpoint, config as config_lib, data, evaluate as evaluate_lib, model, sample as sample_lib, tokenizer as tokenizer_lib
@@ -36,7 +35,7 @@ class Run:
         if not os.path.exists(config_path):
             raise checkpoint.CheckpointError(f"{workdir} is not a run directory (no config.json): nothing to load")
         with open(config_path) as f:
-            self.config = ml_collections.ConfigDict(json.load(f))
+            self.config = config_lib.from_saved(json.load(f))
         self.workdir = workdir
         self.tokenizer = tokenizer_lib.load(workdir)
         self.model_config = config_lib.model_config(self.config, config_lib.padded_vocab_size(self.config, self.tokenizer.vocab_size))

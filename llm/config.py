@@ -108,6 +108,22 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A run's config.json, with keys added to configs/default.py since it was written set to their
+    defaults (each new key's default keeps the old behaviour), so older runs still load."""
+    cfg = _reference()
+
+    def merge(into: ml_collections.ConfigDict, values: dict):
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(into.get(key), ml_collections.ConfigDict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(cfg, saved)
+    return cfg
+
+
 def padded_vocab_size(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> int:
     if cfg.model.vocab_size:
         if cfg.model.vocab_size < tokenizer_vocab:
@@ -121,7 +137,7 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig
     m = cfg.model
     return ModelConfig(
         V=vocab_size, D=m.d_model, F=m.d_ff, N=m.num_layers, H=m.num_heads, G=m.num_kv_heads, L=cfg.seq_len,
-        pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm, mlp=m.mlp,
+        pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm, norm_bias=m.norm_bias, mlp=m.mlp,
         tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype,
         remat=m.remat, scan_layers=m.scan_layers,
     )

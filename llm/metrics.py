@@ -24,7 +24,8 @@ class Writer:
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        # Wall time (unix seconds) makes time-to-quality readable from the file alone.
+        record = {"step": int(step), "time": round(time.time(), 3), **{k: float(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for key, value in values.items():

@@ -27,6 +27,7 @@ class ModelConfig:
     pos_encoding: str = "rope"
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"
+    norm_bias: bool = True  # layernorm only; nanoGPT and many newer models drop it
     mlp: str = "swiglu"
     tie_embeddings: bool = True
     dtype: str = "float32"
@@ -42,6 +43,7 @@ class ModelConfig:
 class Norm(nn.Module):
     kind: str
     param_dtype: jnp.dtype
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -51,10 +53,11 @@ class Norm(nn.Module):
         if self.kind == "rmsnorm":
             y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
         else:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (D,), self.param_dtype)
             mean = jnp.mean(x, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-            y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+            y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale
+            if self.use_bias:
+                y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (D,), self.param_dtype)
         return y.astype(x_BxLxD.dtype)
 
 
@@ -91,11 +94,11 @@ class Block(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # GPT-2's scaled init of the projections that write into the residual stream.
         out_std = 0.02 / math.sqrt(2 * cfg.N)
-        h_BxLxD = Norm(cfg.norm, param_dtype, name="attn_norm")(x_BxLxD)
+        h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="attn_norm")(x_BxLxD)
         attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std, name="attn")
         a_BxLxD, layer_kv = attn(h_BxLxD, positions_BxL, mask_BxLxS, layer_kv, cache_index)
         x_BxLxD = x_BxLxD + a_BxLxD
-        h_BxLxD = Norm(cfg.norm, param_dtype, name="mlp_norm")(x_BxLxD)
+        h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, name="mlp")(h_BxLxD)
         return x_BxLxD, layer_kv
 
@@ -169,7 +172,7 @@ class Transformer(nn.Module):
             if kv is not None:
                 kv = (jnp.stack(new_k), jnp.stack(new_v))
 
-        x_BxLxD = Norm(cfg.norm, param_dtype, name="final_norm")(x_BxLxD)
+        x_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
             logits_BxLxV = project(x_BxLxD, embed_VxD.T.astype(dtype), preferred_element_type=jnp.float32)
         else:
@@ -185,7 +188,7 @@ class Transformer(nn.Module):
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Exact counts; non-embedding excludes the token and position embeddings and an untied head."""
-    norm = cfg.D * (2 if cfg.norm == "layernorm" else 1)
+    norm = cfg.D * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
     attn = cfg.D * cfg.K * (2 * cfg.H + 2 * cfg.G)
     mlp = cfg.D * cfg.F * (3 if cfg.mlp == "swiglu" else 2)
     non_embedding = cfg.N * (2 * norm + attn + mlp) + norm

@@ -13,7 +13,7 @@ from llm.model import ModelConfig
 VARIANTS = [
     dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=True, G=2),
     dict(pos_encoding="learned", norm="layernorm", mlp="gelu", tie_embeddings=False, G=4),
-    dict(pos_encoding="sinusoidal", norm="layernorm", mlp="swiglu", tie_embeddings=True, G=1),
+    dict(pos_encoding="sinusoidal", norm="layernorm", mlp="swiglu", tie_embeddings=True, G=1, norm_bias=False),
     dict(pos_encoding="rope", norm="rmsnorm", mlp="gelu", tie_embeddings=False, G=2, scan_layers=True),
 ]
 

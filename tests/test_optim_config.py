@@ -1,3 +1,5 @@
+import json
+
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -91,3 +93,13 @@ def test_default_config_is_valid_and_vocab_is_padded():
     assert config.padded_vocab_size(cfg, 87) == 128
     cfg.model.vocab_size = 100
     assert config.padded_vocab_size(cfg, 87) == 100
+
+
+def test_a_saved_config_from_before_a_new_key_loads_with_the_old_behaviour():
+    saved = json.loads(json.dumps(default.get_config().to_dict()))  # as config.json stores it
+    saved["model"]["d_model"] = 96
+    del saved["model"]["norm_bias"], saved["mesh"]["cpu_devices"]
+    cfg = config.from_saved(saved)
+    config.validate(cfg)
+    assert cfg.model.d_model == 96 and cfg.model.norm_bias is True and cfg.mesh.cpu_devices == -1
+    assert config.model_config(cfg, 128).norm_bias
