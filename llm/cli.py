@@ -137,15 +137,14 @@ def cmd_sample() -> None:
 
 
 def cmd_sweep() -> None:
+    from llm import config as config_lib
     from llm.scaling import sweep
 
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     if "base" in _CONFIG.value:
-        try:
-            _split_host_cpu(_CONFIG.value.base)
-        except (AttributeError, KeyError, TypeError):
-            pass  # a malformed base: sweep.run names the problem
+        config_lib.validate(_CONFIG.value.base)
+        _split_host_cpu(_CONFIG.value.base)  # points that change the batch must still divide the split
     sweep.run(_CONFIG.value, FLAGS.workdir, dry_run=FLAGS.dry_run, shard=FLAGS.shard)
 
 
