@@ -43,6 +43,11 @@ class MeshError(ValueError):
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
+def host_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one, e.g. under taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def split_host_cpu(cpu_devices: int, batch_rows: Sequence[int], default_mesh: bool) -> int:
     """Makes XLA:CPU present this host's cores as several JAX devices; call it before JAX starts.
 
@@ -59,7 +64,7 @@ def split_host_cpu(cpu_devices: int, batch_rows: Sequence[int], default_mesh: bo
     if cpu_devices < 0:
         if not default_mesh:
             return 0
-        count = math.gcd(len(os.sched_getaffinity(0)), *batch_rows)
+        count = math.gcd(host_cores(), *batch_rows)
         if count == 1:
             return 0
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}={count}".strip()

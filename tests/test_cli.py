@@ -1,10 +1,11 @@
 import json
 import math
-import os
 import re
 import subprocess
 
 from conftest import REPO, cli_overrides, run_cli
+
+from llm import sharding
 
 
 def test_run_sh_train_end_to_end_prints_a_sample(tmp_path, corpus):
@@ -16,7 +17,7 @@ def test_run_sh_train_end_to_end_prints_a_sample(tmp_path, corpus):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # The CPU cores became data-parallel devices (mesh.cpu_devices=-1): batch 8, eval batch 16.
-    cores = math.gcd(len(os.sched_getaffinity(0)), 8, 16)
+    cores = math.gcd(sharding.host_cores(), 8, 16)
     assert re.search(rf"mesh \{{'data': {cores}, 'fsdp': 1, 'tensor': 1\}}", result.stderr), result.stderr[-3000:]
     assert "--- sample (step 30" in result.stdout
     sample = result.stdout.split("---\n", 1)[1]
