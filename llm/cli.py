@@ -67,6 +67,7 @@ def _split_host_cpu(cfg) -> None:
     from llm import sharding
 
     rows = [cfg.batch_size // cfg.opt.grad_accum_steps] + ([cfg.eval_batch_size] if cfg.eval_every_steps else [])
+    rows = [r // FLAGS.num_processes if r % FLAGS.num_processes == 0 else 1 for r in rows]  # each process's share
     default_mesh = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (-1, 1, 1)
     sharding.split_host_cpu(cfg.mesh.cpu_devices, rows, default_mesh)
 

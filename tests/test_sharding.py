@@ -144,3 +144,18 @@ def test_cpu_cores_become_devices_only_when_asked_and_not_overridden(monkeypatch
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     assert sharding.split_host_cpu(3, [12], default_mesh=True) == 3
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=3"
+
+
+def test_each_process_of_a_cpu_job_splits_its_own_share_of_the_batch(tmp_path, corpus):
+    # No XLA_FLAGS: each process splits its cores for its own 3 of the 6 rows (and 8 of the 16 eval rows);
+    # splitting for all 6 rows would give 2 x 2 devices, which do not divide the batch.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    port = 24000 + os.getpid() % 1000
+    common = ["train", f"--workdir={tmp_path}", *cli_overrides(corpus, batch_size=6, num_train_steps=4, eval_every_steps=4),
+              f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen([sys.executable, "-m", "llm.cli", *common, f"--process_id={i}"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    stderr = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], stderr[0][-2000:] + stderr[1][-2000:]
+    per_process = math.gcd(sharding.host_cores(), 3, 8)
+    assert f"mesh {{'data': {2 * per_process}, 'fsdp': 1, 'tensor': 1}}" in stderr[0]
