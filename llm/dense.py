@@ -3,7 +3,7 @@
 XLA:CPU compiles the weight gradient of a contraction over several batch axes (dW of
 einsum("bld,df->blf") contracts both b and l) into strided transpose fusions that cost several times
 the matmul itself. With the batch axes merged first the same products compile to plain GEMMs: the
-nanoGPT-sized train step went from 88 to ~46 ms (experiments/perf/README.md). On TPU/GPU the
+nanoGPT-sized train step went from 88 to 49 ms (experiments/perf/README.md). On TPU/GPU the
 reshapes are free.
 """
 
