@@ -94,25 +94,19 @@ def ours_lr(step: int) -> float:
 
 def full_split_loss(model: GPT, stream: np.ndarray) -> float:
     """Every token after the first is a target once, in rows of L, as this repo's eval does."""
-    total, count = 0.0, 0
+    targets = len(stream) - 1
+    rows = -(-targets // L)
+    padded = np.zeros(rows * L + 1, np.int64)
+    padded[: len(stream)] = stream
+    x, y = padded[:-1].reshape(rows, L), padded[1:].reshape(rows, L)
+    weight = torch.from_numpy((np.arange(rows * L) < targets).reshape(rows, L).astype(np.float32))
+    total = 0.0
     with torch.no_grad():
-        for first in range(0, len(stream) - 1, L * 64):
-            chunk = stream[first : first + L * 64 + 1]
-            rows = (len(chunk) - 1) // L
-            if rows == 0:
-                x, y = chunk[None, :-1], chunk[None, 1:]
-            else:
-                x = chunk[: rows * L].reshape(rows, L)
-                y = chunk[1 : rows * L + 1].reshape(rows, L)
-            logits = model(torch.from_numpy(x.astype(np.int64)))
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y.astype(np.int64)).reshape(-1), reduction="sum")
-            total, count = total + float(loss), count + y.size
-            if rows and rows * L + 1 < len(chunk):
-                x, y = chunk[rows * L : -1][None], chunk[rows * L + 1 :][None]
-                logits = model(torch.from_numpy(x.astype(np.int64)))
-                total += float(F.cross_entropy(logits[0], torch.from_numpy(y[0].astype(np.int64)), reduction="sum"))
-                count += y.size
-    return total / count
+        for first in range(0, rows, 64):
+            logits = model(torch.from_numpy(x[first : first + 64]))
+            losses = F.cross_entropy(logits.transpose(1, 2), torch.from_numpy(y[first : first + 64]), reduction="none")
+            total += float((losses * weight[first : first + 64]).sum())
+    return total / targets
 
 
 def main():
