@@ -214,6 +214,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
                 pending = None
                 checkpoint.save(mngr, step, state.params, state.opt_state, {"step": step, "data": batches.get_state()})
             if eval_stream is not None and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps):
+                if pending is not None:  # log this step's throughput before the eval restarts the window
+                    check(*pending)
+                    pending = None
                 last_eval = run_eval(step)
                 bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, bits/byte {last_eval['eval_bits_per_byte']:.4f}") if not quiet and is_main else None
                 window_start, window_step = time.perf_counter(), step
