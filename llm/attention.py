@@ -82,7 +82,7 @@ class Attention(nn.Module):
     out_init_std: float
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, layer_kv=None, cache_index=None):
+    def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, layer_kv=None, cache_index=None, layer=None):
         D = x_BxLxD.shape[-1]
         init = nn.initializers.normal(0.02)
         wq_DxHxK = self.param("wq", nn.with_logical_partitioning(init, ("embed", "heads", "kv")), (D, self.H, self.K), self.param_dtype)
@@ -106,12 +106,16 @@ class Attention(nn.Module):
             k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
 
         if layer_kv is not None:
-            k_cache_BxSxGxK, v_cache_BxSxGxK = layer_kv
-            start = (0, cache_index, 0, 0)
-            k_cache_BxSxGxK = jax.lax.dynamic_update_slice(k_cache_BxSxGxK, k_BxLxGxK.astype(k_cache_BxSxGxK.dtype), start)
-            v_cache_BxSxGxK = jax.lax.dynamic_update_slice(v_cache_BxSxGxK, v_BxLxGxK.astype(v_cache_BxSxGxK.dtype), start)
-            layer_kv = (k_cache_BxSxGxK, v_cache_BxSxGxK)
-            k_BxSxGxK, v_BxSxGxK = k_cache_BxSxGxK.astype(self.dtype), v_cache_BxSxGxK.astype(self.dtype)
+            # layer_kv is this layer's [B, S, G, K] pair, or with `layer` set every layer's [N, B, S, G, K]:
+            # writing the new tokens into the whole stack in place spares a copy of the cache per token.
+            lead = () if layer is None else (layer,)
+
+            def write(cache, new_BxLxGxK):
+                new = new_BxLxGxK.astype(cache.dtype).reshape((1,) * len(lead) + new_BxLxGxK.shape)
+                return jax.lax.dynamic_update_slice(cache, new, (*lead, 0, cache_index, 0, 0))
+
+            layer_kv = (write(layer_kv[0], k_BxLxGxK), write(layer_kv[1], v_BxLxGxK))
+            k_BxSxGxK, v_BxSxGxK = (c[lead].astype(self.dtype) for c in layer_kv)
         else:
             k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
 

@@ -89,14 +89,14 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, layer_kv, positions_BxL, mask_BxLxS, cache_index):
+    def __call__(self, x_BxLxD, layer_kv, positions_BxL, mask_BxLxS, cache_index, layer=None):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # GPT-2's scaled init of the projections that write into the residual stream.
         out_std = 0.02 / math.sqrt(2 * cfg.N)
         h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="attn_norm")(x_BxLxD)
         attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std, name="attn")
-        a_BxLxD, layer_kv = attn(h_BxLxD, positions_BxL, mask_BxLxS, layer_kv, cache_index)
+        a_BxLxD, layer_kv = attn(h_BxLxD, positions_BxL, mask_BxLxS, layer_kv, cache_index, layer)
         x_BxLxD = x_BxLxD + a_BxLxD
         h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, name="mlp")(h_BxLxD)
@@ -162,15 +162,8 @@ class Transformer(nn.Module):
             )
             x_BxLxD, kv = stack(cfg, name="blocks")(x_BxLxD, kv, positions_BxL, mask_BxLxS, index)
         else:
-            new_k, new_v = [], []
             for i in range(cfg.N):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BxLxD, layer_kv = block(cfg, name=f"block_{i}")(x_BxLxD, layer_kv, positions_BxL, mask_BxLxS, index)
-                if layer_kv is not None:
-                    new_k.append(layer_kv[0])
-                    new_v.append(layer_kv[1])
-            if kv is not None:
-                kv = (jnp.stack(new_k), jnp.stack(new_v))
+                x_BxLxD, kv = block(cfg, name=f"block_{i}")(x_BxLxD, kv, positions_BxL, mask_BxLxS, index, i)
 
         x_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:

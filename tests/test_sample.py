@@ -22,8 +22,8 @@ V, VOCAB_LIMIT, EOS = 24, 21, 2  # the last 3 ids stand in for vocabulary paddin
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(pos_encoding: str = "rope", scan_layers: bool = False, L: int = 48):
-    cfg = ModelConfig(V=V, D=32, F=64, N=2, H=4, G=2, L=L, pos_encoding=pos_encoding, scan_layers=scan_layers)
+def tiny_model(pos_encoding: str = "rope", scan_layers: bool = False, L: int = 48, remat: str = "none"):
+    cfg = ModelConfig(V=V, D=32, F=64, N=2, H=4, G=2, L=L, pos_encoding=pos_encoding, scan_layers=scan_layers, remat=remat)
     params = nn.unbox(jax.jit(functools.partial(model.init, cfg))(jax.random.key(0)))
     # The 0.02 init gives near-uniform logits; larger weights give peaked, varied distributions to test.
     params = jax.tree.map(lambda p: 3.0 * p, params)
@@ -56,9 +56,11 @@ PROMPTS = random_prompts([1, 3, 5, 7, 9, 11, 13, 16] * 2, seed=2)
 NEW = 10
 
 
-@pytest.mark.parametrize("pos_encoding,scan_layers", [("rope", False), ("rope", True), ("learned", False)])
-def test_cached_decoding_matches_full_forward(pos_encoding, scan_layers):
-    cfg, params = tiny_model(pos_encoding, scan_layers)
+@pytest.mark.parametrize(
+    "pos_encoding,scan_layers,remat", [("rope", False, "none"), ("rope", True, "none"), ("learned", False, "none"), ("rope", False, "block")]
+)
+def test_cached_decoding_matches_full_forward(pos_encoding, scan_layers, remat):
+    cfg, params = tiny_model(pos_encoding, scan_layers, remat=remat)
     num_new = 6
     prompts = random_prompts([5, 1, 9])
     continuations = random_prompts([num_new] * 3, seed=1)
