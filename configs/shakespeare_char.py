@@ -1,4 +1,8 @@
-"""nanoGPT's CPU reference run on tiny Shakespeare (character level), for a side-by-side comparison.
+"""nanoGPT's CPU run on tiny Shakespeare (character level): its model size, data, batches, steps and schedule.
+
+Three settings differ from nanoGPT's, each measured over five seeds in experiments/nanogpt_parity/:
+an untied output head, no gradient clipping and no weight decay. nanoGPT's exact recipe is
+shakespeare_char_nanogpt.py.
 
 Needs ../shared/data/tiny_shakespeare/input.txt (or point data.dataset at your own copy).
 Split as nanoGPT does: first 90% train, last 10% validation.
@@ -37,13 +41,14 @@ def get_config():
     c.model.norm = "layernorm"
     c.model.norm_bias = False  # nanoGPT's bias=False: no bias in LayerNorm (nor, as here always, in linears)
     c.model.mlp = "gelu"
-    c.model.tie_embeddings = True
+    c.model.tie_embeddings = False
     c.opt.learning_rate = 1e-3
     c.opt.warmup_steps = 100
     c.opt.schedule = "cosine"
     c.opt.final_lr_ratio = 0.1
     c.opt.b2 = 0.99
-    c.opt.weight_decay = 0.1
-    c.opt.decay_embeddings = True  # nanoGPT decays every 2-D weight, embeddings included
-    c.opt.clip_norm = 1.0
+    # 2000 steps leave this model underfit: the grad norm sits above 1 for most of the run, so clipping
+    # at 1.0 shrinks nearly every step, and weight decay only holds it back further.
+    c.opt.weight_decay = 0.0
+    c.opt.clip_norm = 0.0
     return c

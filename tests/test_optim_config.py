@@ -1,3 +1,4 @@
+import importlib
 import json
 
 import jax.numpy as jnp
@@ -86,9 +87,15 @@ def test_unknown_keys_are_named():
         config.validate(cfg)
 
 
-def test_default_config_is_valid_and_vocab_is_padded():
-    cfg = default.get_config()
+@pytest.mark.parametrize("name", ["default", "shakespeare_bpe", "shakespeare_char", "shakespeare_char_nanogpt"])
+def test_shipped_run_configs_are_valid(name):
+    cfg = importlib.import_module(f"configs.{name}").get_config()
     config.validate(cfg)
+    assert cfg.name == name  # a run without --workdir writes to runs/<name>/
+
+
+def test_vocab_is_padded():
+    cfg = default.get_config()
     cfg.model.vocab_multiple = 128
     assert config.padded_vocab_size(cfg, 87) == 128
     cfg.model.vocab_size = 100

@@ -1,4 +1,4 @@
-"""Trains this repo's shakespeare_char model and the PyTorch re-implementation from the same init on the
+"""Trains this repo's shakespeare_char_nanogpt model and the PyTorch re-implementation from the same init on the
 same batches, and compares the loss curves step by step.
 
 usage: python experiments/nanogpt_parity/parity.py --torch_python=/path/to/venv-with-torch/bin/python [--steps=2000]
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import shakespeare_char
+from configs import shakespeare_char_nanogpt
 from llm import config as config_lib, data, evaluate, model, optim, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,7 +28,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "parity.json"))
     args = ap.parse_args()
 
-    cfg = shakespeare_char.get_config()
+    cfg = shakespeare_char_nanogpt.get_config()
     dc = config_lib.data_config(cfg)
     tok = train.build_tokenizer(cfg)
     train_stream, val_stream = data.token_stream(dc, "train", tok), data.token_stream(dc, "validation", tok)
