@@ -120,7 +120,8 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache: KVCache | None = None):
+    def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache: KVCache | None = None,
+                 last_only: bool = False):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = tokens_BxL.shape
@@ -165,6 +166,8 @@ class Transformer(nn.Module):
             for i in range(cfg.N):
                 x_BxLxD, kv = block(cfg, name=f"block_{i}")(x_BxLxD, kv, positions_BxL, mask_BxLxS, index, i)
 
+        if last_only:  # a sampler's prefill needs only the next token's logits, not [B, L, V] of them
+            x_BxLxD = x_BxLxD[:, -1:]
         x_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
             logits_BxLxV = project(x_BxLxD, embed_VxD.T.astype(dtype), preferred_element_type=jnp.float32)
@@ -206,5 +209,6 @@ def init(cfg: ModelConfig, rng: jax.Array):
     return Transformer(cfg).init(rng, tokens_1xL)["params"]
 
 
-def apply(cfg: ModelConfig, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None):
-    return Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL, cache)
+def apply(cfg: ModelConfig, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None, last_only=False):
+    """(logits [B, L, V] float32, or [B, 1, V] at the last position with last_only; the updated cache)."""
+    return Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL, cache, last_only)

@@ -81,7 +81,7 @@ def generate_tokens(
     M = max_new_tokens
     # The last new token is never fed back, so the cache needs P + M - 1 slots.
     cache = KVCache.zeros(cfg.N, B, P + M - 1, cfg.G, cfg.K, jnp.dtype(cfg.dtype), start_B)
-    logits_BxPxV, cache = model.apply(cfg, params, prompts_BxP, cache=cache)
+    logits_Bx1xV, cache = model.apply(cfg, params, prompts_BxP, cache=cache, last_only=True)
     # Padded vocabulary rows were never trained as targets: never emit them.
     valid_V = jnp.arange(cfg.V) < vocab_limit
 
@@ -106,7 +106,7 @@ def generate_tokens(
         out_BxM, done_B = emit(step, token_B, out_BxM, done_B)
         return step + 1, token_B, out_BxM, done_B, cache
 
-    first_B = next_token(logits_BxPxV[:, -1], 0, jnp.zeros((B,), jnp.bool_))
+    first_B = next_token(logits_Bx1xV[:, 0], 0, jnp.zeros((B,), jnp.bool_))
     out_BxM, done_B = emit(0, first_B, jnp.full((B, M), eos_id, jnp.int32), jnp.zeros((B,), jnp.bool_))
     steps, _, out_BxM, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), first_B, out_BxM, done_B, cache))
     return out_BxM, steps

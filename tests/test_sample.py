@@ -80,6 +80,18 @@ def test_cached_decoding_matches_full_forward(pos_encoding, scan_layers, remat):
     assert np.std(expected_LxV) > 0.5  # logits of a real spread, so 1e-5 is a tight bound
 
 
+def test_prefill_with_last_only_gives_the_last_positions_logits_and_the_same_cache():
+    cfg, params = tiny_model()
+    tokens_BxP, start_B = sample.left_pad(random_prompts([5, 1, 9]), pad_id=0)
+    B, P = tokens_BxP.shape
+    cache = KVCache.zeros(cfg.N, B, P + 2, cfg.G, cfg.K, jnp.float32, jnp.asarray(start_B))
+    all_BxPxV, all_cache = model.apply(cfg, params, jnp.asarray(tokens_BxP), cache=cache)
+    last_Bx1xV, last_cache = model.apply(cfg, params, jnp.asarray(tokens_BxP), cache=cache, last_only=True)
+    assert last_Bx1xV.shape == (B, 1, cfg.V)
+    np.testing.assert_allclose(last_Bx1xV, all_BxPxV[:, -1:], atol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, last_cache, all_cache)
+
+
 def test_greedy_equals_stepwise_argmax_of_full_forward():
     cfg, params = tiny_model()
     outputs = sample.generate(cfg, params, PROMPTS, max_new_tokens=NEW, eos_id=EOS, pad_id=0,
