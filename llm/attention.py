@@ -82,7 +82,7 @@ class Attention(nn.Module):
     out_init_std: float
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, layer_kv=None, cache_index=None, layer=None):
+    def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, kv=None, cache_index=None, layer=None):
         D = x_BxLxD.shape[-1]
         init = nn.initializers.normal(0.02)
         wq_DxHxK = self.param("wq", nn.with_logical_partitioning(init, ("embed", "heads", "kv")), (D, self.H, self.K), self.param_dtype)
@@ -105,20 +105,16 @@ class Attention(nn.Module):
             q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
             k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
 
-        if layer_kv is not None:
-            # layer_kv is this layer's [B, S, G, K] pair, or with `layer` set every layer's [N, B, S, G, K]:
-            # writing the new tokens into the whole stack in place spares a copy of the cache per token.
-            lead = () if layer is None else (layer,)
-
+        if kv is not None:
+            # Every layer's cache is one [N, B, S, G, K] array, written in place: no per-layer copies per token.
             def write(cache, new_BxLxGxK):
-                new = new_BxLxGxK.astype(cache.dtype).reshape((1,) * len(lead) + new_BxLxGxK.shape)
-                return jax.lax.dynamic_update_slice(cache, new, (*lead, 0, cache_index, 0, 0))
+                return jax.lax.dynamic_update_slice(cache, new_BxLxGxK.astype(cache.dtype)[None], (layer, 0, cache_index, 0, 0))
 
-            layer_kv = (write(layer_kv[0], k_BxLxGxK), write(layer_kv[1], v_BxLxGxK))
-            k_BxSxGxK, v_BxSxGxK = (c[lead].astype(self.dtype) for c in layer_kv)
+            kv = (write(kv[0], k_BxLxGxK), write(kv[1], v_BxLxGxK))
+            k_BxSxGxK, v_BxSxGxK = kv[0][layer].astype(self.dtype), kv[1][layer].astype(self.dtype)
         else:
             k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
 
         out_BxLxHxK = attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS)
         out_BxLxD = project(out_BxLxHxK, wo_HxKxD.astype(self.dtype), contract=2)
-        return out_BxLxD, layer_kv
+        return out_BxLxD, kv

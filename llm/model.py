@@ -89,18 +89,20 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, layer_kv, positions_BxL, mask_BxLxS, cache_index, layer=None):
+    def __call__(self, carry, positions_BxL, mask_BxLxS, cache_index, layer):
+        # carry: the residual stream and the whole KV cache (None without one), as nn.scan threads it.
+        x_BxLxD, kv = carry
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # GPT-2's scaled init of the projections that write into the residual stream.
         out_std = 0.02 / math.sqrt(2 * cfg.N)
         h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="attn_norm")(x_BxLxD)
         attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std, name="attn")
-        a_BxLxD, layer_kv = attn(h_BxLxD, positions_BxL, mask_BxLxS, layer_kv, cache_index, layer)
+        a_BxLxD, kv = attn(h_BxLxD, positions_BxL, mask_BxLxS, kv, cache_index, layer)
         x_BxLxD = x_BxLxD + a_BxLxD
         h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, name="mlp")(h_BxLxD)
-        return x_BxLxD, layer_kv
+        return (x_BxLxD, kv), None
 
 
 def sinusoidal(positions_BxL: jax.Array, D: int) -> jax.Array:
@@ -157,14 +159,14 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.N,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, kv = stack(cfg, name="blocks")(x_BxLxD, kv, positions_BxL, mask_BxLxS, index)
+            (x_BxLxD, kv), _ = stack(cfg, name="blocks")((x_BxLxD, kv), positions_BxL, mask_BxLxS, index, jnp.arange(cfg.N))
         else:
             for i in range(cfg.N):
-                x_BxLxD, kv = block(cfg, name=f"block_{i}")(x_BxLxD, kv, positions_BxL, mask_BxLxS, index, i)
+                (x_BxLxD, kv), _ = block(cfg, name=f"block_{i}")((x_BxLxD, kv), positions_BxL, mask_BxLxS, index, i)
 
         if last_only:  # a sampler's prefill needs only the next token's logits, not [B, L, V] of them
             x_BxLxD = x_BxLxD[:, -1:]
