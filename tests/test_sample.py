@@ -57,7 +57,8 @@ NEW = 10
 
 
 @pytest.mark.parametrize(
-    "pos_encoding,scan_layers,remat", [("rope", False, "none"), ("rope", True, "none"), ("learned", False, "none"), ("rope", False, "block")]
+    "pos_encoding,scan_layers,remat",
+    [("rope", False, "none"), ("rope", True, "none"), ("learned", False, "none"), ("rope", False, "block"), ("rope", True, "dots")],
 )
 def test_cached_decoding_matches_full_forward(pos_encoding, scan_layers, remat):
     cfg, params = tiny_model(pos_encoding, scan_layers, remat=remat)
