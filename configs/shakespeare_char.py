@@ -47,8 +47,8 @@ def get_config():
     c.opt.schedule = "cosine"
     c.opt.final_lr_ratio = 0.1
     c.opt.b2 = 0.99
-    # 2000 steps leave this model underfit: the grad norm sits above 1 for most of the run, so clipping
-    # at 1.0 shrinks nearly every step, and weight decay only holds it back further.
+    # With the untied head, dropping nanoGPT's clip at 1.0 (the grad norm sits above 1 for most of the run)
+    # and its weight decay each lowered the final loss at all five seeds tried.
     c.opt.weight_decay = 0.0
     c.opt.clip_norm = 0.0
     return c
