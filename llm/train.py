@@ -209,14 +209,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
                 check(*pending)
             pending = (step, metrics)
             bar.update(1)
-            if step % cfg.checkpoint_every_steps == 0 or step == cfg.num_train_steps:
-                check(*pending)  # never checkpoint a state whose loss was not finite
+            save = step % cfg.checkpoint_every_steps == 0 or step == cfg.num_train_steps
+            evaluate_now = eval_stream is not None and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps)
+            if save or evaluate_now:
+                # Checked now, not a step late: never checkpoint a state whose loss was not finite, and log
+                # this step's throughput before an eval restarts the window.
+                check(*pending)
                 pending = None
+            if save:
                 checkpoint.save(mngr, step, state.params, state.opt_state, {"step": step, "data": batches.get_state()})
-            if eval_stream is not None and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps):
-                if pending is not None:  # log this step's throughput before the eval restarts the window
-                    check(*pending)
-                    pending = None
+            if evaluate_now:
                 last_eval = run_eval(step)
                 bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, bits/byte {last_eval['eval_bits_per_byte']:.4f}") if not quiet and is_main else None
                 window_start, window_step = time.perf_counter(), step
