@@ -5,6 +5,7 @@ order, and the padding of the last partial row weighs 0. bits_per_byte divides t
 the UTF-8 bytes of the scored targets, so runs with different tokenizers compare.
 """
 
+import collections
 import math
 from typing import Callable, Iterable
 
@@ -39,23 +40,39 @@ def summarize(loss_sum: float, tokens: int, num_bytes: int) -> dict:
     }
 
 
+# XLA:CPU runs each split CPU device's launches on a pool of max(cores, devices) threads, and a launch
+# made while 32 computations are already queued on its device parks one of those threads on a
+# semaphore. With 2 devices on 2 cores that leaves no thread for the second half of the running
+# step's all-reduce: a deadlock that XLA reports as a rendezvous timeout and aborts on
+# (experiments/reliability/README.md). Keeping a few steps in flight never reaches the semaphore
+# and still overlaps the host's batch preparation with the device's work.
+MAX_IN_FLIGHT = 4
+
+
 def evaluate(
     eval_step: Callable, params, batches: Iterable[dict], token_bytes: np.ndarray, put_batch: Callable,
     max_batches: int = 0,
 ) -> dict:
     """`eval_step` is the jitted step; `put_batch` turns a host batch into device arrays; 0 batches: all."""
-    per_batch, num_bytes = [], 0
+    in_flight: collections.deque = collections.deque()
+    # Summed in float64 on the host in batch order: the same split gives the same numbers every time.
+    loss_sum, tokens, num_bytes = 0.0, 0, 0
+
+    def read_oldest():
+        nonlocal loss_sum, tokens
+        batch_loss, batch_tokens = jax.device_get(in_flight.popleft())
+        loss_sum += float(batch_loss)
+        tokens += int(round(float(batch_tokens)))
+
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        # Dispatch now, read back at the end: the host prepares the next batch while the device works.
-        per_batch.append(eval_step(params, put_batch(batch)))
+        in_flight.append(eval_step(params, put_batch(batch)))
         num_bytes += int(np.sum(token_bytes[batch["targets"]] * (batch["weights"] > 0)))
-    # Summed in float64 on the host in batch order: the same split gives the same numbers every time.
-    loss_sum, tokens = 0.0, 0
-    for batch_loss, batch_tokens in jax.device_get(per_batch):
-        loss_sum += float(batch_loss)
-        tokens += int(round(float(batch_tokens)))
+        if len(in_flight) > MAX_IN_FLIGHT:
+            read_oldest()
+    while in_flight:
+        read_oldest()
     if tokens == 0:
         raise ValueError("the evaluation split has no tokens to score")
     return summarize(loss_sum, tokens, num_bytes)

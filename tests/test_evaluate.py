@@ -4,6 +4,9 @@ tokenizers, the eval/sample commands end to end, and the train benchmark harness
 import functools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import special
 
-from conftest import run_cli, tiny_config, write_corpus
+from conftest import REPO, run_cli, tiny_config, write_corpus
 
 import llm
 from llm import bench, config as config_lib, data, evaluate, model, tokenizer as tokenizer_lib, train
@@ -149,3 +152,33 @@ def test_bench_train_reports_positive_numbers(tmp_path):
     for key in ("step_ms_median", "step_ms_p90", "tokens_per_s", "model_flops_per_token", "achieved_tflops", "mfu", "compile_s"):
         assert result[key] > 0, key
     assert result["mfu"] == pytest.approx(result["achieved_tflops"] / result["devices"])
+
+
+LONG_EVAL_ON_TWO_CPU_DEVICES = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from llm import evaluate, model
+from llm.model import ModelConfig
+import flax.linen as nn
+
+cfg = ModelConfig(V=256, D=128, F=512, N=2, H=4, G=4, L=64)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+params = jax.device_put(nn.unbox(model.init(cfg, jax.random.key(0))), replicated)
+step = jax.jit(evaluate.make_eval_step(cfg), in_shardings=(replicated, rows))
+tokens = np.random.default_rng(0).integers(0, 256, (8, 65), dtype=np.int32)
+batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((8, 64), np.float32)}
+put = lambda b: {k: jax.device_put(v, rows) for k, v in b.items()}
+result = evaluate.evaluate(step, params, (batch for _ in range(1000)), np.ones(256, np.int64), put)
+print("tokens", result["tokens"])
+"""
+
+
+def test_a_long_eval_on_split_cpu_devices_does_not_deadlock():
+    # Dispatched all at once, 1000 small batches filled XLA:CPU's per-device queue of 32 and deadlocked
+    # the all-reduce of the two devices (evaluate.MAX_IN_FLIGHT says how): 4 runs out of 4, idle machine.
+    flags = "--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=20"
+    result = subprocess.run([sys.executable, "-c", LONG_EVAL_ON_TWO_CPU_DEVICES], cwd=REPO, capture_output=True, text=True,
+                            timeout=240, env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"tokens {1000 * 8 * 64}" in result.stdout
