@@ -47,10 +47,11 @@ FLAGS = flags.FLAGS
 
 
 def _user_errors() -> tuple[type, ...]:
-    from llm import checkpoint, config, data, sample, sharding, tokenizer, train
+    from llm import checkpoint, config, data, guard, sample, sharding, tokenizer, train
 
     return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
-            sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError)
+            sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError,
+            guard.WorkdirError)
 
 
 def _join_distributed_job() -> None:
@@ -181,6 +182,15 @@ def cmd_bench(kind: str) -> None:
     print(json.dumps(result))
 
 
+def _one_line_orbax_errors(record) -> bool:
+    """Orbax logs each failed background write with its traceback, and a full disk fails dozens; the
+    run reports the failure once, so each of these keeps its first line only."""
+    if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+        record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], None
+        record.exc_info = record.exc_text = None
+    return True
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench}
 
 
@@ -194,11 +204,26 @@ def main(argv: list[str]) -> None:
     elif positional:
         raise app.UsageError(f"unexpected arguments: {' '.join(positional)}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    logging.get_absl_handler().addFilter(_one_line_orbax_errors)
+    from llm import guard
+
     try:
         COMMANDS[argv[1]](*positional)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(guard.EXIT_ERROR)
+    except guard.WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The workdir cannot be written: the exit handlers of tensorboardX and Orbax would only retry the
+        # writes that just failed, each with a traceback. The committed checkpoints need nothing more.
+        os._exit(guard.EXIT_WRITE_FAILED)
+    except guard.Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(guard.EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # Ctrl-C outside the train loop (sampling, eval, data preparation)
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ are stopped and the failing one's log tail is shown, so a test or a user never w
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from llm.guard import EXIT_INTERRUPTED
 
 
 def _free_port() -> int:
@@ -50,26 +53,28 @@ def main(argv: list[str]) -> int:
         log = None if i == 0 else open(os.path.join(logdir, f"process_{i}.log"), "w")
         logs.append(log)
         procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT if log else None, env=env))
-    try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                i = failed[0]
-                print(f"error: process {i} of {n} exited with code {codes[i]}; stopping the others", file=sys.stderr)
-                _stop(procs)
-                if logs[i] is not None:
-                    logs[i].flush()
-                    with open(logs[i].name) as f:
-                        print(f"--- last lines of {logs[i].name} ---\n" + "".join(f.readlines()[-15:]), file=sys.stderr)
-                return 1
-            if all(c == 0 for c in codes):
-                return 0
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        _stop(procs)
-        return 130
-
+    # A preemption notice (SIGTERM) or Ctrl-C goes to every process, as it would on a pod; each one then
+    # stops at the step the job agrees on, writes its share of the checkpoint and exits with 75.
+    forward = lambda signum, frame: [p.send_signal(signum) for p in procs if p.poll() is None]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c == 0 for c in codes):
+            return 0
+        if all(c == EXIT_INTERRUPTED for c in codes):
+            return EXIT_INTERRUPTED
+        failed = [i for i, c in enumerate(codes) if c not in (None, 0, EXIT_INTERRUPTED)]
+        if failed:
+            i = failed[0]
+            print(f"error: process {i} of {n} exited with code {codes[i]}; stopping the others", file=sys.stderr)
+            _stop(procs)
+            if logs[i] is not None:
+                logs[i].flush()
+                with open(logs[i].name) as f:
+                    print(f"--- last lines of {logs[i].name} ---\n" + "".join(f.readlines()[-15:]), file=sys.stderr)
+            return codes[i] if codes[i] > 0 else 1
+        time.sleep(0.2)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

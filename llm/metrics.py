@@ -9,6 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _drop_torn_last_line(path: str) -> None:
+    """A run stopped mid-write (a full disk, a kill) can leave half a record; a resumed run would append
+    after it and make the file unreadable as JSON lines."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        content = f.read()
+        f.truncate(content.rfind(b"\n") + 1)
+
+
 class Writer:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
 
@@ -18,7 +32,9 @@ class Writer:
             return
         from tensorboardX import SummaryWriter
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_torn_last_line(path)
+        self._jsonl = open(path, "a")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:

@@ -1,5 +1,6 @@
 """TrainState, the jitted train step and the training loop (eval, checkpoints, metrics)."""
 
+import contextlib
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ from flax import struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from llm import checkpoint, config as config_lib, data, evaluate, model, optim, sharding, tokenizer as tokenizer_lib
+from llm import checkpoint, config as config_lib, data, evaluate, guard, model, optim, sharding, tokenizer as tokenizer_lib
 from llm.loss import cross_entropy_sums
 from llm.metrics import Writer, measure_peak_tflops, mfu, peak_units
 from llm.model import ModelConfig
@@ -71,6 +72,20 @@ def _save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
         json.dump(cfg.to_dict(), f, indent=2)
 
 
+@contextlib.contextmanager
+def _writing(what: str, workdir: str):
+    """Turns a failed write into the workdir (disk full, quota, storage gone) into one WriteFailed that
+    says what was being written and which checkpoint is still intact."""
+    try:
+        yield
+    except (guard.Interrupted, NonFiniteLossError):
+        raise
+    except Exception as e:  # OSError from Python, ValueError('RESOURCE_EXHAUSTED ...') from tensorstore
+        last = checkpoint.latest_step(workdir)
+        kept = f"the last committed checkpoint, step {last}, is intact" if last is not None else "no checkpoint had been committed"
+        raise guard.WriteFailed(f"{what} in {workdir} failed ({checkpoint.reason(e)}); {kept}") from e
+
+
 def build_tokenizer(cfg: ml_collections.ConfigDict):
     """The vocabulary a fresh run of `cfg` trains (sweeps count params and FLOPs with the same one)."""
     d, dc = cfg.data, config_lib.data_config(cfg)
@@ -92,10 +107,19 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics."""
+    """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
+
+    Raises guard.Interrupted after SIGTERM/SIGINT (a checkpoint of the last step is committed first),
+    guard.WorkdirError when the workdir is in use or not writable, guard.WriteFailed when a write into
+    it fails mid-run; in every case the checkpoints already committed are left as they were.
+    """
     config_lib.validate(cfg)
+    with guard.hold_workdir(workdir), guard.StopSignals() as stop:
+        return _train(cfg, workdir, quiet, stop)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guard.StopSignals) -> dict:
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = sharding.rules_from_config(cfg.mesh.rules)
     m = cfg.model
@@ -117,9 +141,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
     oc = config_lib.opt_config(cfg)
     if is_main:
-        if not os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
-            tokenizer_lib.save(tok, workdir)
-        _save_config(cfg, workdir)
+        with _writing("writing the tokenizer and config.json", workdir):
+            if not os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
+                tokenizer_lib.save(tok, workdir)
+            _save_config(cfg, workdir)
 
     optimizer = optim.make(oc)
     boxed = jax.eval_shape(lambda: model.init(mc, jax.random.key(cfg.seed)))
@@ -140,10 +165,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     p_eval_step = jax.jit(evaluate.make_eval_step(mc), in_shardings=(param_sh, batch_sh))
 
     mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
-    start = mngr.latest_step()
-    if start is not None:
-        params, opt_state, meta = checkpoint.restore(
-            mngr, start, sharding.abstract(abstract_params, param_sh), sharding.abstract(abstract_opt, opt_sh))
+    restored = checkpoint.restore_latest(mngr, workdir, sharding.abstract(abstract_params, param_sh), sharding.abstract(abstract_opt, opt_sh))
+    if restored is not None:
+        start, params, opt_state, meta = restored
         state = TrainState(jax.device_put(jnp.int32(start), sharding.replicated(mesh)), params, opt_state)
         batches.set_state(meta["data"])
         if is_main and not quiet:
@@ -160,7 +184,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     counts = model.param_counts(mc)
     flops_per_token = model.flops_per_token(mc)
     peak_tflops = cfg.peak_tflops or measure_peak_tflops()  # per device (per host on CPU)
-    writer = Writer(workdir, enabled=is_main)
+    with _writing("opening metrics.jsonl and tensorboard/", workdir):
+        writer = Writer(workdir, enabled=is_main)
     if is_main and not quiet:
         print(f"model: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding), vocab {mc.V}, "
               f"{flops_per_token / 1e6:.2f} MFLOPs/token; mesh {dict(mesh.shape)}", file=sys.stderr)
@@ -175,7 +200,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
             tok.token_bytes(), put_eval, cfg.eval_max_batches,
         )
         record = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
-        writer.write(step, record)
+        with _writing("writing metrics.jsonl", workdir):
+            writer.write(step, record)
         return record
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -197,11 +223,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
             tokens_per_s = (step - window_step) * tokens_per_step / (now - window_start)
             metrics.update(perplexity=float(np.exp(min(metrics["loss"], 50.0))), tokens_per_s=tokens_per_s,
                            mfu=mfu(flops_per_token, tokens_per_s, peak_tflops * peak_units()))
-            writer.write(step, metrics)
+            with _writing("writing metrics.jsonl", workdir):
+                writer.write(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             last_train = metrics
             window_start, window_step = now, step
 
+    failing = False
     try:
         for step in range(start + 1, cfg.num_train_steps + 1):
             state, metrics = p_train_step(state, put(next(batches)))
@@ -209,15 +237,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
                 check(*pending)
             pending = (step, metrics)
             bar.update(1)
-            save = step % cfg.checkpoint_every_steps == 0 or step == cfg.num_train_steps
-            evaluate_now = eval_stream is not None and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps)
+            stopping = stop.requested(step)
+            save = step % cfg.checkpoint_every_steps == 0 or step == cfg.num_train_steps or stopping
+            evaluate_now = eval_stream is not None and not stopping and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps)
             if save or evaluate_now:
                 # Checked now, not a step late: never checkpoint a state whose loss was not finite, and log
                 # this step's throughput before an eval restarts the window.
                 check(*pending)
                 pending = None
             if save:
-                checkpoint.save(mngr, step, state.params, state.opt_state, {"step": step, "data": batches.get_state()})
+                # An earlier asynchronous save that failed raises here.
+                with _writing(f"saving checkpoints (step {step} or the save before it)", workdir):
+                    checkpoint.save(mngr, step, state.params, state.opt_state, {"step": step, "data": batches.get_state()})
+            if stopping:
+                with _writing(f"committing the checkpoint of step {step}", workdir):
+                    mngr.wait_until_finished()
+                raise guard.Interrupted(stop.cause(), step, workdir)
             if evaluate_now:
                 last_eval = run_eval(step)
                 bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, bits/byte {last_eval['eval_bits_per_byte']:.4f}") if not quiet and is_main else None
@@ -226,10 +261,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
             check(*pending)
         if start >= cfg.num_train_steps and eval_stream is not None:
             last_eval = run_eval(start)
+    except BaseException:
+        failing = True
+        raise
     finally:
         bar.close()
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.close()
+        try:
+            # The last save commits here; if the run already failed, its error is the one to report.
+            with _writing("committing the last checkpoint", workdir):
+                mngr.wait_until_finished()
+        except guard.WriteFailed:
+            if not failing:
+                raise
+        finally:
+            for close in (mngr.close, writer.close):
+                with contextlib.suppress(Exception):  # already reported above, or by the failure being raised
+                    close()
     return {"step": max(start, cfg.num_train_steps), **last_train, **last_eval, "params": counts["total"],
             "non_embedding_params": counts["non_embedding"], "flops_per_token": flops_per_token}

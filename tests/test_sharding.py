@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, cli_overrides, run_cli
 
-from llm import model, sharding, train
+from llm import guard, model, sharding, train
 from llm.model import ModelConfig
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
@@ -56,18 +57,63 @@ def test_a_mesh_that_does_not_divide_the_heads_is_refused(mesh_runs):
     assert "model.num_heads=4 is not divisible by mesh.tensor=8" in eight["bad_heads_error"]
 
 
-def test_two_processes_give_the_one_process_loss_curve(mesh_runs, tmp_path):
-    eight, _, corpus, _ = mesh_runs
+MULTI_STEPS = 40
+
+
+def _multi_overrides(corpus) -> list[str]:
     from sharding_runs import MODEL
 
-    workdir = tmp_path / "multi"
-    overrides = cli_overrides(corpus, num_train_steps=20, log_every_steps=1, checkpoint_every_steps=10, **MODEL)
-    result = subprocess.run(["./run.sh", "launch-local", "2", "train", f"--workdir={workdir}", *overrides], cwd=REPO,
+    return cli_overrides(corpus, num_train_steps=MULTI_STEPS, log_every_steps=1, checkpoint_every_steps=10, **MODEL)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(mesh_runs):
+    _, _, corpus, root = mesh_runs
+    workdir = root / "multi"
+    result = subprocess.run(["./run.sh", "launch-local", "2", "train", f"--workdir={workdir}", *_multi_overrides(corpus)], cwd=REPO,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "LLM_LOCAL_DEVICES": "8"})
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [r["loss"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in r]
-    assert np.max(np.abs(np.array(losses) - np.array(eight["(8, 1, 1)"]))) < 1e-4
-    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [10, 20]
+    return workdir
+
+
+def test_two_processes_give_the_one_process_loss_curve(mesh_runs, two_process_run):
+    eight, _, _, _ = mesh_runs
+    losses = [r["loss"] for r in map(json.loads, open(two_process_run / "metrics.jsonl")) if "loss" in r]
+    # A constant schedule: the first 20 steps are the 20-step single-process run's.
+    assert np.max(np.abs(np.array(losses[:20]) - np.array(eight["(8, 1, 1)"]))) < 1e-4
+    assert sorted(int(s) for s in os.listdir(two_process_run / "checkpoints") if s.isdigit()) == [20, 30, 40]
+
+
+def test_a_preemption_notice_to_one_process_stops_the_job_at_one_step_and_the_rerun_is_bit_identical(mesh_runs, two_process_run, tmp_path):
+    _, _, corpus, _ = mesh_runs
+    workdir = tmp_path / "preempted"
+    # As launch-local runs the reference: 2 processes x 4 devices, gloo collectives.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+
+    def start_job():
+        port = 25000 + (os.getpid() + int(time.time())) % 1000
+        common = [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *_multi_overrides(corpus),
+                  f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+        return [subprocess.Popen([*common, f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+    procs = start_job()
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "10").exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
+    stderr = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [guard.EXIT_INTERRUPTED] * 2, stderr[0][-2000:] + stderr[1][-2000:]
+    steps = {int(re.search(r"interrupted: .* stopped at step (\d+)", e).group(1)) for e in stderr}
+    assert len(steps) == 1 and 10 < steps.pop() < MULTI_STEPS
+
+    procs = start_job()
+    stderr = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], stderr[0][-2000:] + stderr[1][-2000:]
+    from llm import api
+
+    jax.tree.map(np.testing.assert_array_equal, api.load(str(workdir)).params, api.load(str(two_process_run)).params)
 
 
 def test_when_one_process_dies_the_other_stops_within_bounded_time(tmp_path, corpus):

@@ -1,5 +1,7 @@
+import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, tiny_config
+from conftest import REPO, cli_overrides, tiny_config, write_corpus
 
-from llm import checkpoint, model, optim, train
+from llm import checkpoint, guard, model, optim, train
 from llm.model import ModelConfig
 
 
@@ -82,33 +84,70 @@ def _final_params(workdir):
     return api.load(workdir).params
 
 
-def test_killed_run_resumes_to_bit_identical_params(tmp_path, corpus):
-    # Long enough (a few seconds) that the kill lands after a checkpoint and well before the end.
-    steps = 300
-    overrides = dict(num_train_steps=steps, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10)
-    # Both runs go through the CLI, so both see the same devices (it splits a CPU host's cores).
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+    """A CLI train command and the params of its uninterrupted run; long enough (a few seconds) that a
+    kill or a signal lands after a checkpoint and well before the end."""
+    root = tmp_path_factory.mktemp("resumable")
+    corpus = write_corpus(root / "corpus.txt")
+    overrides = dict(num_train_steps=300, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10)
+    # Every run goes through the CLI, so all see the same devices (it splits a CPU host's cores).
     command = lambda workdir: [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *cli_overrides(corpus, **overrides)]
-    reference = tmp_path / "reference"
-    done = subprocess.run(command(reference), cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(root / "reference"), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    return command, _final_params(str(root / "reference")), 300
 
-    interrupted = tmp_path / "interrupted"
-    command = command(interrupted)
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def _wait_for_checkpoint(workdir, step: int, proc: subprocess.Popen) -> None:
     deadline = time.time() + 240
-    while not (interrupted / "checkpoints" / "20").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
+    while not (workdir / "checkpoints" / str(step)).exists():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
         assert time.time() < deadline
         time.sleep(0.02)
+
+
+def test_killed_run_resumes_to_bit_identical_params(tmp_path, resumable):
+    command, reference, steps = resumable
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(command(interrupted), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(interrupted, 20, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = checkpoint.latest_step(str(interrupted))
     assert 20 <= killed_at < steps
 
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command(interrupted), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming {interrupted} from step {killed_at}" in result.stderr
-    jax.tree.map(np.testing.assert_array_equal, _final_params(str(interrupted)), _final_params(str(reference)))
+    jax.tree.map(np.testing.assert_array_equal, _final_params(str(interrupted)), reference)
+
+
+def test_sigterm_commits_a_checkpoint_of_the_current_step_a_second_signal_changes_nothing_and_the_rerun_is_bit_identical(tmp_path, resumable):
+    command, reference, steps = resumable
+    preempted = tmp_path / "preempted"
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(command(preempted), cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        _wait_for_checkpoint(preempted, 20, proc)
+        proc.send_signal(signal.SIGTERM)
+        # The second notice lands while the stop's checkpoint is being written (its temporary directory exists).
+        deadline = time.time() + 60
+        while not glob.glob(str(preempted / "checkpoints" / "*.orbax-checkpoint-tmp*")) or not (
+                "stopping after this step" in stderr.read_text()):
+            assert proc.poll() is None and time.time() < deadline, stderr.read_text()[-2000:]
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    log = stderr.read_text()
+    assert proc.returncode == guard.EXIT_INTERRUPTED, log[-2000:]
+    assert "already stopping; the checkpoint is being written" in log
+    stopped_at = int(re.search(r"interrupted: SIGTERM: stopped at step (\d+) after writing its checkpoint", log).group(1))
+    assert 20 < stopped_at < steps and checkpoint.latest_step(str(preempted)) == stopped_at
+
+    result = subprocess.run(command(preempted), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming {preempted} from step {stopped_at}" in result.stderr
+    jax.tree.map(np.testing.assert_array_equal, _final_params(str(preempted)), reference)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
