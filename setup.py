@@ -25,5 +25,5 @@ setup(
         "scipy",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest"]},
+    extras_require={"dev": ["pytest", "pytest-xdist"]},
 )
