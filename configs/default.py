@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # 'none' | 'block' | 'dots'
     c.model.scan_layers = False
+    # 'auto' | 'xla' | 'dot_product' | 'cudnn' (llm/attention.py). auto: cuDNN's flash attention on an
+    # NVIDIA GPU with bf16/fp16 compute and a head dim it takes, the XLA einsum everywhere else.
+    c.model.attention = "auto"
 
     c.opt = ml_collections.ConfigDict()
     c.opt.learning_rate = 3e-3

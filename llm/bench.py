@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from llm import config as config_lib, model, optim, sample, sharding, train
+from llm import config as config_lib, model, sample, sharding, train
 from llm.attention import NEG_INF
 from llm.metrics import measure_peak_tflops, peak_units
 from llm.model import ModelConfig
@@ -45,7 +44,7 @@ def _median_seconds(compiled: Callable, *args, repeats: int = 5, budget_s: float
 
 
 def bench_train(cfg: ml_collections.ConfigDict, steps: int = 20, peak_tflops: float = 0.0) -> dict:
-    """Times `steps` train steps after 2 warm-up steps, with the sharding and jit setup of train.train.
+    """Times `steps` train steps after 2 warm-up steps of the step train.train runs (train.setup).
 
     peak_tflops is per device (per host on CPU); 0 measures a large matmul. mfu = achieved / (peak x peak_units()).
     """
@@ -57,25 +56,10 @@ def bench_train(cfg: ml_collections.ConfigDict, steps: int = 20, peak_tflops: fl
     vocab = _tokenizer_vocab(cfg)
     mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, vocab))
     oc = config_lib.opt_config(cfg)
-    optimizer = optim.make(oc)
-
-    # The same shardings and jit options as llm/train.py's train().
-    boxed = jax.eval_shape(lambda: model.init(mc, jax.random.key(cfg.seed)))
-    abstract_params = nn.unbox(boxed)
-    param_sh = sharding.param_shardings(nn.get_partition_spec(boxed), abstract_params, mesh, rules)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: sharding.replicated(mesh))
-    state_sh = train.TrainState(sharding.replicated(mesh), param_sh, opt_sh)
-
-    def init_state(rng):
-        params = nn.unbox(model.init(mc, rng))
-        return train.TrainState(jnp.int32(0), params, optimizer.init(params))
-
-    state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed))
-    p_train_step = jax.jit(
-        train.make_train_step(mc, optimizer, oc), in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sh, None), donate_argnums=0,
-    )
+    # train.setup: the state, shardings and jitted step that train() runs.
+    built = train.setup(mc, oc, mesh, rules)
+    state = built.init_state(jax.random.key(cfg.seed))
+    p_train_step = built.train_step
 
     lo, hi = sharding.host_rows(mesh, cfg.batch_size)
     tokens = np.random.default_rng(cfg.seed).integers(NUM_SPECIAL, vocab, (hi - lo, cfg.seq_len + 1), dtype=np.int32)

@@ -47,11 +47,11 @@ FLAGS = flags.FLAGS
 
 
 def _user_errors() -> tuple[type, ...]:
-    from llm import checkpoint, config, data, guard, sample, sharding, tokenizer, train
+    from llm import attention, checkpoint, config, data, guard, sample, sharding, tokenizer, train
 
     return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
             sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError,
-            guard.WorkdirError)
+            guard.WorkdirError, attention.AttentionError)
 
 
 def _join_distributed_job() -> None:

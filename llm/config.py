@@ -1,7 +1,9 @@
 """The one place a run's ConfigDict is read: validation with clear messages, then plain values."""
 
+import jax
 import ml_collections
 
+from llm import attention as attention_lib
 from llm.data import PACKINGS, DataConfig
 from llm.model import ModelConfig
 from llm.optim import OptConfig
@@ -73,6 +75,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     one_of(m.dtype, DTYPES, "model.dtype")
     one_of(m.param_dtype, DTYPES, "model.param_dtype")
     one_of(m.remat, REMATS, "model.remat")
+    one_of(m.attention, ("auto",) + attention_lib.IMPLEMENTATIONS, "model.attention")
     need(m.vocab_size >= 0 and m.vocab_multiple >= 1, "model.vocab_size must be >= 0 and model.vocab_multiple >= 1")
     one_of(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     one_of(cfg.data.sampling, ("rows", "windows"), "data.sampling")
@@ -134,12 +137,17 @@ def padded_vocab_size(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> i
 
 
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """Plain values for the model, with the choices that depend on the backend in use made here, once:
+    the attention implementation (`auto`, and an error for `cudnn` where it cannot run) and whether
+    q/k/v are one fused matmul (on XLA:CPU without tensor parallelism, where it is faster)."""
     m = cfg.model
     return ModelConfig(
         V=vocab_size, D=m.d_model, F=m.d_ff, N=m.num_layers, H=m.num_heads, G=m.num_kv_heads, L=cfg.seq_len,
         pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm, norm_bias=m.norm_bias, mlp=m.mlp,
         tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype,
         remat=m.remat, scan_layers=m.scan_layers,
+        attention=attention_lib.resolve(m.attention, m.dtype, m.d_model // m.num_heads),
+        fused_qkv=jax.default_backend() == "cpu" and cfg.mesh.tensor == 1,
     )
 
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm.attention import Attention, KVCache, cache_mask, causal_mask
+from llm.attention import Attention, KVCache, Mask, cache_positions
 from llm.dense import project
 
 
@@ -34,6 +34,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention: str = "xla"  # an implementation of llm/attention.py's dispatch (config.py resolves "auto")
+    fused_qkv: bool = True  # one q/k/v matmul (XLA:CPU without tensor parallelism) or one per weight
 
     @property
     def K(self) -> int:
@@ -89,7 +91,7 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions_BxL, mask_BxLxS, cache_index, layer):
+    def __call__(self, carry, positions_BxL, mask: Mask, cache_index, layer):
         # carry: the residual stream and the whole KV cache (None without one), as nn.scan threads it.
         x_BxLxD, kv = carry
         cfg = self.cfg
@@ -97,8 +99,9 @@ class Block(nn.Module):
         # GPT-2's scaled init of the projections that write into the residual stream.
         out_std = 0.02 / math.sqrt(2 * cfg.N)
         h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="attn_norm")(x_BxLxD)
-        attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std, name="attn")
-        a_BxLxD, kv = attn(h_BxLxD, positions_BxL, mask_BxLxS, kv, cache_index, layer)
+        attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std,
+                         cfg.attention, cfg.fused_qkv, name="attn")
+        a_BxLxD, kv = attn(h_BxLxD, positions_BxL, mask, kv, cache_index, layer)
         x_BxLxD = x_BxLxD + a_BxLxD
         h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, name="mlp")(h_BxLxD)
@@ -133,10 +136,10 @@ class Transformer(nn.Module):
         x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dtype)
 
         if cache is not None:
-            mask_BxLxS, positions_BxL = cache_mask(cache, L)
+            mask, positions_BxL = Mask.for_cache(cache), cache_positions(cache, L)
             kv = (cache.k_NxBxSxGxK, cache.v_NxBxSxGxK)
         else:
-            mask_BxLxS = causal_mask(segment_ids_BxL, L)
+            mask = Mask.for_sequence(segment_ids_BxL)
             if positions_BxL is None:
                 positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
             kv = None
@@ -163,10 +166,10 @@ class Transformer(nn.Module):
                 length=cfg.N,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            (x_BxLxD, kv), _ = stack(cfg, name="blocks")((x_BxLxD, kv), positions_BxL, mask_BxLxS, index, jnp.arange(cfg.N))
+            (x_BxLxD, kv), _ = stack(cfg, name="blocks")((x_BxLxD, kv), positions_BxL, mask, index, jnp.arange(cfg.N))
         else:
             for i in range(cfg.N):
-                (x_BxLxD, kv), _ = block(cfg, name=f"block_{i}")((x_BxLxD, kv), positions_BxL, mask_BxLxS, index, i)
+                (x_BxLxD, kv), _ = block(cfg, name=f"block_{i}")((x_BxLxD, kv), positions_BxL, mask, index, i)
 
         if last_only:  # a sampler's prefill needs only the next token's logits, not [B, L, V] of them
             x_BxLxD = x_BxLxD[:, -1:]

@@ -1,10 +1,12 @@
 """TrainState, the jitted train step and the training loop (eval, checkpoints, metrics)."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -65,6 +67,47 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, o
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run compiles, with its shardings: built by one function for train(), the benchmark and
+    experiments alike, so that a benchmark times exactly the step that training runs."""
+
+    optimizer: optax.GradientTransformation
+    abstract_params: dict  # ShapeDtypeStructs
+    param_sh: dict  # NamedShardings from the params' logical axes
+    abstract_opt: optax.OptState
+    opt_sh: optax.OptState
+    state_sh: TrainState
+    batch_sh: jax.sharding.NamedSharding
+    init_state: Callable[[jax.Array], TrainState]  # rng -> a TrainState created already sharded
+    train_step: Callable  # (state, batch) -> (state, metrics); donates the old state
+    eval_step: Callable  # (params, batch) -> (summed loss, tokens)
+
+
+def setup(mc: ModelConfig, oc: optim.OptConfig, mesh: jax.sharding.Mesh, rules) -> Setup:
+    optimizer = optim.make(oc)
+    boxed = jax.eval_shape(lambda: model.init(mc, jax.random.key(0)))
+    abstract_params = nn.unbox(boxed)
+    param_sh = sharding.param_shardings(nn.get_partition_spec(boxed), abstract_params, mesh, rules)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    # Optimizer moments mirror the params they belong to; every other leaf is a replicated scalar.
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: sharding.replicated(mesh))
+    state_sh = TrainState(sharding.replicated(mesh), param_sh, opt_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+
+    def init_state(rng):
+        params = nn.unbox(model.init(mc, rng))
+        return TrainState(jnp.int32(0), params, optimizer.init(params))
+
+    return Setup(
+        optimizer, abstract_params, param_sh, abstract_opt, opt_sh, state_sh, batch_sh,
+        init_state=jax.jit(init_state, out_shardings=state_sh),
+        train_step=jax.jit(make_train_step(mc, optimizer, oc), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                           donate_argnums=0),
+        eval_step=jax.jit(evaluate.make_eval_step(mc), in_shardings=(param_sh, batch_sh)),
+    )
 
 
 def _save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
@@ -146,26 +189,13 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
                 tokenizer_lib.save(tok, workdir)
             _save_config(cfg, workdir)
 
-    optimizer = optim.make(oc)
-    boxed = jax.eval_shape(lambda: model.init(mc, jax.random.key(cfg.seed)))
-    logical_specs = nn.get_partition_spec(boxed)
-    abstract_params = nn.unbox(boxed)
-    param_sh = sharding.param_shardings(logical_specs, abstract_params, mesh, rules)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    # Optimizer moments mirror the params they belong to; every other leaf is a replicated scalar.
-    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: sharding.replicated(mesh))
-    state_sh = TrainState(sharding.replicated(mesh), param_sh, opt_sh)
-
-    def init_state(rng):
-        params = nn.unbox(model.init(mc, rng))
-        return TrainState(jnp.int32(0), params, optimizer.init(params))
-
-    batch_sh = sharding.batch_sharding(mesh)
-    p_train_step = jax.jit(make_train_step(mc, optimizer, oc), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
-    p_eval_step = jax.jit(evaluate.make_eval_step(mc), in_shardings=(param_sh, batch_sh))
+    built = setup(mc, oc, mesh, rules)
+    p_train_step, p_eval_step = built.train_step, built.eval_step
+    abstract_params, param_sh = built.abstract_params, built.param_sh
 
     mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
-    restored = checkpoint.restore_latest(mngr, workdir, sharding.abstract(abstract_params, param_sh), sharding.abstract(abstract_opt, opt_sh))
+    restored = checkpoint.restore_latest(mngr, workdir, sharding.abstract(abstract_params, param_sh),
+                                         sharding.abstract(built.abstract_opt, built.opt_sh))
     if restored is not None:
         start, params, opt_state, meta = restored
         state = TrainState(jax.device_put(jnp.int32(start), sharding.replicated(mesh)), params, opt_state)
@@ -174,7 +204,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
             print(f"resuming {workdir} from step {start}", file=sys.stderr)
     else:
         start = 0
-        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed))
+        state = built.init_state(jax.random.key(cfg.seed))
         if cfg.init_from:
             params, src_step = checkpoint.restore_params(cfg.init_from, sharding.abstract(abstract_params, param_sh))
             state = state.replace(params=params)

@@ -154,6 +154,17 @@ def test_bench_train_reports_positive_numbers(tmp_path):
     assert result["mfu"] == pytest.approx(result["achieved_tflops"] / result["devices"])
 
 
+def test_the_benchmark_times_the_step_that_training_builds(tmp_path, monkeypatch):
+    calls, build = [], train.setup
+    monkeypatch.setattr(train, "setup", lambda *args: calls.append(args) or build(*args))  # records, then builds for real
+    cfg = tiny_config(write_corpus(tmp_path / "corpus.txt", num_chars=2000), batch_size=4, seq_len=16, num_train_steps=2)
+    bench.bench_train(cfg, steps=1, peak_tflops=1.0)
+    train.train(cfg, str(tmp_path / "run"), quiet=True)
+    (bench_model, bench_opt, bench_mesh, bench_rules), (train_model, train_opt, train_mesh, train_rules) = calls
+    assert bench_model == train_model and bench_opt == train_opt and bench_rules == train_rules
+    assert bench_mesh.shape == train_mesh.shape and list(bench_mesh.devices.flat) == list(train_mesh.devices.flat)
+
+
 LONG_EVAL_ON_TWO_CPU_DEVICES = """
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

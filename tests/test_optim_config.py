@@ -87,7 +87,7 @@ def test_unknown_keys_are_named():
         config.validate(cfg)
 
 
-@pytest.mark.parametrize("name", ["default", "shakespeare_bpe", "shakespeare_char", "shakespeare_char_nanogpt"])
+@pytest.mark.parametrize("name", ["default", "shakespeare_bpe", "shakespeare_char", "shakespeare_char_nanogpt", "gpt2_small", "gpt2_medium"])
 def test_shipped_run_configs_are_valid(name):
     cfg = importlib.import_module(f"configs.{name}").get_config()
     config.validate(cfg)
