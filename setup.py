@@ -25,5 +25,10 @@ setup(
         "scipy",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "pytest-xdist"]},
+    extras_require={
+        "dev": ["pytest", "pytest-xdist"],
+        # export/import (llm/hf.py). torch 2.13.0 is the CPU build this project's machines keep in their
+        # wheel cache; any recent torch works.
+        "hf": ["torch==2.13.0", "transformers>=5", "safetensors"],
+    },
 )

@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.rope_theta = 10000.0
     c.model.norm = "rmsnorm"  # 'layernorm' | 'rmsnorm'
     c.model.norm_bias = True  # layernorm's additive bias
+    c.model.norm_eps = 0.0  # 0: 1e-6 for rmsnorm, 1e-5 for layernorm
     c.model.mlp = "swiglu"  # 'gelu' | 'swiglu'
     c.model.tie_embeddings = True
     c.model.dtype = "float32"  # compute dtype; softmax and loss always run in float32

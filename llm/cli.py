@@ -1,4 +1,4 @@
-"""Command-line entry points behind run.sh: train, eval, sample, sweep, fit, bench."""
+"""Command-line entry points behind run.sh: train, eval, sample, sweep, fit, bench, export, import."""
 
 import json
 import os
@@ -39,19 +39,22 @@ flags.DEFINE_integer("heartbeat_timeout_s", 60, "multi-host: a process silent th
 flags.DEFINE_bool("dry_run", False, "sweep: print the table of points and stop.")
 flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at i (0-based).")
 flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
-flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/).")
+flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/); export: the HF directory.")
 flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for standard errors.")
+flags.DEFINE_string("hf", "", "import: a local Hugging Face Llama model directory.")
+flags.DEFINE_string("tokenizer", "", "import: a SentencePiece .model to use when the HF directory has no tokenizer.model.")
+flags.DEFINE_integer("max_shard_mb", 5000, "export: safetensors files above this size are split, with an index.")
 flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
 flags.DEFINE_float("peak_tflops", 0.0, "bench: published peak TFLOP/s (default: measure a large matmul).")
 FLAGS = flags.FLAGS
 
 
 def _user_errors() -> tuple[type, ...]:
-    from llm import attention, checkpoint, config, data, guard, sample, sharding, tokenizer, train
+    from llm import attention, checkpoint, config, data, guard, hf, sample, sharding, tokenizer, train
 
     return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
             sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError,
-            guard.WorkdirError, attention.AttentionError)
+            guard.WorkdirError, attention.AttentionError, hf.HFError)
 
 
 def _join_distributed_job() -> None:
@@ -191,7 +194,24 @@ def _one_line_orbax_errors(record) -> bool:
     return True
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench}
+def cmd_export() -> None:
+    from llm import hf
+
+    if not FLAGS.out:
+        raise app.UsageError("--out is required: the Hugging Face directory to write")
+    print(json.dumps(hf.export(_need_workdir(), FLAGS.out, FLAGS.step, FLAGS.max_shard_mb << 20)))
+
+
+def cmd_import() -> None:
+    from llm import hf
+
+    if not FLAGS.hf:
+        raise app.UsageError("--hf is required: the Hugging Face model directory to read")
+    print(json.dumps(hf.import_run(FLAGS.hf, _need_workdir(), _CONFIG.value, FLAGS.tokenizer)))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench,
+            "export": cmd_export, "import": cmd_import}
 
 
 def main(argv: list[str]) -> None:

@@ -76,6 +76,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     one_of(m.param_dtype, DTYPES, "model.param_dtype")
     one_of(m.remat, REMATS, "model.remat")
     one_of(m.attention, ("auto",) + attention_lib.IMPLEMENTATIONS, "model.attention")
+    need(m.norm_eps >= 0, f"model.norm_eps must be >= 0 (0: the norm's usual epsilon), got {m.norm_eps}")
     need(m.vocab_size >= 0 and m.vocab_multiple >= 1, "model.vocab_size must be >= 0 and model.vocab_multiple >= 1")
     one_of(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     one_of(cfg.data.sampling, ("rows", "windows"), "data.sampling")
@@ -143,7 +144,7 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig
     m = cfg.model
     return ModelConfig(
         V=vocab_size, D=m.d_model, F=m.d_ff, N=m.num_layers, H=m.num_heads, G=m.num_kv_heads, L=cfg.seq_len,
-        pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm, norm_bias=m.norm_bias, mlp=m.mlp,
+        pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm, norm_bias=m.norm_bias, norm_eps=m.norm_eps, mlp=m.mlp,
         tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype,
         remat=m.remat, scan_layers=m.scan_layers,
         attention=attention_lib.resolve(m.attention, m.dtype, m.d_model // m.num_heads),

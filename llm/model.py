@@ -28,6 +28,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: str = "rmsnorm"
     norm_bias: bool = True  # layernorm only; nanoGPT and many newer models drop it
+    norm_eps: float = 0.0  # 0: 1e-6 for rmsnorm, 1e-5 for layernorm (Llama checkpoints bring their own)
     mlp: str = "swiglu"
     tie_embeddings: bool = True
     dtype: str = "float32"
@@ -46,6 +47,7 @@ class Norm(nn.Module):
     kind: str
     param_dtype: jnp.dtype
     use_bias: bool = True
+    eps: float = 0.0  # 0: 1e-6 for rmsnorm, 1e-5 for layernorm
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -53,11 +55,11 @@ class Norm(nn.Module):
         x = x_BxLxD.astype(jnp.float32)
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (D,), self.param_dtype)
         if self.kind == "rmsnorm":
-            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + (self.eps or 1e-6)) * scale
         else:
             mean = jnp.mean(x, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-            y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale
+            y = (x - mean) * jax.lax.rsqrt(var + (self.eps or 1e-5)) * scale
             if self.use_bias:
                 y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (D,), self.param_dtype)
         return y.astype(x_BxLxD.dtype)
@@ -98,12 +100,12 @@ class Block(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # GPT-2's scaled init of the projections that write into the residual stream.
         out_std = 0.02 / math.sqrt(2 * cfg.N)
-        h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="attn_norm")(x_BxLxD)
+        h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="attn_norm")(x_BxLxD)
         attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std,
                          cfg.attention, cfg.fused_qkv, name="attn")
         a_BxLxD, kv = attn(h_BxLxD, positions_BxL, mask, kv, cache_index, layer)
         x_BxLxD = x_BxLxD + a_BxLxD
-        h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="mlp_norm")(x_BxLxD)
+        h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, name="mlp")(h_BxLxD)
         return (x_BxLxD, kv), None
 
@@ -173,7 +175,7 @@ class Transformer(nn.Module):
 
         if last_only:  # a sampler's prefill needs only the next token's logits, not [B, L, V] of them
             x_BxLxD = x_BxLxD[:, -1:]
-        x_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, name="final_norm")(x_BxLxD)
+        x_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
             logits_BxLxV = project(x_BxLxD, embed_VxD.T.astype(dtype), preferred_element_type=jnp.float32)
         else:

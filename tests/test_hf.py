@@ -1,0 +1,166 @@
+"""Hugging Face interop: a random LlamaForCausalLM imports with its logits, one of our runs exports to
+files transformers loads with our logits, greedy tokens and token ids, and what Llama cannot express
+is refused by name."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import cli_overrides, run_cli, tiny_config, write_corpus
+
+import llm
+from configs import default
+from llm import hf, model, sample, tokenizer as tokenizer_lib, train
+
+torch = pytest.importorskip("torch", reason="the hf extra (pip install -e '.[hf]') is not installed")
+transformers = pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
+
+V = 320
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory) -> tokenizer_lib.SentencePieceTokenizer:
+    root = tmp_path_factory.mktemp("spm")
+    return tokenizer_lib.SentencePieceTokenizer.train([write_corpus(root / "corpus.txt", 20_000).read_text()], 300)
+
+
+def random_llama(directory, spm, num_kv_heads: int, tie: bool):
+    torch.manual_seed(num_kv_heads)
+    config = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=tie,
+        max_position_embeddings=64)
+    llama = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at 1: move them so that a missing or swapped norm shows
+        for name, p in llama.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    llama.save_pretrained(directory)
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(spm.model_proto)
+    return llama
+
+
+def torch_logits(llama, tokens_BxL: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return llama(torch.tensor(tokens_BxL)).logits.numpy()
+
+
+def our_logits(workdir, tokens_BxL: np.ndarray) -> np.ndarray:
+    run = llm.load(str(workdir))
+    return np.asarray(model.apply(run.model_config, run.params, tokens_BxL)[0])
+
+
+# num_kv_heads 4 / 2 / 1: multi-head, grouped-query, multi-query attention.
+@pytest.mark.parametrize("num_kv_heads,scan_layers,tie", [(4, False, False), (2, True, True), (1, False, True)])
+def test_an_imported_llama_gives_its_logits(tmp_path, spm, num_kv_heads, scan_layers, tie):
+    llama = random_llama(tmp_path / "hf", spm, num_kv_heads, tie)
+    cfg = default.get_config()
+    cfg.model.scan_layers = scan_layers
+    hf.import_run(str(tmp_path / "hf"), str(tmp_path / "run"), cfg)
+    tokens = np.random.default_rng(0).integers(0, V, (2, 24))
+    expected = torch_logits(llama, tokens)
+    assert np.std(expected) > 0.1
+    np.testing.assert_allclose(our_logits(tmp_path / "run", tokens), expected, atol=1e-4, rtol=0)
+    run = llm.load(str(tmp_path / "run"))
+    assert run.model_config.norm_eps == 1e-5 and run.model_config.rope_theta == 500000.0 and run.step == 0
+    assert run.tokenizer.encode("the king").tolist() == spm.encode("the king").tolist()
+
+
+def test_an_imported_run_evaluates_samples_and_fine_tunes_like_any_run(tmp_path, spm, corpus):
+    random_llama(tmp_path / "hf", spm, 2, tie=True)
+    result = run_cli("import", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["tokenizer"] == "sentencepiece"
+    evaluated = run_cli("eval", f"--workdir={tmp_path / 'run'}", f"--dataset=text:{corpus}")
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout.strip().splitlines()[-1])["step"] == 0
+    sampled = run_cli("sample", f"--workdir={tmp_path / 'run'}", "--prompt=the king", "--max_new_tokens=5")
+    assert sampled.returncode == 0 and sampled.stdout.startswith("the king"), sampled.stderr[-2000:]
+    fine = run_cli("train", f"--workdir={tmp_path / 'fine'}", *cli_overrides(
+        corpus, init_from=str(tmp_path / "run"), data__tokenizer="sentencepiece", num_train_steps=2, seq_len=32,
+        model__d_model=64, model__num_layers=2, model__num_heads=4, model__num_kv_heads=2, model__d_ff=128,
+        model__vocab_size=V, model__norm_eps=1e-5, model__rope_theta=500000.0))
+    assert fine.returncode == 0, fine.stderr[-2000:]
+    assert "initialised from" in fine.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three small runs of Llama's architecture: char tokenizer with a tied head, byte tokenizer with an
+    untied one, SentencePiece with scanned layers."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = write_corpus(root / "corpus.txt", 20_000)
+    runs = {}
+    for kind, extra in (("char", {}), ("byte", {"model__tie_embeddings": False}),
+                        ("sentencepiece", {"data__vocab_size": 300, "model__scan_layers": True})):
+        workdir = root / kind
+        train.train(tiny_config(corpus, num_train_steps=30, data__tokenizer=kind, opt__learning_rate=1e-2, **extra), str(workdir), quiet=True)
+        runs[kind] = workdir
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "sentencepiece"])
+def test_an_exported_run_gives_our_logits_greedy_tokens_and_token_ids_in_transformers(tmp_path, trained, kind):
+    out = tmp_path / "hf"
+    summary = hf.export(str(trained[kind]), str(out), max_shard_bytes=40_000)  # small shards: exercises the index
+    assert len(summary["files"]) > 1 and (out / "model.safetensors.index.json").exists()
+    run = llm.load(str(trained[kind]))
+    llama = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = np.random.default_rng(1).integers(3, run.tokenizer.vocab_size, (2, 24))
+    expected = our_logits(trained[kind], tokens)
+    assert np.std(expected) > 0.1
+    np.testing.assert_allclose(torch_logits(llama, tokens), expected, atol=1e-4, rtol=0)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Good night, sweet lord;\n  the crown hath hearts!" + (" 12 é ü 😀" if kind != "char" else "")  # char: the corpus's characters
+    ids = run.tokenizer.encode(text).tolist()
+    assert tokenizer.encode(text, add_special_tokens=False) == ids
+    assert tokenizer.decode(ids) == text
+
+    # Greedy, never stopping at eos, and never choosing the vocabulary's padding ids (ours never samples them).
+    for text in ("The king ", "Good night", "Sweet lady, my "):
+        prompt = run.tokenizer.encode(text).tolist()
+        ours = sample.generate(run.model_config, run.params, [prompt], max_new_tokens=12, eos_id=-1, pad_id=run.tokenizer.pad_id,
+                               vocab_limit=run.tokenizer.vocab_size, temperature=0.0)[0]
+        theirs = llama.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                suppress_tokens=list(range(run.tokenizer.vocab_size, run.model_config.V)))
+        assert theirs[0, len(prompt):].tolist() == list(ours)
+
+    reimported = tmp_path / "back"
+    hf.import_run(str(out), str(reimported), default.get_config())
+    jax.tree.map(np.testing.assert_array_equal, llm.load(str(reimported)).params, _unscanned(run))
+
+
+def _unscanned(run):
+    if not run.model_config.scan_layers:
+        return run.params
+    params = {k: v for k, v in run.params.items() if k != "blocks"}
+    for i in range(run.model_config.N):
+        params[f"block_{i}"] = jax.tree.map(lambda x: x[i], run.params["blocks"])
+    return params
+
+
+@pytest.mark.parametrize("override,named", [("model__pos_encoding=learned", "model.pos_encoding='learned'"),
+                                            ("model__norm=layernorm", "model.norm='layernorm'"),
+                                            ("model__mlp=gelu", "model.mlp='gelu'")])
+def test_what_llama_cannot_express_is_refused_by_name_and_nothing_is_written(tmp_path, corpus, override, named):
+    key, value = override.split("=")
+    train.train(tiny_config(corpus, num_train_steps=2, **{key: value}), str(tmp_path / "run"), quiet=True)
+    result = run_cli("export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot be written as a Llama model: {named}" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_llama_settings_this_model_lacks_are_refused_on_import(tmp_path, spm):
+    llama = random_llama(tmp_path / "hf", spm, 2, tie=True)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for change, named in ((dict(attention_bias=True), "attention_bias=True"),
+                          (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192, "rope_theta": 500000.0}), "rope_type='llama3'")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(hf.HFError, match=named):
+            hf.import_run(str(tmp_path / "hf"), str(tmp_path / "run"), default.get_config())
+    assert not (tmp_path / "run").exists() and llama is not None
