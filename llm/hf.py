@@ -81,30 +81,37 @@ def to_llama(params: dict, mc: ModelConfig) -> dict[str, np.ndarray]:
 
 def from_llama(tensors: dict[str, np.ndarray], mc: ModelConfig) -> dict:
     """HF tensors as our param tree (stacked under `blocks` for a scanned model)."""
-    D, H, G, K = mc.D, mc.H, mc.G, mc.K
-    get = lambda name: np.asarray(tensors[name], np.dtype(mc.param_dtype))
+    D, F, H, G, K, V = mc.D, mc.F, mc.H, mc.G, mc.K, mc.V
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in tensors:
+            raise HFError(f"the checkpoint has no tensor {name!r}, which its config.json implies")
+        if tuple(tensors[name].shape) != shape:
+            raise HFError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}; its config.json implies {shape}")
+        return np.asarray(tensors[name], np.dtype(mc.param_dtype))
+
     layers = []
     for i in range(mc.N):
         prefix = f"model.layers.{i}."
         layers.append({
-            "attn_norm": {"scale": get(prefix + "input_layernorm.weight")},
+            "attn_norm": {"scale": get(prefix + "input_layernorm.weight", (D,))},
             "attn": {
-                "wq": get(prefix + "self_attn.q_proj.weight").T.reshape(D, H, K),
-                "wk": get(prefix + "self_attn.k_proj.weight").T.reshape(D, G, K),
-                "wv": get(prefix + "self_attn.v_proj.weight").T.reshape(D, G, K),
-                "wo": get(prefix + "self_attn.o_proj.weight").T.reshape(H, K, D),
+                "wq": get(prefix + "self_attn.q_proj.weight", (H * K, D)).T.reshape(D, H, K),
+                "wk": get(prefix + "self_attn.k_proj.weight", (G * K, D)).T.reshape(D, G, K),
+                "wv": get(prefix + "self_attn.v_proj.weight", (G * K, D)).T.reshape(D, G, K),
+                "wo": get(prefix + "self_attn.o_proj.weight", (D, H * K)).T.reshape(H, K, D),
             },
-            "mlp_norm": {"scale": get(prefix + "post_attention_layernorm.weight")},
-            "mlp": {"wg": get(prefix + "mlp.gate_proj.weight").T, "wi": get(prefix + "mlp.up_proj.weight").T,
-                    "wo": get(prefix + "mlp.down_proj.weight").T},
+            "mlp_norm": {"scale": get(prefix + "post_attention_layernorm.weight", (D,))},
+            "mlp": {"wg": get(prefix + "mlp.gate_proj.weight", (F, D)).T, "wi": get(prefix + "mlp.up_proj.weight", (F, D)).T,
+                    "wo": get(prefix + "mlp.down_proj.weight", (D, F)).T},
         })
-    params = {"embed": get("model.embed_tokens.weight"), "final_norm": {"scale": get("model.norm.weight")}}
+    params = {"embed": get("model.embed_tokens.weight", (V, D)), "final_norm": {"scale": get("model.norm.weight", (D,))}}
     if mc.scan_layers:
         params["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
     else:
         params.update({f"block_{i}": layer for i, layer in enumerate(layers)})
     if not mc.tie_embeddings:
-        params["head"] = get("lm_head.weight").T
+        params["head"] = get("lm_head.weight", (V, D)).T
     return params
 
 
@@ -281,13 +288,12 @@ def import_run(hf_dir: str, workdir: str, cfg: ml_collections.ConfigDict, tokeni
     config_lib.validate(cfg)
 
     mc = config_lib.model_config(cfg, hf.vocab_size)
-    params = from_llama(_read_tensors(hf_dir), mc)
+    try:
+        params = from_llama(_read_tensors(hf_dir), mc)
+    except HFError as e:
+        raise HFError(f"{hf_dir}: {e}") from e
     expected = jax.eval_shape(lambda: nn.unbox(model.init(mc, jax.random.key(0))))
-    mismatch = [f"{jax.tree_util.keystr(path)}: {a.shape} vs {b.shape}" for (path, a), b in
-                zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(expected)) if a.shape != b.shape]
-    if mismatch:
-        raise HFError(f"the tensors in {hf_dir} do not fit its config.json: {'; '.join(mismatch[:3])}")
-    params = jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), params, expected)
+    params = jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), params, expected)  # the same tree, or this raises
     opt_state = optim.make(config_lib.opt_config(cfg)).init(params)
     with guard.hold_workdir(workdir):
         if checkpoint.latest_step(workdir) is not None:

@@ -164,3 +164,21 @@ def test_llama_settings_this_model_lacks_are_refused_on_import(tmp_path, spm):
         with pytest.raises(hf.HFError, match=named):
             hf.import_run(str(tmp_path / "hf"), str(tmp_path / "run"), default.get_config())
     assert not (tmp_path / "run").exists() and llama is not None
+
+
+def test_a_checkpoint_with_a_missing_tensor_or_a_wrong_shape_is_one_clear_error(tmp_path, spm):
+    from safetensors.numpy import load_file, save_file
+
+    random_llama(tmp_path / "hf", spm, 2, tie=True)
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}, path, metadata={"format": "pt"})
+    result = run_cli("import", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "has no tensor 'model.layers.1.mlp.up_proj.weight'" in result.stderr.strip().splitlines()[-1]
+    save_file({**tensors, "model.layers.0.self_attn.k_proj.weight": tensors["model.layers.0.self_attn.q_proj.weight"]}, path,
+              metadata={"format": "pt"})
+    result = run_cli("import", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "tensor 'model.layers.0.self_attn.k_proj.weight' has shape (64, 64); its config.json implies (32, 64)" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
