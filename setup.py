@@ -30,5 +30,8 @@ setup(
         # export/import (llm/hf.py). torch 2.13.0 is the CPU build this project's machines keep in their
         # wheel cache; any recent torch works.
         "hf": ["torch==2.13.0", "transformers>=5", "safetensors"],
+        # ./run.sh eval --tasks (llm/harness.py)
+        "harness": ["lm_eval>=0.4.9"],
     },
+    package_data={"llm": ["harness_tasks/*/*"]},
 )

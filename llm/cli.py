@@ -22,7 +22,11 @@ flags.DEFINE_string("workdir", "", "Run directory (default: runs/<config name>).
 flags.DEFINE_string("split", "validation", "eval: split to score.")
 flags.DEFINE_string("dataset", "", "eval: a dataset other than the run's (out-of-domain perplexity).")
 flags.DEFINE_integer("step", None, "eval/sample: checkpoint step (default: the latest).")
-flags.DEFINE_integer("batch_size", 0, "eval: rows per batch (default: the run's eval_batch_size).")
+flags.DEFINE_integer("batch_size", 0, "eval: rows per batch (default: the run's eval_batch_size; 16 with --tasks).")
+flags.DEFINE_string("tasks", "", "eval: comma-separated lm_eval tasks (llm/harness_tasks/ and --task_dir) instead of a split.")
+flags.DEFINE_multi_string("task_dir", [], "eval --tasks: a folder of lm_eval task YAMLs (repeatable).")
+flags.DEFINE_integer("limit", 0, "eval --tasks: at most this many documents per task (0: all).")
+flags.DEFINE_integer("num_fewshot", -1, "eval --tasks: few-shot examples (-1: each task's default).")
 flags.DEFINE_string("prompt", "", "sample: the prompt.")
 flags.DEFINE_string("prompts_file", "", "sample: a file with one prompt per line.")
 flags.DEFINE_integer("num_samples", 1, "sample: samples per prompt.")
@@ -50,11 +54,11 @@ FLAGS = flags.FLAGS
 
 
 def _user_errors() -> tuple[type, ...]:
-    from llm import attention, checkpoint, config, data, guard, hf, sample, sharding, tokenizer, train
+    from llm import attention, checkpoint, config, data, guard, harness, hf, sample, sharding, tokenizer, train
 
     return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
             sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError,
-            guard.WorkdirError, attention.AttentionError, hf.HFError)
+            guard.WorkdirError, attention.AttentionError, hf.HFError, harness.HarnessError)
 
 
 def _join_distributed_job() -> None:
@@ -114,8 +118,17 @@ def _need_workdir() -> str:
 def cmd_eval() -> None:
     from llm import api
 
-    run = api.load(_need_workdir(), FLAGS.step)
-    result = run.evaluate(FLAGS.split, FLAGS.dataset or None, FLAGS.batch_size or None)
+    if FLAGS.tasks:
+        from llm import harness
+
+        tasks = [t for t in FLAGS.tasks.split(",") if t]
+        manager = harness.find_tasks(tasks, FLAGS.task_dir)  # before the checkpoint is read
+        result = harness.evaluate(api.load(_need_workdir(), FLAGS.step), tasks, limit=FLAGS.limit or None,
+                                  num_fewshot=None if FLAGS.num_fewshot < 0 else FLAGS.num_fewshot,
+                                  batch_size=FLAGS.batch_size or 16, manager=manager)
+    else:
+        run = api.load(_need_workdir(), FLAGS.step)
+        result = run.evaluate(FLAGS.split, FLAGS.dataset or None, FLAGS.batch_size or None)
     print(json.dumps(result))
 
 
