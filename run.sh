@@ -37,6 +37,7 @@ usage: ./run.sh COMMAND [flags]
   bench  train|sample [flags]
   export --workdir=D --out=HF_DIR [--step=N] [--max_shard_mb=M]   a run as a Hugging Face Llama model
   import --hf=HF_DIR --workdir=D [--tokenizer=F.model] [--config.KEY=V ...]   a Llama model as a run
+  inspect lens|attention|heads|neighbours --workdir=D --prompt=TEXT [--k=N]   look inside a trained model
   launch-local N COMMAND [flags]   N local CPU processes joined as one multi-host job
   test   [pytest args]          run the test suite
 USAGE
@@ -46,7 +47,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
-  train|eval|sample|sweep|fit|bench|export|import)
+  train|eval|sample|sweep|fit|bench|export|import|inspect)
     setup
     exec "$PY" -m llm.cli "$cmd" "$@" ;;
   launch-local)

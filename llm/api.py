@@ -4,6 +4,7 @@
     run.generate("ROMEO:", max_new_tokens=100, temperature=0.8, top_k=40)
     run.evaluate("validation")           # {"split", "step", "tokens", "bytes", "loss", "perplexity", "bits_per_byte"}
     run.logits(run.tokenizer.encode("To be"))
+    logits, cache = run.trace("To be", names="block_*/attn_probs*")   # llm/inspect: activations by name
 """
 
 import functools
@@ -58,6 +59,80 @@ class Run:
             raise sample_lib.SampleError(f"{batched.shape[1]} tokens are longer than the model's context of {self.context}")
         out = np.asarray(self._logits(self.params, jnp.asarray(batched)))[..., : self.tokenizer.vocab_size]
         return out if tokens.ndim == 2 else out[0]
+
+    def tokens_BxL(self, text_or_tokens) -> np.ndarray:
+        """A prompt (encoded as sample does) or token ids as a [B, L] int32 batch that fits the context."""
+        tokens = np.asarray(self.encode_prompt(text_or_tokens) if isinstance(text_or_tokens, str) else text_or_tokens, np.int32)
+        tokens_BxL = tokens if tokens.ndim == 2 else tokens[None]
+        if tokens_BxL.shape[1] > self.context:
+            raise sample_lib.SampleError(f"{tokens_BxL.shape[1]} tokens are longer than the model's context of {self.context}")
+        return tokens_BxL
+
+    def _interventions(self, patch, ablate, mean_over) -> dict:
+        from llm.inspect import intervene
+
+        means = None
+        if ablate and mean_over is not None:
+            means = intervene.means(self.model_config, self.params, self.tokens_BxL(mean_over))
+        out = intervene.ablation(self.model_config, ablate or {}, means)
+        for name, pair in intervene.patching(self.model_config, patch or {}).items():
+            if name in out:
+                from llm.inspect import InspectError
+
+                raise InspectError(f"{name} is both patched and ablated")
+            out[name] = pair
+        return out
+
+    def trace(self, text_or_tokens, names=None, patch: dict | None = None, ablate: dict | None = None,
+              mean_over=None, segment_ids=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(logits [B, L, vocab], {name: activation}) of one forward pass; a 1-D input is a batch of one.
+
+        names: globs, a predicate or None (all; see llm/inspect/trace.py). patch: {name: array} replaces
+        activations; ablate: {"block_0/heads": [1, 3], "block_1/neurons": [5]} zeroes those units, or
+        sets them to their mean over the text or tokens `mean_over`.
+        """
+        from llm.inspect import trace as trace_lib
+
+        tokens_BxL = self.tokens_BxL(text_or_tokens)
+        segments = None if segment_ids is None else jnp.asarray(np.broadcast_to(segment_ids, tokens_BxL.shape), jnp.int32)
+        logits, cache = trace_lib.trace(self.model_config, self.params, tokens_BxL, segments, names,
+                                        self._interventions(patch, ablate, mean_over))
+        order = trace_lib.all_names(self.model_config)
+        cache = {name: np.asarray(cache[name]) for name in sorted(cache, key=order.index)}
+        return np.asarray(logits)[..., : self.tokenizer.vocab_size], cache
+
+    def intervention_effect(self, text_or_tokens, patch: dict | None = None, ablate: dict | None = None, mean_over=None) -> dict:
+        """Loss and logit change of the interventions (as in trace) against the clean run."""
+        from llm.inspect import intervene
+
+        return intervene.effect(self.model_config, self.params, self.tokens_BxL(text_or_tokens),
+                                self._interventions(patch, ablate, mean_over))
+
+    def lens(self, prompt: str, k: int = 5) -> list[dict]:
+        """Per layer (embed, block_0, ...): the loss over the prompt and the top-k next tokens after it."""
+        from llm.inspect import lens
+
+        tokens = self.tokens_BxL(prompt)[0]
+        rows = lens.prompt_lens(self.model_config, self.params, tokens, k, self.tokenizer.vocab_size)
+        return [{**row, "top": [self.tokenizer.decode([t]) for t in row["top_ids"]]} for row in rows]
+
+    def lens_split(self, split: str = "validation", max_batches: int = 0, batch_size: int | None = None) -> dict[str, float]:
+        """Per-layer logit-lens loss over a held-out split, read as evaluate() reads it."""
+        from llm.inspect import lens
+
+        dc = config_lib.data_config(self.config, None)
+        stream = data.token_stream(dc, split, self.tokenizer)
+        batches = data.eval_batches(stream, batch_size or self.config.eval_batch_size, self.config.seq_len, dc.packing, self.tokenizer.eos_id)
+        return lens.layer_losses(self.model_config, self.params, batches, max_batches)
+
+    def neighbours(self, token: int, k: int = 10, table: str = "embed") -> list[tuple[int, float]]:
+        """The k tokens whose `table` vector ("embed", or "unembed" when untied) is nearest in cosine."""
+        from llm.inspect import InspectError, embeddings
+
+        tables = embeddings.tables(self.model_config, self.params)
+        if table not in tables:
+            raise InspectError(f"no {table!r} table: this model has {', '.join(tables)}")
+        return embeddings.neighbours(tables[table], token, k, self.tokenizer.vocab_size)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt:

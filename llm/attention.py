@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from llm.dense import project
+from llm.tap import tap
 
 NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
 
@@ -114,17 +115,40 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
     return out.astype(x_BxLxHxK.dtype)
 
 
-def _xla(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS) -> jax.Array:
-    """Softmax attention in float32; the H query heads share G key/value heads in groups of H // G."""
+def _probs(q_BxLxHxK, k_BxSxGxK, mask_BxLxS) -> jax.Array:
+    """float32 [B, G, H // G, L, S]: the H query heads share G key/value heads in groups of H // G."""
     B, L, H, K = q_BxLxHxK.shape
     G = k_BxSxGxK.shape[2]
     q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
     logits_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
     logits_BxGxRxLxS = logits_BxGxRxLxS * (K**-0.5)
     logits_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxGxRxLxS, NEG_INF)
-    probs_BxGxRxLxS = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
+    return jax.nn.softmax(logits_BxGxRxLxS, axis=-1)
+
+
+def _mix(probs_BxGxRxLxS, v_BxSxGxK) -> jax.Array:
+    B, G, R, L, _ = probs_BxGxRxLxS.shape
     out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK)
-    return out_BxLxGxRxK.reshape(B, L, H, K)
+    return out_BxLxGxRxK.reshape(B, L, G * R, v_BxSxGxK.shape[-1])
+
+
+def _xla(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS) -> jax.Array:
+    """Softmax attention in float32, on a dense mask."""
+    return _mix(_probs(q_BxLxHxK, k_BxSxGxK, mask_BxLxS).astype(v_BxSxGxK.dtype), v_BxSxGxK)
+
+
+def attention_probs(q_BxLxHxK, k_BxSxGxK, mask: Mask) -> jax.Array:
+    """float32 [B, H, L, S] from the einsum path, whatever model.attention is: what llm/inspect records."""
+    B, L, H, _ = q_BxLxHxK.shape
+    S = k_BxSxGxK.shape[1]
+    return _probs(q_BxLxHxK, k_BxSxGxK, mask.dense(L, S)).reshape(B, H, L, S)
+
+
+def mix_values(probs_BxHxLxS, v_BxSxGxK) -> jax.Array:
+    """[B, L, H, K]: each head's probability-weighted values (the heads' outputs before wo)."""
+    B, H, L, S = probs_BxHxLxS.shape
+    G = v_BxSxGxK.shape[2]
+    return _mix(probs_BxHxLxS.reshape(B, G, H // G, L, S).astype(v_BxSxGxK.dtype), v_BxSxGxK)
 
 
 def attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask: Mask, implementation: str) -> jax.Array:
@@ -161,6 +185,7 @@ class Attention(nn.Module):
     out_init_std: float
     implementation: str = "xla"
     fused_qkv: bool = True
+    trace: bool = False  # llm/inspect: record probabilities and per-head outputs (llm/tap.py)
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, mask: Mask, kv=None, cache_index=None, layer=None):
@@ -202,6 +227,10 @@ class Attention(nn.Module):
         else:
             k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
 
-        out_BxLxHxK = attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, self.implementation)
+        if self.trace:
+            probs_BxHxLxS = tap(self, "attn_probs_BxHxLxS", attention_probs(q_BxLxHxK, k_BxSxGxK, mask))
+            out_BxLxHxK = tap(self, "head_out_BxLxHxK", mix_values(probs_BxHxLxS, v_BxSxGxK))
+        else:
+            out_BxLxHxK = attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, self.implementation)
         out_BxLxD = project(out_BxLxHxK, wo_HxKxD.astype(self.dtype), contract=2)
         return out_BxLxD, kv

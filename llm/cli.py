@@ -1,4 +1,4 @@
-"""Command-line entry points behind run.sh: train, eval, sample, sweep, fit, bench, export, import."""
+"""Command-line entry points behind run.sh: train, eval, sample, sweep, fit, bench, export, import, inspect."""
 
 import json
 import os
@@ -50,15 +50,16 @@ flags.DEFINE_string("tokenizer", "", "import: a SentencePiece .model to use when
 flags.DEFINE_integer("max_shard_mb", 5000, "export: safetensors files above this size are split, with an index.")
 flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
 flags.DEFINE_float("peak_tflops", 0.0, "bench: published peak TFLOP/s (default: measure a large matmul).")
+flags.DEFINE_integer("k", 5, "inspect: top tokens (lens), attended positions (attention) or neighbours to list.")
 FLAGS = flags.FLAGS
 
 
 def _user_errors() -> tuple[type, ...]:
-    from llm import attention, checkpoint, config, data, guard, harness, hf, sample, sharding, tokenizer, train
+    from llm import attention, checkpoint, config, data, guard, harness, hf, inspect, sample, sharding, tokenizer, train
 
     return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
             sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError,
-            guard.WorkdirError, attention.AttentionError, hf.HFError, harness.HarnessError)
+            guard.WorkdirError, attention.AttentionError, hf.HFError, harness.HarnessError, inspect.InspectError)
 
 
 def _join_distributed_job() -> None:
@@ -223,8 +224,62 @@ def cmd_import() -> None:
     print(json.dumps(hf.import_run(FLAGS.hf, _need_workdir(), _CONFIG.value, FLAGS.tokenizer)))
 
 
+INSPECT = ("lens", "attention", "heads", "neighbours")
+
+
+def cmd_inspect(kind: str) -> None:
+    """A short table on stdout, then one JSON line; the prompt is checked before anything compiles."""
+    from llm import api
+    from llm.inspect import InspectError
+
+    if kind not in INSPECT:
+        raise app.UsageError(f"usage: ./run.sh inspect {'|'.join(INSPECT)} --workdir=D --prompt=TEXT")
+    if FLAGS.k < 1:
+        raise InspectError(f"--k must be at least 1, not {FLAGS.k}")
+    run = api.load(_need_workdir(), FLAGS.step)
+    tokens = run.tokens_BxL(FLAGS.prompt)[0]
+    show = lambda ids: " ".join(repr(run.tokenizer.decode([int(t)])) for t in ids)
+    if kind == "lens":
+        rows = run.lens(FLAGS.prompt, FLAGS.k)
+        print(f"{'layer':<10} {'loss':>8}  top next tokens after the prompt")
+        for r in rows:
+            loss = "-" if r["loss"] is None else f"{r['loss']:.3f}"
+            print(f"{r['layer']:<10} {loss:>8}  " + "  ".join(f"{t!r} {p:.2f}" for t, p in zip(r["top"], r["top_probs"])))
+        result = {"lens": rows}
+    elif kind == "attention":
+        _, cache = run.trace(tokens, names="block_*/attn_probs_BxHxLxS")
+        result = {"attention": []}
+        print(f"where the last token ({show(tokens[-1:])}) attends, per layer and head")
+        for name, probs_BxHxLxS in cache.items():
+            for h, probs_S in enumerate(probs_BxHxLxS[0, :, -1]):
+                top = [int(i) for i in probs_S.argsort()[::-1][: FLAGS.k]]
+                result["attention"].append({"layer": name.split("/")[0], "head": h, "positions": top,
+                                            "probs": [float(probs_S[i]) for i in top]})
+                print(f"{name.split('/')[0]:<8} head {h:<3} " + "  ".join(f"{i}:{show(tokens[i:i + 1])} {probs_S[i]:.2f}" for i in top))
+    elif kind == "heads":
+        cfg = run.model_config
+        if len(tokens) < 2:
+            raise InspectError("--prompt needs at least 2 tokens: ablation is measured on next-token loss")
+        effects = [[run.intervention_effect(tokens, ablate={f"block_{i}/heads": [h]}) for h in range(cfg.H)] for i in range(cfg.N)]
+        change = [[e["loss_change"] for e in row] for row in effects]
+        print("prompt loss change when one head is zero-ablated")
+        print(f"{'':<8} " + " ".join(f"{'head ' + str(h):>9}" for h in range(cfg.H)))
+        for i, row in enumerate(change):
+            print(f"{'block_' + str(i):<8} " + " ".join(f"{c:>+9.4f}" for c in row))
+        result = {"loss": effects[0][0]["loss_clean"], "head_ablation_loss_change": change}
+    else:
+        if len(tokens) != 1:
+            raise InspectError(f"--prompt must be one token for neighbours, and {FLAGS.prompt!r} is {len(tokens)}")
+        result = {"token": FLAGS.prompt}
+        for table in ("embed", "unembed") if not run.model_config.tie_embeddings else ("embed",):
+            near = run.neighbours(int(tokens[0]), FLAGS.k + 1, table)[1:]
+            print(f"{table}: " + "  ".join(f"{show([i])} {c:.3f}" for i, c in near))
+            result[table] = [{"token": run.tokenizer.decode([i]), "id": i, "cosine": c} for i, c in near]
+    print(json.dumps(result))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench,
-            "export": cmd_export, "import": cmd_import}
+            "export": cmd_export, "import": cmd_import, "inspect": cmd_inspect}
 
 
 def main(argv: list[str]) -> None:
@@ -234,6 +289,9 @@ def main(argv: list[str]) -> None:
     if argv[1] == "bench":
         if len(positional) != 1:
             raise app.UsageError("usage: ./run.sh bench train|sample [flags]")
+    elif argv[1] == "inspect":
+        if len(positional) != 1:
+            raise app.UsageError(f"usage: ./run.sh inspect {'|'.join(INSPECT)} --workdir=D --prompt=TEXT")
     elif positional:
         raise app.UsageError(f"unexpected arguments: {' '.join(positional)}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

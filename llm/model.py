@@ -6,6 +6,7 @@ layers); llm/sharding.py maps them to mesh axes, so the model never mentions a m
 
 import dataclasses
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 
 from llm.attention import Attention, KVCache, Mask, cache_positions
 from llm.dense import project
+from llm.tap import tap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ModelConfig:
     scan_layers: bool = False
     attention: str = "xla"  # an implementation of llm/attention.py's dispatch (config.py resolves "auto")
     fused_qkv: bool = True  # one q/k/v matmul (XLA:CPU without tensor parallelism) or one per weight
+    trace: bool = False  # llm/inspect: sow every named activation (llm/tap.py); off in training
 
     @property
     def K(self) -> int:
@@ -71,6 +74,7 @@ class Mlp(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     out_init_std: float
+    trace: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -86,6 +90,8 @@ class Mlp(nn.Module):
             h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
         else:
             h_BxLxF = nn.gelu(h_BxLxF, approximate=False)  # the exact erf form, as in the GELU paper and PyTorch
+        if self.trace:
+            h_BxLxF = tap(self, "mlp_hidden_BxLxF", h_BxLxF)
         return project(h_BxLxF, wo_FxD.astype(self.dtype))
 
 
@@ -97,16 +103,22 @@ class Block(nn.Module):
         # carry: the residual stream and the whole KV cache (None without one), as nn.scan threads it.
         x_BxLxD, kv = carry
         cfg = self.cfg
+        if cfg.trace:
+            x_BxLxD = tap(self, "resid_pre_BxLxD", x_BxLxD)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # GPT-2's scaled init of the projections that write into the residual stream.
         out_std = 0.02 / math.sqrt(2 * cfg.N)
         h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="attn_norm")(x_BxLxD)
         attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std,
-                         cfg.attention, cfg.fused_qkv, name="attn")
+                         cfg.attention, cfg.fused_qkv, cfg.trace, name="attn")
         a_BxLxD, kv = attn(h_BxLxD, positions_BxL, mask, kv, cache_index, layer)
         x_BxLxD = x_BxLxD + a_BxLxD
+        if cfg.trace:
+            x_BxLxD = tap(self, "resid_mid_BxLxD", x_BxLxD)
         h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="mlp_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, name="mlp")(h_BxLxD)
+        x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, cfg.trace, name="mlp")(h_BxLxD)
+        if cfg.trace:
+            x_BxLxD = tap(self, "resid_post_BxLxD", x_BxLxD)
         return (x_BxLxD, kv), None
 
 
@@ -162,7 +174,7 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},  # each layer's sown activations stack on axis 0
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.N,
@@ -175,18 +187,34 @@ class Transformer(nn.Module):
 
         if last_only:  # a sampler's prefill needs only the next token's logits, not [B, L, V] of them
             x_BxLxD = x_BxLxD[:, -1:]
-        x_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="final_norm")(x_BxLxD)
+        if cfg.trace:
+            x_BxLxD = tap(self, "final_resid_BxLxD", x_BxLxD)
+        final_norm = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="final_norm")
         if cfg.tie_embeddings:
-            logits_BxLxV = project(x_BxLxD, embed_VxD.T.astype(dtype), preferred_element_type=jnp.float32)
+            out_weight = embed_VxD
         else:
-            head_DxV = self.param(
+            out_weight = self.param(
                 "head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.D, cfg.V), param_dtype
             )
-            logits_BxLxV = project(x_BxLxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+        logits_BxLxV = _unembed(cfg, final_norm, out_weight, x_BxLxD)
 
         if cache is not None:
             cache = cache.replace(k_NxBxSxGxK=kv[0], v_NxBxSxGxK=kv[1], index=cache.index + L)
         return logits_BxLxV, cache
+
+
+def _unembed(cfg: ModelConfig, final_norm: Callable, out_weight: jax.Array, x_BxLxD: jax.Array) -> jax.Array:
+    """out_weight: the embedding table [V, D] when tied (transposed here), else the head [D, V]."""
+    x_BxLxD = final_norm(x_BxLxD)
+    out_DxV = out_weight.T if cfg.tie_embeddings else out_weight
+    return project(x_BxLxD, out_DxV.astype(jnp.dtype(cfg.dtype)), preferred_element_type=jnp.float32)
+
+
+def unembed(cfg: ModelConfig, params, x_BxLxD: jax.Array) -> jax.Array:
+    """float32 logits of any residual stream through the final norm and output head (the logit lens)."""
+    final_norm = Norm(cfg.norm, jnp.dtype(cfg.param_dtype), cfg.norm_bias, cfg.norm_eps)
+    out_weight = params["embed"] if cfg.tie_embeddings else params["head"]
+    return _unembed(cfg, lambda x: final_norm.apply({"params": params["final_norm"]}, x), out_weight, x_BxLxD)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:

@@ -1,0 +1,7 @@
+"""Looking inside a trained model: activations (trace), interventions, the logit lens, induction
+scores and embedding neighbours. Everything here sits above the core and reads params; nothing in
+the train path imports it."""
+
+
+class InspectError(ValueError):
+    pass

@@ -1,0 +1,265 @@
+"""llm/inspect: traced activations, interventions, the logit lens, induction scores, embedding neighbours."""
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_cli, tiny_config, write_corpus
+
+import llm
+from llm import config as config_lib, data, evaluate as evaluate_lib, model, train
+from llm.inspect import InspectError, embeddings, induction, lens
+from llm.inspect import trace as trace_lib
+from llm.inspect.trace import all_names
+
+PROMPT = "The king hath thou sweet love."
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained char model with an untied head (so both embedding tables exist)."""
+    root = tmp_path_factory.mktemp("inspect")
+    corpus = write_corpus(root / "corpus.txt", 20_000)
+    train.train(tiny_config(corpus, num_train_steps=20, model__tie_embeddings=False), str(root / "run"), quiet=True)
+    return llm.load(str(root / "run"))
+
+
+def tiny_model(**overrides) -> tuple[model.ModelConfig, dict]:
+    cfg = model.ModelConfig(V=64, D=32, F=64, N=2, H=4, G=2, L=32, **overrides)
+    return cfg, nn.unbox(model.init(cfg, jax.random.key(0)))
+
+
+def test_trace_names_every_activation_with_its_shape(run):
+    logits, cache = run.trace(PROMPT)
+    cfg, L = run.model_config, len(PROMPT)
+    assert list(cache) == all_names(cfg)
+    assert logits.shape == (1, L, run.tokenizer.vocab_size)
+    assert cache["block_1/attn_probs_BxHxLxS"].shape == (1, cfg.H, L, L)
+    assert cache["block_0/head_out_BxLxHxK"].shape == (1, L, cfg.H, cfg.K)
+    assert cache["block_0/mlp_hidden_BxLxF"].shape == (1, L, cfg.F)
+    assert cache["final_resid_BxLxD"].shape == (1, L, cfg.D)
+    np.testing.assert_array_equal(cache["final_resid_BxLxD"], cache["block_1/resid_post_BxLxD"])
+    np.testing.assert_array_equal(cache["block_1/resid_pre_BxLxD"], cache["block_0/resid_post_BxLxD"])
+    _, some = run.trace(PROMPT, names=["block_1/attn*", "final_*"])
+    assert list(some) == ["block_1/attn_probs_BxHxLxS", "final_resid_BxLxD"]
+    _, some = run.trace(PROMPT, names=lambda name: name.endswith("mlp_hidden_BxLxF"))
+    assert list(some) == ["block_0/mlp_hidden_BxLxF", "block_1/mlp_hidden_BxLxF"]
+    with pytest.raises(InspectError):
+        run.trace(PROMPT, names="block_9/*")
+
+
+def test_cached_final_residual_through_unembed_reproduces_the_logits_exactly(run):
+    logits, cache = run.trace(PROMPT, names="final_resid_BxLxD")
+    unembedded = jax.jit(lambda x: model.unembed(run.model_config, run.params, x))(cache["final_resid_BxLxD"])
+    np.testing.assert_array_equal(np.asarray(unembedded)[..., : run.tokenizer.vocab_size], logits)
+    # and the traced forward is the model's forward (another attention path: float rounding only)
+    np.testing.assert_allclose(logits[0], run.logits(run.encode_prompt(PROMPT)), atol=1e-5)
+
+
+def test_logit_lens_at_the_last_layer_is_the_model_logits(run):
+    cfg = run.model_config
+    logits, cache = run.trace(PROMPT, names=lens.stream_names(cfg))
+    lens_NxBxLxV = np.asarray(jax.jit(lambda c: lens.lens_logits(cfg, run.params, c))(cache))
+    assert lens_NxBxLxV.shape[0] == cfg.N + 1
+    np.testing.assert_allclose(lens_NxBxLxV[-1][..., : run.tokenizer.vocab_size], logits, atol=1e-6)
+    rows = run.lens(PROMPT, k=3)
+    assert [r["layer"] for r in rows] == ["embed", "block_0", "block_1"]
+    assert all(len(r["top"]) == 3 and np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["top_ids"][0] == int(np.argmax(logits[0, -1]))
+
+
+def test_logit_lens_over_a_split_ends_at_the_evaluated_loss(run):
+    losses = run.lens_split("validation", max_batches=2, batch_size=4)
+    assert list(losses) == ["embed", "block_0", "block_1"]
+    full = lens.layer_losses(run.model_config, run.params, _batches(run, 4), max_batches=2)
+    assert losses == full
+    step = jax.jit(evaluate_lib.make_eval_step(run.model_config))
+    result = evaluate_lib.evaluate(step, run.params, _batches(run, 4), run.tokenizer.token_bytes(),
+                                   lambda b: {k: jnp.asarray(v) for k, v in b.items()}, max_batches=2)
+    assert losses["block_1"] == pytest.approx(result["loss"], abs=1e-5)
+    assert losses["embed"] > losses["block_1"]  # a trained model's last layer predicts better than its embedding
+
+
+def _batches(run, batch_size):
+    dc = config_lib.data_config(run.config, None)
+    stream = data.token_stream(dc, "validation", run.tokenizer)
+    return data.eval_batches(stream, batch_size, run.config.seq_len, dc.packing, run.tokenizer.eos_id)
+
+
+def test_scanned_and_unscanned_models_trace_the_same_arrays():
+    scanned_cfg, scanned_params = tiny_model(scan_layers=True)
+    cfg, params = trace_lib.unscanned(scanned_cfg, scanned_params)
+    assert not cfg.scan_layers and "block_1" in params
+    tokens_BxL = jax.random.randint(jax.random.key(1), (2, 32), 0, 64)
+    logits_a, a = trace_lib.trace(scanned_cfg, scanned_params, tokens_BxL)
+    logits_b, b = trace_lib.trace(cfg, params, tokens_BxL)
+    assert sorted(a) == sorted(b) == sorted(all_names(cfg))
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(logits_a, logits_b, atol=1e-6)
+
+
+def test_patching_a_run_with_its_own_activations_changes_nothing(run):
+    logits, cache = run.trace(PROMPT)
+    for name in ("block_1/resid_mid_BxLxD", "block_0/head_out_BxLxHxK", "block_1/mlp_hidden_BxLxF", "block_0/attn_probs_BxHxLxS"):
+        patched, _ = run.trace(PROMPT, patch={name: cache[name]}, names=[])
+        np.testing.assert_array_equal(patched, logits, err_msg=name)
+
+
+def test_patching_from_another_input_carries_its_activation(run):
+    other = "Good night sweet lady, the crown."[: len(PROMPT)]
+    _, donor = run.trace(other, names="block_0/resid_post_BxLxD")
+    _, cache = run.trace(PROMPT, patch={"block_0/resid_post_BxLxD": donor["block_0/resid_post_BxLxD"]})
+    np.testing.assert_array_equal(cache["block_0/resid_post_BxLxD"], donor["block_0/resid_post_BxLxD"])
+    np.testing.assert_array_equal(cache["block_1/resid_pre_BxLxD"], donor["block_0/resid_post_BxLxD"])
+    effect = run.intervention_effect(PROMPT, patch={"block_0/resid_post_BxLxD": donor["block_0/resid_post_BxLxD"]})
+    assert effect["max_abs_logit_change"] > 0
+
+
+def test_ablating_nothing_changes_nothing(run):
+    logits, _ = run.trace(PROMPT, names=[])
+    ablated, _ = run.trace(PROMPT, names=[], ablate={"block_0/heads": [], "block_1/neurons": []})
+    np.testing.assert_array_equal(ablated, logits)
+    effect = run.intervention_effect(PROMPT, ablate={"block_0/heads": []})
+    assert effect["loss_change"] == 0 and effect["max_abs_logit_change"] == 0
+
+
+def test_zero_ablating_every_head_of_a_layer_removes_its_attention_output(run):
+    cfg = run.model_config
+    _, clean = run.trace(PROMPT)
+    _, cache = run.trace(PROMPT, ablate={"block_1/heads": list(range(cfg.H))})
+    np.testing.assert_array_equal(cache["block_1/resid_mid_BxLxD"], cache["block_1/resid_pre_BxLxD"])
+    np.testing.assert_array_equal(cache["block_1/resid_pre_BxLxD"], clean["block_1/resid_pre_BxLxD"])
+    assert not np.array_equal(cache["block_1/resid_post_BxLxD"], clean["block_1/resid_post_BxLxD"])
+
+
+def test_ablating_some_heads_and_neurons_touches_only_those(run):
+    _, clean = run.trace(PROMPT)
+    _, cache = run.trace(PROMPT, ablate={"block_0/heads": [1, 3], "block_0/neurons": [5]})
+    head_out, mlp = cache["block_0/head_out_BxLxHxK"], cache["block_0/mlp_hidden_BxLxF"]
+    assert np.all(head_out[:, :, [1, 3]] == 0) and np.all(mlp[..., 5] == 0)
+    np.testing.assert_array_equal(head_out[:, :, [0, 2]], clean["block_0/head_out_BxLxHxK"][:, :, [0, 2]])
+    _, mean_cache = run.trace(PROMPT, ablate={"block_0/heads": [2]}, mean_over="Thou lord, the queen hath my")
+    _, donor = run.trace("Thou lord, the queen hath my", names="block_0/head_out_BxLxHxK")
+    mean_K = donor["block_0/head_out_BxLxHxK"][:, :, 2].mean(axis=(0, 1))
+    np.testing.assert_allclose(mean_cache["block_0/head_out_BxLxHxK"][0, :, 2], np.broadcast_to(mean_K, (len(PROMPT), mean_K.size)), atol=1e-6)
+    with pytest.raises(InspectError):
+        run.trace(PROMPT, ablate={"block_0/heads": [run.model_config.H]})
+
+
+def test_attention_probabilities_sum_to_one_are_causal_and_stay_in_their_document():
+    cfg, params = tiny_model(attention="dot_product")  # traced probabilities come from the einsum path whatever the kernel
+    tokens_BxL = jax.random.randint(jax.random.key(2), (2, 32), 0, 64)
+    segment_ids_BxL = jnp.asarray([[1] * 10 + [2] * 22, [1] * 32], jnp.int32)
+    _, cache = trace_lib.trace(cfg, params, tokens_BxL, segment_ids_BxL, names="block_*/attn_probs*")
+    same_document_BxLxS = np.asarray(segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
+    for probs_BxHxLxS in map(np.asarray, cache.values()):
+        np.testing.assert_allclose(probs_BxHxLxS.sum(-1), 1.0, atol=1e-5)
+        assert np.all(np.triu(probs_BxHxLxS, k=1) == 0)
+        assert np.all(probs_BxHxLxS[~np.broadcast_to(same_document_BxLxS[:, None], probs_BxHxLxS.shape)] == 0)
+        assert np.all(probs_BxHxLxS[0, :, 10, 10] == 1.0)  # a document's first token sees only itself
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_tracing_off_leaves_the_forward_hlo_unchanged(scan_layers):
+    cfg, params = tiny_model(scan_layers=scan_layers)
+    tokens = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+    assert not cfg.trace
+
+    def forward(params, tokens_BxL):
+        return model.apply(cfg, params, tokens_BxL)[0]
+
+    plain = jax.jit(forward).lower(params, tokens).as_text()
+
+    def forward(params, tokens_BxL):  # noqa: F811  (same name: the HLO module is named after it)
+        # Collecting intermediates with tracing off: nothing is sown, so nothing is computed or returned.
+        (logits, _), state = model.Transformer(cfg).apply({"params": params}, tokens_BxL, mutable=["intermediates"])
+        assert not jax.tree.leaves(state)
+        return logits
+
+    assert jax.jit(forward).lower(params, tokens).as_text() == plain
+    traced = dataclasses.replace(cfg, trace=True)
+    assert jax.jit(lambda p, t: model.apply(traced, p, t)[0]).lower(params, tokens).as_text() != plain
+
+
+def _induction_model(T: int) -> tuple[model.ModelConfig, dict]:
+    """A hand-set 2-layer, 1-head model: block_0 copies the previous token into a 'prev' subspace,
+    block_1 attends from the current token to the position whose previous token matches it and
+    writes that position's token into an 'out' subspace the untied head reads. MLPs are zero.
+    Residual layout: [token (V) | position (L) | previous token (V) | output (V)]."""
+    V, L = 16, 2 * T
+    D = 3 * V + L
+    tok, pos, prev, out = 0, V, V + L, 2 * V + L
+    cfg = model.ModelConfig(V=V, D=D, F=8, N=2, H=1, G=1, L=L, pos_encoding="learned", tie_embeddings=False)
+    params = jax.tree.map(np.zeros_like, nn.unbox(model.init(cfg, jax.random.key(0))))
+    params = jax.tree.map(np.array, params)
+    eye = np.eye(V)
+    params["embed"][:, tok:tok + V] = eye
+    params["pos_embed"][:, pos:pos + L] = np.eye(L)
+    for name in ("attn_norm", "mlp_norm"):
+        for b in ("block_0", "block_1"):
+            params[b][name]["scale"][:] = 1.0
+    params["final_norm"]["scale"][:] = 1.0
+    a0, a1 = params["block_0"]["attn"], params["block_1"]["attn"]
+    sharp = 4.0
+    for i in range(L):  # query at i meets the key of i - 1
+        a0["wq"][pos + i, 0, i] = sharp
+        if i + 1 < L:
+            a0["wk"][pos + i, 0, i + 1] = sharp
+    a0["wv"][tok:tok + V, 0, :V] = eye * 0.2
+    a0["wo"][0, :V, prev:prev + V] = eye
+    a1["wq"][tok:tok + V, 0, :V] = eye * sharp  # query: the current token; key: the previous token
+    a1["wk"][prev:prev + V, 0, :V] = eye * sharp
+    a1["wv"][tok:tok + V, 0, :V] = eye
+    a1["wo"][0, :V, out:out + V] = eye * 4.0
+    params["head"][out:out + V, :] = eye * 4.0
+    return cfg, jax.tree.map(jnp.asarray, params)
+
+
+def test_a_hand_set_induction_model_scores_high_and_a_random_model_low():
+    T = 8
+    tokens_Bx2T = induction.repeated_tokens(seed=0, batch=4, half=T, low=0, high=16)
+    cfg, params = _induction_model(T)
+    scores_NxH = induction.prefix_matching_scores(cfg, params, tokens_Bx2T)
+    assert scores_NxH[1, 0] > 0.9, scores_NxH
+    losses = induction.repeated_tokens_loss(cfg, params, tokens_Bx2T)
+    assert losses["second_copy"] < 0.1 < 2.0 < losses["first_copy"], losses
+    assert induction.in_context_score(cfg, params, tokens_Bx2T, early=2, late=2 * T - 2) < -1.0
+
+    random_cfg, random_params = tiny_model()
+    tokens_Bx32 = induction.repeated_tokens(seed=0, batch=4, half=16, low=0, high=64)
+    assert induction.prefix_matching_scores(random_cfg, random_params, tokens_Bx32).max() < 0.3
+    random_losses = induction.repeated_tokens_loss(random_cfg, random_params, tokens_Bx32)
+    assert abs(random_losses["second_copy"] - random_losses["first_copy"]) < 0.1
+
+
+def test_neighbours_of_a_token_start_with_itself_and_skip_padding(run):
+    vocab = run.tokenizer.vocab_size
+    assert run.model_config.V > vocab  # padded
+    for table in ("embed", "unembed"):
+        for token in (5, vocab - 1):
+            near = run.neighbours(token, k=5, table=table)
+            assert near[0] == (token, 1.0) and len(near) == 5
+            assert all(i < vocab for i, _ in near)
+            assert [c for _, c in near[1:]] == sorted((c for _, c in near[1:]), reverse=True)
+    table_VxD = embeddings.tables(run.model_config, run.params)["embed"]
+    best = embeddings.analogy(table_VxD, 5, 6, 7, k=3, vocab_size=vocab)
+    assert len(best) == 3 and not {5, 6, 7} & {i for i, _ in best}
+
+
+def test_inspect_cli_prints_a_table_then_json_and_refuses_bad_input_in_one_line(run):
+    out = run_cli("inspect", "lens", f"--workdir={run.workdir}", f"--prompt={PROMPT}", "--k=3")
+    assert out.returncode == 0, out.stderr
+    *table, last = out.stdout.strip().splitlines()
+    assert table[0].startswith("layer") and [line.split()[0] for line in table[1:]] == ["embed", "block_0", "block_1"]
+    rows, expected = json.loads(last)["lens"], run.lens(PROMPT, k=3)
+    assert [(r["layer"], r["top_ids"]) for r in rows] == [(r["layer"], r["top_ids"]) for r in expected]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in expected], abs=1e-6)
+    bad = run_cli("inspect", "neighbours", f"--workdir={run.workdir}", "--prompt=two tokens")
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --prompt must be one token for neighbours, and 'two tokens' is 10"]
