@@ -31,7 +31,7 @@ setup(
         # wheel cache; any recent torch works.
         "hf": ["torch==2.13.0", "transformers>=5", "safetensors"],
         # ./run.sh eval --tasks (llm/harness.py)
-        "harness": ["lm_eval>=0.4.9"],
+        "harness": ["lm_eval>=0.4.9", "datasets"],  # datasets: the local task files are read with it
     },
     package_data={"llm": ["harness_tasks/*/*"]},
 )
