@@ -37,7 +37,8 @@ usage: ./run.sh COMMAND [flags]
   bench  train|sample [flags]
   export --workdir=D --out=HF_DIR [--step=N] [--max_shard_mb=M]   a run as a Hugging Face Llama model
   import --hf=HF_DIR --workdir=D [--tokenizer=F.model] [--config.KEY=V ...]   a Llama model as a run
-  inspect lens|attention|heads|neighbours --workdir=D --prompt=TEXT [--k=N]   look inside a trained model
+  inspect lens|attention|heads|neighbours --workdir=D --prompt=TEXT [--k=N] [--out=PNG_DIR]   look inside a trained model
+  inspect neurons --workdir=D --layer=I --neuron=N [--k=N] [--split=validation]   contexts that fire an MLP neuron
   launch-local N COMMAND [flags]   N local CPU processes joined as one multi-host job
   test   [pytest args]          run the test suite
 USAGE

@@ -3,7 +3,7 @@
 
 def load(workdir: str, step: int | None = None):
     """Loads a trained run: `.config`, `.tokenizer`, `.logits(tokens)`, `.generate(prompts)`, `.evaluate(split)`,
-    `.trace(text)` and the rest of llm/inspect (`.lens`, `.intervention_effect`, `.neighbours`)."""
+    `.trace(text)` and the rest of llm/inspect (`.lens`, `.intervention_effect`, `.neighbours`, `.top_contexts`)."""
     from llm.api import load as _load
 
     return _load(workdir, step)

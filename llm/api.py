@@ -5,6 +5,7 @@
     run.evaluate("validation")           # {"split", "step", "tokens", "bytes", "loss", "perplexity", "bits_per_byte"}
     run.logits(run.tokenizer.encode("To be"))
     logits, cache = run.trace("To be", names="block_*/attn_probs*")   # llm/inspect: activations by name
+    run.top_contexts(layer=1, neuron=7, k=10)   # the held-out contexts that fire one MLP neuron most
 """
 
 import functools
@@ -120,10 +121,27 @@ class Run:
         """Per-layer logit-lens loss over a held-out split, read as evaluate() reads it."""
         from llm.inspect import lens
 
+        return lens.layer_losses(self.model_config, self.params, self._eval_batches(split, batch_size), max_batches)
+
+    def _eval_batches(self, split: str, batch_size: int | None):
         dc = config_lib.data_config(self.config, None)
         stream = data.token_stream(dc, split, self.tokenizer)
-        batches = data.eval_batches(stream, batch_size or self.config.eval_batch_size, self.config.seq_len, dc.packing, self.tokenizer.eos_id)
-        return lens.layer_losses(self.model_config, self.params, batches, max_batches)
+        return data.eval_batches(stream, batch_size or self.config.eval_batch_size, self.config.seq_len, dc.packing, self.tokenizer.eos_id)
+
+    def top_contexts(self, layer: int, neuron: int, split: str = "validation", k: int = 10, max_batches: int = 0,
+                     batch_size: int | None = None) -> list[dict]:
+        """The k held-out positions where MLP neuron `neuron` of block `layer` fires hardest, largest first:
+        {"activation", "row", "position", "before", "token", "after", "text"}, the text with the token «marked»."""
+        from llm.inspect import neurons
+
+        neurons.check_neuron(self.model_config, layer, neuron)  # before the split is read or anything compiles
+        batches = self._eval_batches(split, batch_size)
+        found = neurons.top_activations(self.model_config, self.params, batches, layer, neuron, k, max_batches)
+        decode = self.tokenizer.decode
+        for c in found:
+            c["before"], c["token"], c["after"] = decode(c["before"]), decode([c["token"]]), decode(c["after"])
+            c["text"] = f"{c['before']}«{c['token']}»{c['after']}"
+        return found
 
     def neighbours(self, token: int, k: int = 10, table: str = "embed") -> list[tuple[int, float]]:
         """The k tokens whose `table` vector ("embed", or "unembed" when untied) is nearest in cosine."""

@@ -19,7 +19,7 @@ except (AttributeError, KeyError) as e:
           f"(configs/default.py lists every key)", file=sys.stderr)
     sys.exit(2)
 flags.DEFINE_string("workdir", "", "Run directory (default: runs/<config name>).")
-flags.DEFINE_string("split", "validation", "eval: split to score.")
+flags.DEFINE_string("split", "validation", "eval: split to score; inspect neurons: split to search.")
 flags.DEFINE_string("dataset", "", "eval: a dataset other than the run's (out-of-domain perplexity).")
 flags.DEFINE_integer("step", None, "eval/sample: checkpoint step (default: the latest).")
 flags.DEFINE_integer("batch_size", 0, "eval: rows per batch (default: the run's eval_batch_size; 16 with --tasks).")
@@ -43,14 +43,17 @@ flags.DEFINE_integer("heartbeat_timeout_s", 60, "multi-host: a process silent th
 flags.DEFINE_bool("dry_run", False, "sweep: print the table of points and stop.")
 flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at i (0-based).")
 flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
-flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/); export: the HF directory.")
+flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/); "
+                    "export: the HF directory; inspect lens|attention|heads: a directory for PNG plots.")
 flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for standard errors.")
 flags.DEFINE_string("hf", "", "import: a local Hugging Face Llama model directory.")
 flags.DEFINE_string("tokenizer", "", "import: a SentencePiece .model to use when the HF directory has no tokenizer.model.")
 flags.DEFINE_integer("max_shard_mb", 5000, "export: safetensors files above this size are split, with an index.")
 flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
 flags.DEFINE_float("peak_tflops", 0.0, "bench: published peak TFLOP/s (default: measure a large matmul).")
-flags.DEFINE_integer("k", 5, "inspect: top tokens (lens), attended positions (attention) or neighbours to list.")
+flags.DEFINE_integer("k", 5, "inspect: top tokens (lens), attended positions (attention), neighbours or contexts (neurons) to list.")
+flags.DEFINE_integer("layer", None, "inspect neurons: the block whose MLP holds the neuron (0-based).")
+flags.DEFINE_integer("neuron", None, "inspect neurons: the MLP hidden unit (0-based, below model.d_ff).")
 FLAGS = flags.FLAGS
 
 
@@ -224,21 +227,54 @@ def cmd_import() -> None:
     print(json.dumps(hf.import_run(FLAGS.hf, _need_workdir(), _CONFIG.value, FLAGS.tokenizer)))
 
 
-INSPECT = ("lens", "attention", "heads", "neighbours")
+INSPECT = ("lens", "attention", "heads", "neurons", "neighbours")
+PLOTTED = ("lens", "attention", "heads")
+INSPECT_USAGE = (f"usage: ./run.sh inspect {'|'.join(INSPECT)} --workdir=D --prompt=TEXT [--out=DIR]\n"
+                 "       ./run.sh inspect neurons --workdir=D --layer=I --neuron=N [--k=K] [--split=S]")
+
+
+def _plot_path(name: str) -> str:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    return os.path.join(FLAGS.out, name)
+
+
+def _inspect_neuron(run) -> dict:
+    contexts = run.top_contexts(FLAGS.layer, FLAGS.neuron, FLAGS.split, FLAGS.k)
+    print(f"block_{FLAGS.layer} neuron {FLAGS.neuron}: the {len(contexts)} {FLAGS.split} contexts that activate it most")
+    for c in contexts:
+        print(f"{c['activation']:>9.4f}  {c['text']!r}")
+    return {"layer": FLAGS.layer, "neuron": FLAGS.neuron, "split": FLAGS.split, "contexts": contexts}
 
 
 def cmd_inspect(kind: str) -> None:
-    """A short table on stdout, then one JSON line; the prompt is checked before anything compiles."""
+    """A short table on stdout, then one JSON line; the flags and prompt are checked before anything compiles."""
+    import numpy as np
+
     from llm import api
-    from llm.inspect import InspectError
+    from llm.inspect import InspectError, neurons, plots
 
     if kind not in INSPECT:
-        raise app.UsageError(f"usage: ./run.sh inspect {'|'.join(INSPECT)} --workdir=D --prompt=TEXT")
+        raise app.UsageError(INSPECT_USAGE)
     if FLAGS.k < 1:
         raise InspectError(f"--k must be at least 1, not {FLAGS.k}")
+    if FLAGS.out and kind not in PLOTTED:
+        raise InspectError(f"--out draws {', '.join(PLOTTED)}; inspect {kind} has no plot")
+    if kind == "neurons":
+        missing = [f"--{name}" for name in ("layer", "neuron") if FLAGS[name].value is None]
+        if missing:
+            raise InspectError(f"inspect neurons needs {' and '.join(missing)}")
     run = api.load(_need_workdir(), FLAGS.step)
+    if kind == "neurons":
+        neurons.check_neuron(run.model_config, FLAGS.layer, FLAGS.neuron)
+        print(json.dumps(_inspect_neuron(run)))
+        return
     tokens = run.tokens_BxL(FLAGS.prompt)[0]
+    if FLAGS.out and kind == "lens" and len(tokens) < 2:
+        raise InspectError("--prompt needs at least 2 tokens for the lens plot: it colours next-token log-probabilities")
     show = lambda ids: " ".join(repr(run.tokenizer.decode([int(t)])) for t in ids)
+    pieces = [run.tokenizer.decode([int(t)]) for t in tokens]
+    layers = [f"block_{i}" for i in range(run.model_config.N)]
+    written = []  # PNGs, with --out
     if kind == "lens":
         rows = run.lens(FLAGS.prompt, FLAGS.k)
         print(f"{'layer':<10} {'loss':>8}  top next tokens after the prompt")
@@ -246,8 +282,14 @@ def cmd_inspect(kind: str) -> None:
             loss = "-" if r["loss"] is None else f"{r['loss']:.3f}"
             print(f"{r['layer']:<10} {loss:>8}  " + "  ".join(f"{t!r} {p:.2f}" for t, p in zip(r["top"], r["top_probs"])))
         result = {"lens": rows}
+        if FLAGS.out:
+            losses_NxL = np.asarray([r["position_losses"] for r in rows])
+            written.append(plots.lens_heatmap(losses_NxL, pieces, _plot_path("lens.png"), [r["layer"] for r in rows]))
     elif kind == "attention":
         _, cache = run.trace(tokens, names="block_*/attn_probs_BxHxLxS")
+        if FLAGS.out:
+            probs_NxHxLxS = np.stack([probs_BxHxLxS[0] for probs_BxHxLxS in cache.values()])
+            written.append(plots.attention_maps(probs_NxHxLxS, pieces, _plot_path("attention.png"), layers))
         result = {"attention": []}
         print(f"where the last token ({show(tokens[-1:])}) attends, per layer and head")
         for name, probs_BxHxLxS in cache.items():
@@ -267,6 +309,8 @@ def cmd_inspect(kind: str) -> None:
         for i, row in enumerate(change):
             print(f"{'block_' + str(i):<8} " + " ".join(f"{c:>+9.4f}" for c in row))
         result = {"loss": effects[0][0]["loss_clean"], "head_ablation_loss_change": change}
+        if FLAGS.out:
+            written.append(plots.head_ablation_heatmap(np.asarray(change), _plot_path("heads.png"), layers))
     else:
         if len(tokens) != 1:
             raise InspectError(f"--prompt must be one token for neighbours, and {FLAGS.prompt!r} is {len(tokens)}")
@@ -275,6 +319,8 @@ def cmd_inspect(kind: str) -> None:
             near = run.neighbours(int(tokens[0]), FLAGS.k + 1, table)[1:]
             print(f"{table}: " + "  ".join(f"{show([i])} {c:.3f}" for i, c in near))
             result[table] = [{"token": run.tokenizer.decode([i]), "id": i, "cosine": c} for i, c in near]
+    if written:
+        result["plots"] = written
     print(json.dumps(result))
 
 
@@ -291,7 +337,7 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("usage: ./run.sh bench train|sample [flags]")
     elif argv[1] == "inspect":
         if len(positional) != 1:
-            raise app.UsageError(f"usage: ./run.sh inspect {'|'.join(INSPECT)} --workdir=D --prompt=TEXT")
+            raise app.UsageError(INSPECT_USAGE)
     elif positional:
         raise app.UsageError(f"unexpected arguments: {' '.join(positional)}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

@@ -263,3 +263,67 @@ def test_inspect_cli_prints_a_table_then_json_and_refuses_bad_input_in_one_line(
     assert bad.returncode != 0 and bad.stdout == ""
     assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
         "error: --prompt must be one token for neighbours, and 'two tokens' is 10"]
+
+
+def test_top_contexts_are_the_true_maxima_in_order_and_mark_their_token(run):
+    layer, neuron = 1, 7
+    # brute force: every position of the same batches, traced whole
+    everything, rows = [], []
+    for i, batch in enumerate(_batches(run, 4)):
+        if i == 3:
+            break
+        _, cache = run.trace(batch["inputs"], names=f"block_{layer}/mlp_hidden_BxLxF")
+        act_BxL = cache[f"block_{layer}/mlp_hidden_BxLxF"][..., neuron]
+        for r, p in zip(*np.nonzero(batch["weights"] > 0)):
+            everything.append((float(act_BxL[r, p]), len(rows) + int(r), int(p)))
+        rows.extend(batch["inputs"])
+    ranked = sorted(everything, key=lambda e: (-e[0], e[1], e[2]))
+    decode = run.tokenizer.decode
+    for k in (6, 150):  # 150: more than one batch holds (4 x 32), so the running top-k must merge across batches
+        contexts = run.top_contexts(layer, neuron, k=k, max_batches=3, batch_size=4)
+        assert [c["activation"] for c in contexts] == pytest.approx([e[0] for e in ranked[:k]], abs=1e-5)
+        at = {(r, p): a for a, r, p in everything}
+        assert all(c["activation"] == pytest.approx(at[c["row"], c["position"]], abs=1e-5) for c in contexts)
+        if k == 6:  # deep in the ranking, near-ties could swap under float rounding
+            assert [(c["row"], c["position"]) for c in contexts] == [(e[1], e[2]) for e in ranked[:k]]
+        assert [c["activation"] for c in contexts] == sorted((c["activation"] for c in contexts), reverse=True)
+        for c in contexts:
+            inputs_L = rows[c["row"]]
+            assert c["token"] == decode([int(inputs_L[c["position"]])])
+            assert c["before"] == decode([int(t) for t in inputs_L[max(0, c["position"] - 40) : c["position"]]])
+            assert f"{c['before']}«{c['token']}»" in c["text"]
+    with pytest.raises(InspectError):
+        run.top_contexts(run.model_config.N, 0)
+    with pytest.raises(InspectError):
+        run.top_contexts(0, run.model_config.F)
+
+
+def test_inspect_neurons_cli_lists_the_top_contexts_and_refuses_bad_units_in_one_line(run):
+    out = run_cli("inspect", "neurons", f"--workdir={run.workdir}", "--layer=0", "--neuron=3", "--k=3")
+    assert out.returncode == 0, out.stderr
+    *table, last = out.stdout.strip().splitlines()
+    assert len(table) == 4 and table[0].startswith("block_0 neuron 3")
+    listed, expected = json.loads(last)["contexts"], run.top_contexts(0, 3, k=3)
+    assert [c["text"] for c in listed] == [c["text"] for c in expected]
+    assert [c["activation"] for c in listed] == pytest.approx([c["activation"] for c in expected], abs=1e-5)
+    F = run.model_config.F
+    refusals = [(["--layer=0", f"--neuron={F}"], f"error: neuron must lie in 0..{F - 1} (the MLP's hidden width), not {F}"),
+                (["--neuron=1"], "error: inspect neurons needs --layer"),
+                (["--layer=0", "--neuron=1", "--out=x"], "error: --out draws lens, attention, heads; inspect neurons has no plot")]
+    for flags_, message in refusals:
+        bad = run_cli("inspect", "neurons", f"--workdir={run.workdir}", *flags_)
+        assert bad.returncode != 0 and bad.stdout == ""
+        assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [message]
+
+
+@pytest.mark.parametrize("kind", ["lens", "attention", "heads"])
+def test_inspect_out_writes_a_readable_png_and_lists_it(run, kind, tmp_path):
+    from matplotlib import image
+
+    out = run_cli("inspect", kind, f"--workdir={run.workdir}", f"--prompt={PROMPT}", f"--out={tmp_path / 'plots'}")
+    assert out.returncode == 0, out.stderr
+    plots = json.loads(out.stdout.strip().splitlines()[-1])["plots"]
+    assert plots == [str(tmp_path / "plots" / f"{kind}.png")]
+    pixels_HxWxC = image.imread(plots[0])
+    assert pixels_HxWxC.shape[0] > 100 and pixels_HxWxC.shape[1] > 100
+    assert pixels_HxWxC[..., :3].std() > 0  # something is drawn, not a blank canvas

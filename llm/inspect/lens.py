@@ -53,14 +53,17 @@ def layer_losses(cfg: ModelConfig, params, batches: Iterable[dict], max_batches:
 
 
 def prompt_lens(cfg: ModelConfig, params, tokens_L, k: int = 5, vocab_limit: int | None = None) -> list[dict]:
-    """Per layer: the mean loss over the prompt's next tokens (over the padded vocabulary, as
-    llm/evaluate.py scores; None for a single token) and the top-k ids below `vocab_limit` after it."""
+    """Per layer: the loss of each of the prompt's next tokens and their mean (over the padded
+    vocabulary, as llm/evaluate.py scores; None for a single token), and the top-k ids below
+    `vocab_limit` after the prompt."""
     tokens_L = np.asarray(tokens_L, np.int32)
     _, cache = trace(cfg, params, tokens_L[None], names=stream_names(cfg))
     logp_NxLxV = np.asarray(jax.nn.log_softmax(lens_logits(cfg, params, cache)[:, 0], axis=-1))
     rows = []
     for label, logp_LxV in zip(layer_labels(cfg), logp_NxLxV):
-        loss = float(-logp_LxV[np.arange(len(tokens_L) - 1), tokens_L[1:]].mean()) if len(tokens_L) > 1 else None
+        losses_L1 = -logp_LxV[np.arange(len(tokens_L) - 1), tokens_L[1:]]
+        loss = float(losses_L1.mean()) if len(tokens_L) > 1 else None
         top = np.argsort(-logp_LxV[-1, :vocab_limit], kind="stable")[:k]
-        rows.append({"layer": label, "loss": loss, "top_ids": top.tolist(), "top_probs": np.exp(logp_LxV[-1][top]).tolist()})
+        rows.append({"layer": label, "loss": loss, "position_losses": losses_L1.tolist(), "top_ids": top.tolist(),
+                     "top_probs": np.exp(logp_LxV[-1][top]).tolist()})
     return rows
