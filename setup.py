@@ -18,8 +18,11 @@ setup(
         "tensorflow-datasets>=4.9.8",
         "importlib_resources",  # tensorflow-datasets imports it without declaring it
         "tensorflow-cpu",  # TFDS community builders (tiny_shakespeare, lm1b, c4, ...) need tf to prepare
-        "grain>=0.2.12",
+        "grain>=0.2.12",  # streamed corpora (llm/data.py)
         "array-record",
+        "fsspec",  # shard globs on gs://, s3://, ... (llm/sources.py)
+        "pyarrow",  # parquet: shards
+        "zstandard",  # .jsonl.zst shards
         "tensorboardX",
         "tqdm",
         "scipy",

@@ -25,11 +25,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample_tokens = 120  # printed after training; 0 to skip
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "shakespeare"  # or 'text:GLOB', or 'tfds:NAME[/CONFIG][:VERSION]'
-    c.data.text_key = "text"  # the TFDS feature holding the text
+    # or 'text:GLOB', 'tfds:NAME[/CONFIG][:VERSION]', or streamed: 'jsonl:GLOB' (.jsonl, .jsonl.gz, .jsonl.zst),
+    # 'parquet:GLOB' (local paths or fsspec URLs such as gs://...)
+    c.data.dataset = "shakespeare"
+    c.data.text_key = "text"  # the TFDS feature, JSON field or Parquet column holding the text
+    c.data.validation_dataset = ""  # streamed: a separate corpus for validation ('' : hold out validation_fraction)
+    c.data.num_workers = 0  # streamed: tokenizing processes (0: in the training process); batches never depend on it
+    c.data.skip_bad_records = False  # streamed: skip (and count, data_skipped_records) bad records instead of stopping
     c.data.data_dir = ""  # TFDS data dir ('' : ~/tensorflow_datasets); token caches live beside each dataset
     c.data.manual_dir = ""  # TFDS manual_dir (files TFDS would otherwise download)
-    c.data.validation_fraction = 0.1  # for 'text:' datasets: the tail of each file
+    c.data.validation_fraction = 0.1  # 'text:': the tail of each file; streamed: whole documents (llm/sources.py)
     c.data.test_fraction = 0.0
     c.data.tokenizer = "char"  # 'char' | 'byte' | 'sentencepiece'
     c.data.tokenizer_path = ""  # sentencepiece: an existing .model file instead of training one

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm import checkpoint, config as config_lib, data, evaluate as evaluate_lib, model, sample as sample_lib, tokenizer as tokenizer_lib
+from llm import checkpoint, config as config_lib, data, evaluate as evaluate_lib, model, sample as sample_lib, sources, tokenizer as tokenizer_lib
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,10 +123,11 @@ class Run:
 
         return lens.layer_losses(self.model_config, self.params, self._eval_batches(split, batch_size), max_batches)
 
-    def _eval_batches(self, split: str, batch_size: int | None):
-        dc = config_lib.data_config(self.config, None)
-        stream = data.token_stream(dc, split, self.tokenizer)
-        return data.eval_batches(stream, batch_size or self.config.eval_batch_size, self.config.seq_len, dc.packing, self.tokenizer.eos_id)
+    def _eval_batches(self, split: str, batch_size: int | None, dataset: str | None = None):
+        dc = config_lib.data_config(self.config, dataset)
+        if dataset and sources.is_streamed(dataset):
+            split = "all"  # an out-of-domain corpus is scored whole
+        return data.split_eval_batches(dc, split, self.tokenizer, batch_size or self.config.eval_batch_size, self.config.seq_len)
 
     def top_contexts(self, layer: int, neuron: int, split: str = "validation", k: int = 10, max_batches: int = 0,
                      batch_size: int | None = None) -> list[dict]:
@@ -214,13 +215,13 @@ class Run:
         return on_tokens
 
     def evaluate(self, split: str = "validation", dataset: str | None = None, batch_size: int | None = None) -> dict:
-        """One pass over `split` of the run's dataset, or of `dataset` (out-of-domain), read as training read it."""
-        cfg = self.config
-        dc = config_lib.data_config(cfg, dataset)
-        stream = data.token_stream(dc, split, self.tokenizer)
-        batches = data.eval_batches(stream, batch_size or cfg.eval_batch_size, cfg.seq_len, dc.packing, self.tokenizer.eos_id)
+        """One pass over `split` of the run's dataset, or of `dataset` (out-of-domain; a streamed one is
+        scored whole), read as training read it."""
+        batches = self._eval_batches(split, batch_size, dataset)
         put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
         result = evaluate_lib.evaluate(self._eval_step, self.params, batches, self.tokenizer.token_bytes(), put)
+        if dataset and sources.is_streamed(dataset):
+            split = "all"
         return {"split": split, "step": int(self.step), **result}
 
 

@@ -3,7 +3,7 @@
 import jax
 import ml_collections
 
-from llm import attention as attention_lib
+from llm import attention as attention_lib, sources
 from llm.data import PACKINGS, DataConfig
 from llm.model import ModelConfig
 from llm.optim import OptConfig
@@ -88,6 +88,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         # Byte fallback alone takes 256 pieces, plus pad/bos/eos/unk and the newline piece.
         need(cfg.data.vocab_size > 261, f"data.vocab_size={cfg.data.vocab_size} is too small for SentencePiece with byte fallback (> 261)")
     need(cfg.data.spm_input_sentences > 0, "data.spm_input_sentences must be positive")
+    need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if sources.is_streamed(cfg.data.dataset):
+        need(cfg.data.tokenizer != "char", f"data.tokenizer='char' needs every character of the corpus up front; a streamed "
+             f"{cfg.data.dataset.split(':')[0]}: corpus takes 'byte' or 'sentencepiece'")
+        need(cfg.data.sampling == "rows", "data.sampling='windows' needs random access to every token; streamed corpora take 'rows'")
+    elif cfg.data.validation_dataset:
+        problems.append("data.validation_dataset is for streamed corpora ('jsonl:GLOB', 'parquet:GLOB')")
     need(
         0 <= cfg.data.validation_fraction < 1 and 0 <= cfg.data.test_fraction < 1
         and cfg.data.validation_fraction + cfg.data.test_fraction < 1,
@@ -163,4 +170,5 @@ def data_config(cfg: ml_collections.ConfigDict, dataset: str | None = None) -> D
     return DataConfig(
         dataset=dataset or d.dataset, text_key=d.text_key, data_dir=d.data_dir, manual_dir=d.manual_dir,
         validation_fraction=d.validation_fraction, test_fraction=d.test_fraction, packing=d.packing, add_bos=d.add_bos,
+        validation_dataset=d.validation_dataset, num_workers=d.num_workers, skip_bad_records=d.skip_bad_records,
     )

@@ -140,6 +140,12 @@ class SentencePieceTokenizer:
             raise TokenizerError(f"SentencePiece training failed (data.vocab_size={vocab_size}): {str(e).splitlines()[-1]}") from e
         return cls(model.getvalue())
 
+    def __getstate__(self) -> dict:
+        return {"model_proto": self.model_proto}  # data workers get the model, not the C++ processor
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"])
+
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._sp.encode(text), np.int32)
 

@@ -172,15 +172,34 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
 
     dc = config_lib.data_config(cfg)
     if jax.process_count() > 1:
-        # Hosts sharing a data dir would otherwise all prepare the dataset into it at once.
+        # Hosts sharing a data dir would otherwise all prepare (or index) the dataset into it at once.
         if is_main:
-            data.prepared_builder(dc)
+            data.prepare(dc)
         multihost_utils.sync_global_devices("dataset prepared")
     tok = _tokenizer(cfg, workdir)
-    train_stream = data.token_stream(dc, "train", tok)
-    eval_stream = data.token_stream(dc, "validation", tok) if cfg.eval_every_steps else None
-    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, rows=sharding.host_rows(mesh, cfg.batch_size),
-                                sampling=cfg.data.sampling, packing=dc.packing, eos_id=tok.eos_id)
+    if cfg.eval_every_steps:
+        data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len)  # a missing split fails now, not at the first eval
+    batches = data.train_batches(dc, tok, cfg.batch_size, cfg.seq_len, cfg.seed, sharding.host_rows(mesh, cfg.batch_size), cfg.data.sampling)
+    try:
+        return _train_loop(cfg, workdir, quiet, stop, mesh, rules, dc, tok, batches)
+    finally:
+        batches.close()
+
+
+def _data_state(batches) -> dict:
+    """Every host's data position in one (the checkpoint's meta is written by the first host)."""
+    state = batches.get_state()
+    if jax.process_count() == 1:
+        return state
+    raw = json.dumps(state).encode()
+    width = int(np.max(multihost_utils.process_allgather(np.int32(len(raw)))))
+    gathered = multihost_utils.process_allgather(np.frombuffer(raw.ljust(width), np.uint8))
+    return batches.merge_states([json.loads(bytes(row).decode().rstrip()) for row in np.asarray(gathered)])
+
+
+def _train_loop(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guard.StopSignals, mesh, rules,
+                dc: data.DataConfig, tok: tokenizer_lib.Tokenizer, batches: "data.TrainBatches | data.StreamBatches") -> dict:
+    is_main = jax.process_index() == 0
     mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
     oc = config_lib.opt_config(cfg)
     if is_main:
@@ -226,7 +245,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
 
     def run_eval(step: int) -> dict:
         result = evaluate.evaluate(
-            p_eval_step, state.params, data.eval_batches(eval_stream, cfg.eval_batch_size, cfg.seq_len, dc.packing, tok.eos_id),
+            p_eval_step, state.params, data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len),
             tok.token_bytes(), put_eval, cfg.eval_max_batches,
         )
         record = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
@@ -253,6 +272,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
             tokens_per_s = (step - window_step) * tokens_per_step / (now - window_start)
             metrics.update(perplexity=float(np.exp(min(metrics["loss"], 50.0))), tokens_per_s=tokens_per_s,
                            mfu=mfu(flops_per_token, tokens_per_s, peak_tflops * peak_units()))
+            if isinstance(batches, data.StreamBatches):
+                metrics["data_skipped_records"] = batches.skipped  # this host's (bad records skipped, data.skip_bad_records)
             with _writing("writing metrics.jsonl", workdir):
                 writer.write(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -269,7 +290,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
             bar.update(1)
             stopping = stop.requested(step)
             save = step % cfg.checkpoint_every_steps == 0 or step == cfg.num_train_steps or stopping
-            evaluate_now = eval_stream is not None and not stopping and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps)
+            evaluate_now = cfg.eval_every_steps and not stopping and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps)
             if save or evaluate_now:
                 # Checked now, not a step late: never checkpoint a state whose loss was not finite, and log
                 # this step's throughput before an eval restarts the window.
@@ -278,7 +299,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
             if save:
                 # An earlier asynchronous save that failed raises here.
                 with _writing(f"saving checkpoints (step {step} or the save before it)", workdir):
-                    checkpoint.save(mngr, step, state.params, state.opt_state, {"step": step, "data": batches.get_state()})
+                    checkpoint.save(mngr, step, state.params, state.opt_state, {"step": step, "data": _data_state(batches)})
             if stopping:
                 with _writing(f"committing the checkpoint of step {step}", workdir):
                     mngr.wait_until_finished()
@@ -289,7 +310,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
                 window_start, window_step = time.perf_counter(), step
         if pending is not None:
             check(*pending)
-        if start >= cfg.num_train_steps and eval_stream is not None:
+        if start >= cfg.num_train_steps and cfg.eval_every_steps:
             last_eval = run_eval(start)
     except BaseException:
         failing = True

@@ -2,12 +2,20 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import ml_collections
-import pytest
+# The suite compiles the same tiny train and eval steps in dozens of processes; JAX's persistent
+# compilation cache, one directory per test run (shared by the xdist workers and every CLI subprocess
+# they start), compiles each program once. Set before anything imports jax.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"llm-tests-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-from configs import default
+import ml_collections  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import default  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -23,6 +31,44 @@ def write_corpus(path: Path, num_chars: int = 40_000, seed: int = 0) -> Path:
         size += len(line) + 1
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40))) + "." for _ in range(n)]
+
+
+def write_shards(root: Path, docs: list[str], num_shards: int = 3, fmt: str = "jsonl", key: str = "text") -> str:
+    """docs split over num_shards files of one format (jsonl, gz, zst, parquet); returns the data.dataset value."""
+    import gzip
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-len(docs) // num_shards)
+    for s in range(num_shards):
+        part = docs[s * per : (s + 1) * per]
+        lines = "".join(json.dumps({"id": i, key: t}) + "\n" for i, t in enumerate(part)).encode()
+        path = root / f"shard-{s:03d}.{'parquet' if fmt == 'parquet' else 'jsonl'}"
+        if fmt == "jsonl":
+            path.write_bytes(lines)
+        elif fmt == "gz":
+            path.with_name(path.name + ".gz").write_bytes(gzip.compress(lines))
+        elif fmt == "zst":
+            import zstandard
+
+            path.with_name(path.name + ".zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"id": list(range(len(part))), key: part}), path, row_group_size=7)
+    pattern = {"jsonl": "*.jsonl", "gz": "*.jsonl.gz", "zst": "*.jsonl.zst", "parquet": "*.parquet"}[fmt]
+    return f"{'parquet' if fmt == 'parquet' else 'jsonl'}:{root}/{pattern}"
+
+
+def streamed(dataset: str, **overrides) -> dict:
+    """Overrides for cli_overrides/tiny_config that train on a streamed corpus."""
+    return dict(data__dataset=dataset, data__tokenizer="byte", data__validation_fraction=0.1, **overrides)
 
 
 @pytest.fixture

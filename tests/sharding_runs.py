@@ -9,11 +9,13 @@ import sys
 sys.path[:0] = [".", "tests"]
 
 import jax  # noqa: E402
-from conftest import tiny_config  # noqa: E402
+from conftest import streamed, tiny_config  # noqa: E402
 
 from llm import sharding, train  # noqa: E402
 
 STEPS = 20
+MULTI_STEPS = 40
+SHARDS = "jsonl:{root}/shards/*.jsonl"
 # A constant schedule makes a 10-step run the exact prefix of the 20-step one.
 MODEL = dict(model__d_model=64, model__num_heads=8, model__num_kv_heads=8, model__d_ff=128, model__vocab_multiple=8,
              opt__schedule="constant")
@@ -23,9 +25,9 @@ def losses(workdir: str) -> list[float]:
     return [r["loss"] for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "loss" in r]
 
 
-def run(corpus, workdir, mesh=(-1, 1, 1), steps=STEPS) -> list[float]:
+def run(corpus, workdir, mesh=(-1, 1, 1), steps=STEPS, **data) -> list[float]:
     cfg = tiny_config(corpus, num_train_steps=steps, log_every_steps=1, checkpoint_every_steps=10, **MODEL,
-                      mesh__data=mesh[0], mesh__fsdp=mesh[1], mesh__tensor=mesh[2])
+                      mesh__data=mesh[0], mesh__fsdp=mesh[1], mesh__tensor=mesh[2], **data)
     train.train(cfg, workdir, quiet=True)
     return losses(workdir)
 
@@ -35,6 +37,8 @@ def main(kind: str, corpus: str, root: str) -> None:
     if kind == "eight":
         for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)]:
             out[str(mesh)] = run(corpus, f"{root}/mesh_{'_'.join(map(str, mesh))}", mesh)
+        # The reference of the two-process runs, which stream the shards that tests/test_sharding.py wrote.
+        out["streamed (8, 1, 1)"] = run(corpus, f"{root}/streamed", (8, 1, 1), steps=MULTI_STEPS // 2, **streamed(SHARDS.format(root=root)))
         # Save on (8,1,1) at step 10, resume on (2,2,2) to the end.
         run(corpus, f"{root}/cross", (8, 1, 1), steps=10)
         out["cross_mesh"] = run(corpus, f"{root}/cross", (2, 2, 2))

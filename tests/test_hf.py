@@ -142,15 +142,15 @@ def _unscanned(run):
     return params
 
 
-@pytest.mark.parametrize("override,named", [("model__pos_encoding=learned", "model.pos_encoding='learned'"),
-                                            ("model__norm=layernorm", "model.norm='layernorm'"),
-                                            ("model__mlp=gelu", "model.mlp='gelu'")])
-def test_what_llama_cannot_express_is_refused_by_name_and_nothing_is_written(tmp_path, corpus, override, named):
-    key, value = override.split("=")
-    train.train(tiny_config(corpus, num_train_steps=2, **{key: value}), str(tmp_path / "run"), quiet=True)
+def test_what_llama_cannot_express_is_refused_by_name_and_nothing_is_written(tmp_path, corpus):
+    train.train(tiny_config(corpus, num_train_steps=2, model__pos_encoding="learned", model__norm="layernorm", model__mlp="gelu"),
+                str(tmp_path / "run"), quiet=True)
     result = run_cli("export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"cannot be written as a Llama model: {named}" in result.stderr.strip().splitlines()[-1]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "cannot be written as a Llama model: " in last
+    for named in ("model.pos_encoding='learned'", "model.norm='layernorm'", "model.mlp='gelu'"):
+        assert named in last
     assert not (tmp_path / "hf").exists()
 
 

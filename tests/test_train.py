@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, tiny_config, write_corpus
+from conftest import REPO, cli_overrides, documents, streamed, tiny_config, write_shards
 
 from llm import checkpoint, guard, model, optim, train
 from llm.model import ModelConfig
@@ -87,10 +87,14 @@ def _final_params(workdir):
 @pytest.fixture(scope="module")
 def resumable(tmp_path_factory):
     """A CLI train command and the params of its uninterrupted run; long enough (a few seconds) that a
-    kill or a signal lands after a checkpoint and well before the end."""
+    kill or a signal lands after a checkpoint and well before the end. It streams a sharded JSONL corpus
+    through a data worker, with document packing and evals: the data position the checkpoint holds is
+    the streamed one (the in-memory path's is tested in test_tokenizer_data.py)."""
     root = tmp_path_factory.mktemp("resumable")
-    corpus = write_corpus(root / "corpus.txt")
-    overrides = dict(num_train_steps=300, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10)
+    shards = write_shards(root / "shards", documents(300))
+    overrides = dict(num_train_steps=300, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10, eval_every_steps=100,
+                     **streamed(shards, data__num_workers=1, data__packing="documents"))
+    corpus = root / "corpus.txt"  # only places data.data_dir (the shards' index) beside it
     # Every run goes through the CLI, so all see the same devices (it splits a CPU host's cores).
     command = lambda workdir: [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *cli_overrides(corpus, **overrides)]
     done = subprocess.run(command(root / "reference"), cwd=REPO, capture_output=True, text=True, timeout=300)

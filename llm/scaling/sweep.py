@@ -82,7 +82,7 @@ def sweep_tokenizer(cfg: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
 
 @functools.lru_cache(maxsize=8)
 def _validation_tokens(dc: data.DataConfig, tok: tokenizer_lib.Tokenizer) -> int:
-    return len(data.token_stream(dc, "validation", tok))
+    return data.num_tokens(dc, "validation", tok)
 
 
 def _short(x: float) -> str:

@@ -1,0 +1,235 @@
+"""Streamed corpora (llm/sources.py, data.StreamBatches): formats, determinism, hosts, resume, eval, bad data."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from conftest import cli_overrides, documents, run_cli, streamed, tiny_config, write_shards
+
+from llm import data, tokenizer
+
+TOK = tokenizer.ByteTokenizer()
+
+
+def _config(dataset, tmp_path, **kw) -> data.DataConfig:
+    return data.DataConfig(dataset=dataset, data_dir=str(tmp_path / "index"), **kw)
+
+
+def _all_texts(split) -> list[str]:
+    return [split[k][0] for k in range(len(split))]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    docs = documents(300)
+    return write_shards(root / "plain", docs), docs, root
+
+
+@pytest.mark.parametrize("fmt", ["gz", "zst", "parquet"])
+def test_every_shard_format_reads_the_same_documents_in_the_same_order(tmp_path, fmt):
+    docs = documents(50)
+    expected = _all_texts(data.open_split(_config(write_shards(tmp_path / "plain", docs), tmp_path), "all"))
+    assert expected == docs
+    assert _all_texts(data.open_split(_config(write_shards(tmp_path / fmt, docs, fmt=fmt), tmp_path), "all")) == docs
+
+
+def test_fsspec_urls_read_like_local_paths(corpus, tmp_path):
+    dataset, docs, _ = corpus
+    url = dataset.replace("jsonl:", "jsonl:file://")
+    assert _all_texts(data.open_split(_config(url, tmp_path), "all")) == docs
+
+
+def test_the_hold_out_splits_whole_documents_deterministically(corpus, tmp_path):
+    dataset, docs, _ = corpus
+    dc = _config(dataset, tmp_path, validation_fraction=0.1, test_fraction=0.05)
+    parts = {name: _all_texts(data.open_split(dc, name)) for name in ("train", "validation", "test")}
+    assert [len(p) for p in parts.values()] == [255, 30, 15]
+    assert sorted(sum(parts.values(), [])) == sorted(docs)  # disjoint and complete
+    assert parts["validation"] == docs[270:]  # the last tenth of every period (here the whole corpus: 300 < 1000)
+
+
+def test_a_separate_validation_glob_replaces_the_hold_out(corpus, tmp_path):
+    dataset, docs, _ = corpus
+    other = documents(20, seed=1)
+    dc = _config(dataset, tmp_path, validation_dataset=write_shards(tmp_path / "val", other, num_shards=2))
+    assert _all_texts(data.open_split(dc, "validation")) == other
+    assert len(data.open_split(dc, "train")) == len(docs)
+
+
+def test_every_epoch_is_a_fresh_permutation_of_thedocuments(corpus, tmp_path):
+    dataset, docs, _ = corpus
+    split = data.open_split(_config(dataset, tmp_path, validation_fraction=0.0), "train")
+    ds = data.documents(split, TOK, False, seed=0)
+    n = len(split)
+    epochs = [[TOK.decode(ds[e * n + j][0]) for j in range(n)] for e in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(docs)
+    assert epochs[0] != epochs[1]
+    assert [TOK.decode(data.documents(split, TOK, False, seed=1)[j][0]) for j in range(n)] != epochs[0]
+
+
+def _take(split, n, packing="concat", **kw):
+    batches = data.StreamBatches(split, TOK, 8, 32, seed=0, packing=packing, **kw)
+    try:
+        return [next(batches) for _ in range(n)], batches.get_state()
+    finally:
+        batches.close()
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_batches_are_identical_for_any_number_of_workers(corpus, tmp_path):
+    dataset, _, _ = corpus
+    split = data.open_split(_config(dataset, tmp_path), "train")
+    reference, _ = _take(split, 12, "documents")
+    for workers in (1, 2):
+        _same(_take(split, 12, "documents", num_workers=workers)[0], reference)
+
+
+@pytest.mark.parametrize("packing", ["concat", "documents"])
+def test_a_restored_position_continues_exactly_across_epochs(corpus, tmp_path, packing):
+    dataset, _, _ = corpus
+    split = data.open_split(_config(dataset, tmp_path), "train")
+    reference, _ = _take(split, 240, packing)  # 270 documents over 8 lanes: about two epochs
+    _, state = _take(split, 100, packing)
+    batches = data.StreamBatches(split, TOK, 8, 32, seed=0, packing=packing)
+    batches.set_state(json.loads(json.dumps(state)))  # as the checkpoint stores it
+    _same([next(batches) for _ in range(140)], reference[100:])
+    assert min(lane[0] for lane in batches.get_state()["lanes"]) >= 1
+    batches.close()
+
+
+def test_each_host_reads_only_its_rows_documents_and_together_they_give_the_global_batch(corpus, tmp_path):
+    dataset, docs, _ = corpus
+    split = data.open_split(_config(dataset, tmp_path), "train")
+    whole, _ = _take(split, 6)
+    halves = [_take(split, 6, rows=rows) for rows in ((0, 4), (4, 8))]
+    for b, (low, high) in zip(whole, zip(halves[0][0], halves[1][0])):
+        for k in b:
+            np.testing.assert_array_equal(np.concatenate([low[k], high[k]]), b[k])
+    merged = data.StreamBatches.merge_states([halves[1][1], halves[0][1]])
+    assert merged == _take(split, 6)[1]
+
+    # A host that reads only its own documents never meets a bad record that belongs to another's rows:
+    # break lane 5's first document (element 5 of epoch 0's order) and only the host holding row 5 sees it.
+    lane_5_first = TOK.decode(data.documents(split, TOK, False, seed=0)[5][0])
+    root = tmp_path / "broken"
+    root.mkdir()
+    for s in range(3):
+        lines = "".join(("{not json" if t == lane_5_first else json.dumps({"text": t})) + "\n" for t in docs[s * 100 : (s + 1) * 100])
+        (root / f"shard-{s}.jsonl").write_text(lines)
+    bad_split = data.open_split(_config(f"jsonl:{root}/*.jsonl", tmp_path), "train")
+    _take(bad_split, 2, rows=(0, 4))
+    with pytest.raises(data.DataError, match=r"shard-\d\.jsonl line \d+: not valid JSON"):
+        _take(bad_split, 2, rows=(4, 8))
+
+
+@pytest.mark.parametrize("packing", ["concat", "documents"])
+def test_streamed_eval_scores_exactly_what_the_in_memory_eval_scores(corpus, tmp_path, packing):
+    dataset, _, _ = corpus
+    dc = _config(dataset, tmp_path, packing=packing)
+    split = data.open_split(dc, "validation")
+    stream = data.tokenize(TOK, _all_texts(split))
+    streamed = list(data.split_eval_batches(dc, "validation", TOK, 4, 32))
+    _same(streamed, list(data.eval_batches(stream, 4, 32, packing, TOK.eos_id)))
+    if packing == "concat":
+        assert sum(b["weights"].sum() for b in streamed) == len(stream) - 1  # every token after the first, once
+
+
+def test_document_rows_never_attend_or_predict_acrossdocuments(corpus, tmp_path):
+    dataset, _, _ = corpus
+    batches, _ = _take(data.open_split(_config(dataset, tmp_path), "train"), 10, "documents")
+    for b in batches:
+        seg, pos, w, x = b["segment_ids"], b["positions"], b["weights"], b["inputs"]
+        starts = np.concatenate([np.ones((len(seg), 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+        assert (pos[starts] == 0).all() and (pos[~starts] == pos[:, :-1][~starts[:, 1:]] + 1).all()
+        # A weighted target is the next token of the same document: never an eos-to-next-document jump.
+        assert ((w == 1) <= (x != TOK.eos_id)).all()
+        assert (w[seg == 0] == 0).all()
+
+
+def _bad_corpus(root, case: str) -> str:
+    root.mkdir()
+    good = "".join(json.dumps({"text": t}) + "\n" for t in documents(40))
+    (root / "a.jsonl").write_text(good)
+    if case == "malformed":
+        (root / "b.jsonl").write_text(good + '{"text": "unterminated\n' + good)
+    elif case == "missing_key":
+        (root / "b.jsonl").write_text(good + json.dumps({"body": "x"}) + "\n")
+    elif case == "non_utf8":
+        (root / "b.jsonl").write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
+    elif case == "empty_shard":
+        (root / "b.jsonl").write_text("")
+    elif case == "truncated_gz":
+        (root / "b.jsonl.gz").write_bytes(gzip.compress((good * 3).encode())[:-300])
+    return f"jsonl:{root}/*.jsonl*"
+
+
+BAD = {
+    "malformed": r"b\.jsonl line 41: not valid JSON",
+    "missing_key": r"b\.jsonl line 41: no field 'text' \(data\.text_key\); its fields: body",
+    "non_utf8": r"b\.jsonl line 41: not UTF-8",
+    "empty_shard": r"b\.jsonl is an empty shard",
+    "truncated_gz": r"b\.jsonl\.gz is truncated or corrupt after line \d+",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_record_stops_with_its_file_and_record_or_is_skipped_and_counted(tmp_path, case):
+    dataset = _bad_corpus(tmp_path / "bad", case)
+
+    def read_all(skip):
+        dc = _config(dataset, tmp_path / ("skip" if skip else "strict"), validation_fraction=0.0, skip_bad_records=skip)
+        split = data.open_split(dc, "train")
+        batches = data.StreamBatches(split, TOK, 4, 32, seed=0, num_workers=0, skip_bad=skip)
+        try:
+            for _ in range(200):  # several epochs: every record is read
+                next(batches)
+            return batches.skipped
+        finally:
+            batches.close()
+
+    with pytest.raises(data.DataError, match=BAD[case]):
+        read_all(False)
+    assert read_all(True) >= 1
+
+
+def test_a_bad_record_under_the_cli_is_one_error_line_even_from_a_worker_process(tmp_path):
+    dataset = _bad_corpus(tmp_path / "bad", "malformed")
+    result = run_cli("train", f"--workdir={tmp_path / 'run'}",
+                     *cli_overrides(tmp_path / "bad" / "a.jsonl", data__dataset=dataset, data__tokenizer="byte", data__num_workers=2,
+                                    data__validation_fraction=0.0, num_train_steps=400, checkpoint_every_steps=1000),
+                     timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "b.jsonl line 41: not valid JSON" in errors[0], result.stderr[-2000:]
+
+
+def test_a_char_tokenizer_or_random_windows_on_a_streamed_corpus_are_refused_before_anything_runs(corpus, tmp_path):
+    dataset, _, _ = corpus
+    result = run_cli("train", f"--workdir={tmp_path / 'run'}",
+                     *cli_overrides(tmp_path / "x.txt", data__dataset=dataset, data__tokenizer="char", data__sampling="windows"))
+    assert result.returncode == 2
+    assert "data.tokenizer='char' needs every character" in result.stderr and "data.sampling='windows'" in result.stderr
+
+
+def test_eval_of_an_out_of_domain_jsonl_glob_scores_every_document(corpus, tmp_path):
+    from llm import train
+
+    dataset, _, root = corpus
+    train.train(tiny_config(root / "x.txt", num_train_steps=2, **streamed(dataset, data__packing="documents")), str(tmp_path / "run"), quiet=True)
+    other = documents(30, seed=3)
+    result = run_cli("eval", f"--workdir={tmp_path / 'run'}", f"--dataset={write_shards(tmp_path / 'ood', other, num_shards=2)}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["split"] == "all"
+    expected = data.eval_batches(data.tokenize(TOK, other), 16, 32, "documents", TOK.eos_id)
+    assert out["tokens"] == sum(int(b["weights"].sum()) for b in expected)
