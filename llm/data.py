@@ -429,11 +429,15 @@ def _read(name: str, indices: list[int]) -> list[tuple[np.ndarray, str]]:
 
 
 class _Later:
+    """A request computed here, when first asked for (so a restored position skips what it will not use)."""
+
     def __init__(self, compute: Callable):
-        self._compute = compute
+        self._compute, self._value = compute, None
 
     def result(self):
-        return self._compute()
+        if self._compute is not None:
+            self._value, self._compute = self._compute(), None
+        return self._value
 
 
 class Reader:
@@ -545,6 +549,7 @@ class StreamBatches:
     transforms pack one sequential stream per host, which would tie the global batch to the host count.)"""
 
     CHUNK = 16  # documents per request to a worker
+    AHEAD = 8
 
     def __init__(self, split: sources.Split, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int,
                  rows: tuple[int, int] | None = None, packing: str = "concat", add_bos: bool = False,
@@ -567,9 +572,10 @@ class StreamBatches:
         return epoch, doc + 1
 
     def _schedule(self) -> None:
-        """Keeps about two rows' worth of documents per lane requested ahead of use."""
+        """Keeps about AHEAD rows' worth of documents per lane requested ahead of use: deep enough that
+        the workers always have work queued, small next to a batch of rows."""
         mean = self._tokens_seen / self._docs_seen if self._docs_seen else self.width
-        ahead = max(2, int(np.ceil(2 * self.width / max(mean, 1.0))))
+        ahead = max(self.AHEAD, int(np.ceil(self.AHEAD * self.width / max(mean, 1.0))))
         new = []
         for r, lane in self.lanes.items():
             q = self._wanted[r]

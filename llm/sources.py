@@ -257,31 +257,41 @@ def _parquet_to_jsonl(path: str, out: str, text_key: str) -> None:
     os.replace(tmp, out)
 
 
-def _index_shard(kind: str, path: str, data_dir: str, text_key: str, skip_bad: bool) -> tuple[Shard | None, int]:
+def _base(kind: str, path: str, data_dir: str, text_key: str, skip_bad: bool) -> str:
     size, mtime = _stat(path)
     key = hashlib.sha1(json.dumps([path, size, mtime, kind == "parquet" and text_key, skip_bad]).encode()).hexdigest()[:20]
-    base = os.path.join(_index_dir(data_dir), key)
-    spans, marker = base + ".spans.npy", base + ".json"
+    return os.path.join(_index_dir(data_dir), key)
+
+
+def _copy_path(kind: str, path: str, base: str) -> str:
+    return path if kind == "jsonl" and not path.endswith((".gz", ".zst")) else base + ".jsonl"
+
+
+def _build_index(kind: str, path: str, data_dir: str, text_key: str, skip_bad: bool) -> None:
+    base = _base(kind, path, data_dir, text_key, skip_bad)
+    copy, marker = _copy_path(kind, path, base), base + ".json"
     os.makedirs(os.path.dirname(base), exist_ok=True)
-    plain = kind == "jsonl" and not path.endswith((".gz", ".zst"))
-    copy = path if plain else base + ".jsonl"
-    if not os.path.exists(marker):
-        dropped = 0
-        if kind == "parquet":
-            _parquet_to_jsonl(path, copy, text_key)
-        elif not plain:
-            dropped = _decompress(path, copy, skip_bad)
-        records = _write_spans(copy, spans)
-        with open(marker + ".tmp", "w") as f:
-            json.dump({"source": path, "records": records, "dropped": dropped}, f)
-        os.replace(marker + ".tmp", marker)
-    with open(marker) as f:
+    dropped = 0
+    if kind == "parquet":
+        _parquet_to_jsonl(path, copy, text_key)
+    elif copy != path:
+        dropped = _decompress(path, copy, skip_bad)
+    records = _write_spans(copy, base + ".spans.npy")
+    with open(marker + ".tmp", "w") as f:
+        json.dump({"source": path, "records": records, "dropped": dropped}, f)
+    os.replace(marker + ".tmp", marker)
+
+
+def _shard(kind: str, path: str, data_dir: str, text_key: str, skip_bad: bool) -> tuple[Shard | None, int]:
+    base = _base(kind, path, data_dir, text_key, skip_bad)
+    with open(base + ".json") as f:
         meta = json.load(f)
     if not meta["records"]:
         if not skip_bad:
             raise DataError(f"{path} is an empty shard (no records); data.skip_bad_records=True skips it")
         return None, meta["dropped"] + 1
-    return Shard(path, copy, spans, meta["records"], "row" if kind == "parquet" else "line"), meta["dropped"]
+    shard = Shard(path, _copy_path(kind, path, base), base + ".spans.npy", meta["records"], "row" if kind == "parquet" else "line")
+    return shard, meta["dropped"]
 
 
 def process_context():
@@ -297,12 +307,16 @@ def process_context():
 def index(dataset: str, data_dir: str, text_key: str, skip_bad: bool = False, workers: int = 0) -> Corpus:
     """Indexes (once; cached) every shard of 'jsonl:GLOB' / 'parquet:GLOB', shards in parallel."""
     kind, paths = expand(dataset)
-    workers = workers or min(len(paths), os.cpu_count() or 1)
-    if workers > 1 and len(paths) > 1:
+    args = [(kind, p, data_dir, text_key, skip_bad) for p in paths]
+    todo = [a for a in args if not os.path.exists(_base(*a) + ".json")]
+    workers = workers or min(len(todo), os.cpu_count() or 1)
+    if workers > 1 and len(todo) > 1:
         with futures.ProcessPoolExecutor(workers, mp_context=process_context()) as pool:
-            results = list(pool.map(_index_shard, *zip(*[(kind, p, data_dir, text_key, skip_bad) for p in paths])))
+            list(pool.map(_build_index, *zip(*todo)))
     else:
-        results = [_index_shard(kind, p, data_dir, text_key, skip_bad) for p in paths]
+        for a in todo:
+            _build_index(*a)
+    results = [_shard(*a) for a in args]
     shards = tuple(s for s, _ in results if s is not None)
     if not shards:
         raise DataError(f"data.dataset={dataset!r}: no shard has any records")

@@ -233,3 +233,13 @@ def test_eval_of_an_out_of_domain_jsonl_glob_scores_every_document(corpus, tmp_p
     assert out["split"] == "all"
     expected = data.eval_batches(data.tokenize(TOK, other), 16, 32, "documents", TOK.eos_id)
     assert out["tokens"] == sum(int(b["weights"].sum()) for b in expected)
+
+
+def test_skipped_records_are_counted_in_the_training_metrics(tmp_path):
+    from llm import train
+
+    dataset = _bad_corpus(tmp_path / "bad", "empty_shard")  # counted when indexed, so from the first step
+    cfg = tiny_config(tmp_path / "x.txt", num_train_steps=2, log_every_steps=1, **streamed(dataset, data__skip_bad_records=True))
+    train.train(cfg, str(tmp_path / "run"), quiet=True)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["data_skipped_records"] for r in records if "loss" in r] == [1.0, 1.0]

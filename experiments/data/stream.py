@@ -18,7 +18,7 @@ from absl import app, flags
 
 flags.DEFINE_string("root", "/tmp/llm_stream_bench", "where the corpus, indexes and runs go")
 flags.DEFINE_list("sizes_gb", ["0.2", "1", "2"], "corpus sizes to start a run on")
-flags.DEFINE_integer("batches", 300, "batches drawn per throughput measurement")
+flags.DEFINE_integer("batches", 1500, "batches drawn per throughput measurement")
 flags.DEFINE_string("out", "experiments/data/stream.json", "results")
 FLAGS = flags.FLAGS
 SHARD_BYTES = 100_000_000
@@ -29,6 +29,7 @@ def write_corpus(root: str, total_bytes: int) -> list[str]:
     from llm.datasets.shakespeare import works
 
     lines = [line for path in works().values() for line in open(path, encoding="utf-8").read().split("\n")]
+    os.makedirs(root, exist_ok=True)
     rng, paths = random.Random(0), []
     for s in range(-(-total_bytes // SHARD_BYTES)):
         path = os.path.join(root, f"shard-{s:05d}.jsonl")
