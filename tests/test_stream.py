@@ -243,3 +243,39 @@ def test_skipped_records_are_counted_in_the_training_metrics(tmp_path):
     train.train(cfg, str(tmp_path / "run"), quiet=True)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["data_skipped_records"] for r in records if "loss" in r] == [1.0, 1.0]
+
+
+def test_a_sweep_estimates_a_streamed_splits_tokens_from_its_first_documents(corpus, tmp_path):
+    dataset, _, _ = corpus
+    dc = _config(dataset, tmp_path)
+    exact = len(data.tokenize(TOK, _all_texts(data.open_split(dc, "validation"))))
+    assert 0.7 * exact < data.num_tokens(dc, "validation", TOK) < 1.3 * exact
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_a_run_with_workers_cleanly_at_a_checkpoint(corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    from llm import checkpoint, guard
+
+    dataset, _, root = corpus
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}",
+               *cli_overrides(root / "x.txt", num_train_steps=100000, checkpoint_every_steps=10, **streamed(dataset, data__num_workers=2))]
+    # A terminal's Ctrl-C reaches every process of the foreground group: the run's and its workers'.
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / "10").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == guard.EXIT_INTERRUPTED, stderr[-2000:]
+    assert "Traceback" not in stderr and "worker" not in stderr
+    stopped = int(stderr.split("stopped at step ")[1].split()[0])
+    assert checkpoint.latest_step(str(workdir)) == stopped >= 10

@@ -92,14 +92,14 @@ def resumable(tmp_path_factory):
     the streamed one (the in-memory path's is tested in test_tokenizer_data.py)."""
     root = tmp_path_factory.mktemp("resumable")
     shards = write_shards(root / "shards", documents(300))
-    overrides = dict(num_train_steps=300, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10, eval_every_steps=100,
+    overrides = dict(num_train_steps=150, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10, eval_every_steps=50,
                      **streamed(shards, data__num_workers=1, data__packing="documents"))
     corpus = root / "corpus.txt"  # only places data.data_dir (the shards' index) beside it
     # Every run goes through the CLI, so all see the same devices (it splits a CPU host's cores).
     command = lambda workdir: [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *cli_overrides(corpus, **overrides)]
     done = subprocess.run(command(root / "reference"), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    return command, _final_params(str(root / "reference")), 300
+    return command, _final_params(str(root / "reference")), 150
 
 
 def _wait_for_checkpoint(workdir, step: int, proc: subprocess.Popen) -> None:
