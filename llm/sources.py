@@ -10,6 +10,7 @@ consecutive documents, the last round(P * validation_fraction) are validation an
 round(P * test_fraction) before them are test. `data.validation_dataset` names a separate corpus instead.
 """
 
+import collections
 import dataclasses
 import gzip
 import hashlib
@@ -97,19 +98,23 @@ class Corpus:
         return value
 
 
-_OPEN: dict[str, object] = {}
+_OPEN: collections.OrderedDict = collections.OrderedDict()
+_MAX_OPEN = 64  # corpora come in thousands of shards; a process keeps the most recently read open
 _SPANS: dict[str, np.ndarray] = {}
 
 
 def _open(path: str):
-    # One handle per file per process: workers read millions of records from a few shards.
-    if path not in _OPEN:
-        if "://" in path:
-            import fsspec
+    if path in _OPEN:
+        _OPEN.move_to_end(path)
+        return _OPEN[path]
+    if len(_OPEN) >= _MAX_OPEN:
+        _OPEN.popitem(last=False)[1].close()
+    if "://" in path:
+        import fsspec
 
-            _OPEN[path] = fsspec.open(path, "rb").open()
-        else:
-            _OPEN[path] = open(path, "rb")
+        _OPEN[path] = fsspec.open(path, "rb").open()
+    else:
+        _OPEN[path] = open(path, "rb")
     return _OPEN[path]
 
 

@@ -35,6 +35,15 @@ def test_every_shard_format_reads_the_same_documents_in_the_same_order(tmp_path,
     assert _all_texts(data.open_split(_config(write_shards(tmp_path / fmt, docs, fmt=fmt), tmp_path), "all")) == docs
 
 
+def test_a_corpus_of_more_shards_than_open_files_reads_every_document(corpus, tmp_path, monkeypatch):
+    from llm import sources
+
+    monkeypatch.setattr(sources, "_MAX_OPEN", 1)  # every read of another shard closes the last one
+    docs = documents(40)
+    split = data.open_split(_config(write_shards(tmp_path / "many", docs, num_shards=8), tmp_path), "all")
+    assert [split[k][0] for k in reversed(range(len(split)))] == docs[::-1]
+
+
 def test_fsspec_urls_read_like_local_paths(corpus, tmp_path):
     dataset, docs, _ = corpus
     url = dataset.replace("jsonl:", "jsonl:file://")
