@@ -13,7 +13,7 @@ from conftest import streamed, tiny_config  # noqa: E402
 
 from llm import sharding, train  # noqa: E402
 
-STEPS = 20
+STEPS = 10
 MULTI_STEPS = 40
 SHARDS = "jsonl:{root}/shards/*.jsonl"
 # A constant schedule makes a 10-step run the exact prefix of the 20-step one.
@@ -26,7 +26,7 @@ def losses(workdir: str) -> list[float]:
 
 
 def run(corpus, workdir, mesh=(-1, 1, 1), steps=STEPS, **data) -> list[float]:
-    cfg = tiny_config(corpus, num_train_steps=steps, log_every_steps=1, checkpoint_every_steps=10, **MODEL,
+    cfg = tiny_config(corpus, num_train_steps=steps, log_every_steps=1, checkpoint_every_steps=STEPS // 2, **MODEL,
                       mesh__data=mesh[0], mesh__fsdp=mesh[1], mesh__tensor=mesh[2], **data)
     train.train(cfg, workdir, quiet=True)
     return losses(workdir)
@@ -38,11 +38,11 @@ def main(kind: str, corpus: str, root: str) -> None:
         for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)]:
             out[str(mesh)] = run(corpus, f"{root}/mesh_{'_'.join(map(str, mesh))}", mesh)
         # The reference of the two-process runs, which stream the shards that tests/test_sharding.py wrote.
-        out["streamed (8, 1, 1)"] = run(corpus, f"{root}/streamed", (8, 1, 1), steps=MULTI_STEPS // 2, **streamed(SHARDS.format(root=root)))
-        # Save on (8,1,1) at step 10, resume on (2,2,2) to the end.
-        run(corpus, f"{root}/cross", (8, 1, 1), steps=10)
+        out["streamed (8, 1, 1)"] = run(corpus, f"{root}/streamed", (8, 1, 1), steps=STEPS, **streamed(SHARDS.format(root=root)))
+        # Save on (8,1,1) halfway, resume on (2,2,2) to the end.
+        run(corpus, f"{root}/cross", (8, 1, 1), steps=STEPS // 2)
         out["cross_mesh"] = run(corpus, f"{root}/cross", (2, 2, 2))
-        run(corpus, f"{root}/to_one_device", (8, 1, 1), steps=10)  # resumed by the one-device process
+        run(corpus, f"{root}/to_one_device", (8, 1, 1), steps=STEPS // 2)  # resumed by the one-device process
         try:
             cfg = tiny_config(corpus, model__num_heads=4, model__num_kv_heads=4, mesh__data=1, mesh__tensor=8)
             train.train(cfg, f"{root}/bad", quiet=True)

@@ -96,7 +96,7 @@ def trained(tmp_path_factory):
     for kind, extra in (("char", {}), ("byte", {"model__tie_embeddings": False}),
                         ("sentencepiece", {"data__vocab_size": 300, "model__scan_layers": True})):
         workdir = root / kind
-        train.train(tiny_config(corpus, num_train_steps=30, data__tokenizer=kind, opt__learning_rate=1e-2, **extra), str(workdir), quiet=True)
+        train.train(tiny_config(corpus, num_train_steps=10, data__tokenizer=kind, opt__learning_rate=1e-2, **extra), str(workdir), quiet=True)
         runs[kind] = workdir
     return runs
 
