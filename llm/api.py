@@ -123,11 +123,14 @@ class Run:
 
         return lens.layer_losses(self.model_config, self.params, self._eval_batches(split, batch_size), max_batches)
 
+    @staticmethod
+    def _scored_split(split: str, dataset: str | None) -> str:
+        return "all" if dataset and sources.is_streamed(dataset) else split  # an out-of-domain corpus is scored whole
+
     def _eval_batches(self, split: str, batch_size: int | None, dataset: str | None = None):
         dc = config_lib.data_config(self.config, dataset)
-        if dataset and sources.is_streamed(dataset):
-            split = "all"  # an out-of-domain corpus is scored whole
-        return data.split_eval_batches(dc, split, self.tokenizer, batch_size or self.config.eval_batch_size, self.config.seq_len)
+        return data.split_eval_batches(dc, self._scored_split(split, dataset), self.tokenizer,
+                                       batch_size or self.config.eval_batch_size, self.config.seq_len)
 
     def top_contexts(self, layer: int, neuron: int, split: str = "validation", k: int = 10, max_batches: int = 0,
                      batch_size: int | None = None) -> list[dict]:
@@ -220,9 +223,7 @@ class Run:
         batches = self._eval_batches(split, batch_size, dataset)
         put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
         result = evaluate_lib.evaluate(self._eval_step, self.params, batches, self.tokenizer.token_bytes(), put)
-        if dataset and sources.is_streamed(dataset):
-            split = "all"
-        return {"split": split, "step": int(self.step), **result}
+        return {"split": self._scored_split(split, dataset), "step": int(self.step), **result}
 
 
 def load(workdir: str, step: int | None = None) -> Run:
