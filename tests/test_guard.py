@@ -136,7 +136,15 @@ def small_disk(tmp_path):
 
 
 def _fill(mount) -> None:
-    with open(mount / "filler", "wb") as f:
+    try:
+        f = open(mount / "filler", "wb")
+    except OSError as e:
+        # Seen once on a CI runner: the fresh 16 MB tmpfs refused to create one file while the run's
+        # checkpoints held under 2 MB. Then the disk-full path cannot be staged here; say so.
+        usage = os.statvfs(mount)
+        pytest.skip(f"cannot create a file on the small tmpfs ({e.strerror}; {usage.f_bavail * usage.f_frsize} bytes and "
+                    f"{usage.f_favail} inodes free): the disk-full path is untested on this machine")
+    with f:
         chunk = b"\0" * (1 << 16)
         try:
             while True:
