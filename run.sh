@@ -35,6 +35,8 @@ usage: ./run.sh COMMAND [flags]
   sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n]
   fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]
   bench  train|sample [flags]
+  chat --workdir=D [--system=TEXT] [--temperature=T]   talk to a fine-tuned run (Ctrl-C stops an answer)
+  score --workdir=D --pairs=F.jsonl | --prompt=P --response=R   a reward model's scores
   export --workdir=D --out=HF_DIR [--step=N] [--max_shard_mb=M]   a run as a Hugging Face Llama model
   import --hf=HF_DIR --workdir=D [--tokenizer=F.model] [--config.KEY=V ...]   a Llama model as a run
   inspect lens|attention|heads|neighbours --workdir=D --prompt=TEXT [--k=N] [--out=PNG_DIR]   look inside a trained model
@@ -48,7 +50,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
-  train|eval|sample|sweep|fit|bench|export|import|inspect)
+  train|eval|sample|chat|score|sweep|fit|bench|export|import|inspect)
     setup
     exec "$PY" -m llm.cli "$cmd" "$@" ;;
   launch-local)

@@ -19,7 +19,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_max_batches = 0  # 0: the whole validation split
     c.checkpoint_every_steps = 400
     c.keep_checkpoints = 3
-    c.init_from = ""  # another run's workdir: start from its params (fine-tuning)
+    c.init_from = ""  # another run's workdir: start from its params (fine-tuning; the frozen reference of dpo/grpo)
+    # 'lm': next-token (pretraining; SFT with data.dataset='sft:GLOB'); 'reward': a scalar head with the
+    # Bradley-Terry loss on 'preference:GLOB'; 'dpo' on 'preference:GLOB'; 'grpo' on 'prompts:GLOB'
+    # (llm/objectives.py, llm/rl.py). reward, dpo and grpo start from init_from.
+    c.objective = "lm"
     c.peak_tflops = 0.0  # for MFU, per device (on CPU per host); 0: measure a large matmul at start
     c.sample_prompt = "ROMEO:\n"
     c.sample_tokens = 120  # printed after training; 0 to skip
@@ -43,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.spm_input_sentences = 1_000_000  # sentencepiece: at most this many training lines
     c.data.packing = "concat"  # 'concat': one stream; 'documents': no attention or loss across documents
     c.data.add_bos = False  # put bos before every document (eos always follows one)
+    c.data.loss_on = "response"  # 'sft:' data: 'response' (the assistant's tokens) | 'all' (every token of an example)
     c.data.sampling = "rows"  # concat only: 'rows' shuffles packed rows per epoch; 'windows' draws random windows (nanoGPT)
 
     c.model = ml_collections.ConfigDict()
@@ -83,6 +88,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.opt.clip_norm = 1.0  # 0 disables
     c.opt.grad_accum_steps = 1
     c.opt.z_loss = 0.0
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1  # the implicit reward's scale: beta * log(pi / pi_ref)
+
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.group_size = 8  # answers sampled per prompt; batch_size counts prompts
+    c.grpo.max_new_tokens = 32
+    c.grpo.temperature = 1.0
+    c.grpo.top_k = 0
+    c.grpo.clip_eps = 0.2  # PPO's ratio clip
+    c.grpo.kl_coef = 0.04  # the KL penalty to the frozen reference (init_from)
+    c.grpo.reward_fn = ""  # 'module:function' (record: dict, answer: str) -> float; or:
+    c.grpo.reward_run = ""  # the workdir of an objective='reward' run
+    c.grpo.eval_prompts = 0  # held-out prompts answered greedily at each eval (0: all)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: the rest of the devices

@@ -29,6 +29,13 @@ def _jitted(cfg: model.ModelConfig) -> tuple[Callable, Callable]:
     return logits, jax.jit(evaluate_lib.make_eval_step(cfg))
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_reward(cfg: model.ModelConfig) -> Callable:
+    from llm import objectives
+
+    return jax.jit(lambda params, tokens_BxL, last_B: objectives.rewards(cfg, params, tokens_BxL, last_B))
+
+
 class Run:
     def __init__(self, workdir: str, step: int | None = None):
         if not os.path.isdir(workdir):
@@ -42,7 +49,9 @@ class Run:
         self.tokenizer = tokenizer_lib.load(workdir)
         self.model_config = config_lib.model_config(self.config, config_lib.padded_vocab_size(self.config, self.tokenizer.vocab_size))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = nn.unbox(jax.eval_shape(lambda: model.init(self.model_config, jax.random.key(0))))
+        from llm.train import init_params  # a reward model's params include its head
+
+        abstract = nn.unbox(jax.eval_shape(lambda: init_params(self.model_config, jax.random.key(0), self.config.objective)))
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
         self.params, self.step = checkpoint.restore_params(workdir, abstract, step)
         self._logits, self._eval_step = _jitted(self.model_config)
@@ -51,6 +60,43 @@ class Run:
     @property
     def context(self) -> int:
         return self.model_config.L
+
+    @property
+    def roles(self):
+        """The chat template's role ids for this model (llm/template.py)."""
+        from llm import template
+
+        return template.role_ids(self.tokenizer, self.model_config.V)
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, stream: Callable[[str], None] | None = None) -> str:
+        """The assistant's next message after `messages` ([{"role", "content"}, ...]), with the chat
+        template applied and the oldest turns dropped to fit the context (llm/chat.py)."""
+        from llm import chat as chat_lib
+
+        return chat_lib.reply(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, on_text=stream)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+        """A reward model's (objective='reward') scalar score of each (prompt, response)."""
+        from llm import examples, objectives
+
+        if self.config.objective != "reward":
+            raise checkpoint.CheckpointError(f"{self.workdir} is not a reward model (its objective is {self.config.objective!r})")
+        if len(prompts) != len(responses):
+            raise sample_lib.SampleError(f"{len(prompts)} prompts but {len(responses)} responses")
+        roles, width = self.roles, self.context + 1
+        rows = [examples.pair_row(self.tokenizer, roles, p, r, width) for p, r in zip(prompts, responses)]
+        reward = _jitted_reward(self.model_config)
+        scores = []
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first : first + batch_size]
+            tokens_BxW = np.zeros((batch_size, width), np.int32)
+            last_B = np.zeros(batch_size, np.int32)
+            for i, (tokens, _, last) in enumerate(chunk):
+                tokens_BxW[i], last_B[i] = tokens, last
+            scores += np.asarray(reward(self.params, jnp.asarray(tokens_BxW[:, :-1]), jnp.asarray(last_B)))[: len(chunk)].tolist()
+        return scores
 
     def logits(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
         """Next-token logits (float32) at every position of a [L] or [B, L] token array."""
@@ -125,10 +171,22 @@ class Run:
 
     @staticmethod
     def _scored_split(split: str, dataset: str | None) -> str:
-        return "all" if dataset and sources.is_streamed(dataset) else split  # an out-of-domain corpus is scored whole
+        from llm import examples
+
+        # An out-of-domain corpus is scored whole.
+        return "all" if dataset and (sources.is_streamed(dataset) or examples.kind_of(dataset)) else split  # an out-of-domain corpus is scored whole
 
     def _eval_batches(self, split: str, batch_size: int | None, dataset: str | None = None):
+        from llm import examples
+
         dc = config_lib.data_config(self.config, dataset)
+        if examples.kind_of(dc.dataset) == "sft":  # response-only loss (data.loss_on) on held-out examples
+            found, _ = examples.load_sft(dc.dataset, self._scored_split(split, dataset), self.tokenizer, self.roles, self.config.seq_len,
+                                         dc.validation_fraction, dc.test_fraction)
+            return examples.sft_eval_batches(found, batch_size or self.config.eval_batch_size, self.config.seq_len, self.config.data.loss_on)
+        if examples.kind_of(dc.dataset):
+            raise sample_lib.SampleError(f"{dc.dataset!r} holds no text to score token by token; a reward model's eval is its "
+                                         f"pairwise accuracy (objective='reward')")
         return data.split_eval_batches(dc, self._scored_split(split, dataset), self.tokenizer,
                                        batch_size or self.config.eval_batch_size, self.config.seq_len)
 
@@ -220,10 +278,31 @@ class Run:
     def evaluate(self, split: str = "validation", dataset: str | None = None, batch_size: int | None = None) -> dict:
         """One pass over `split` of the run's dataset, or of `dataset` (out-of-domain; a streamed one is
         scored whole), read as training read it."""
+        if self.config.objective == "reward":
+            return self._pairwise_accuracy(split, dataset, batch_size)
         batches = self._eval_batches(split, batch_size, dataset)
         put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
-        result = evaluate_lib.evaluate(self._eval_step, self.params, batches, self.tokenizer.token_bytes(), put)
+        token_bytes = evaluate_lib.byte_table(self.tokenizer.token_bytes(), self.model_config.V)
+        result = evaluate_lib.evaluate(self._eval_step, self.params, batches, token_bytes, put)
         return {"split": self._scored_split(split, dataset), "step": int(self.step), **result}
+
+
+    def _pairwise_accuracy(self, split: str, dataset: str | None, batch_size: int | None) -> dict:
+        from llm import examples
+
+        dc = config_lib.data_config(self.config, dataset)
+        pairs = examples.load_pairs(dc.dataset, self._scored_split(split, dataset), self.tokenizer, self.roles, self.config.seq_len,
+                                    dc.validation_fraction, dc.test_fraction)
+        reward = _jitted_reward(self.model_config)
+        margins = []
+        for b in examples.pair_eval_batches(pairs, batch_size or self.config.eval_batch_size):
+            r_c = np.asarray(reward(self.params, jnp.asarray(b["chosen_inputs"]), jnp.asarray(b["chosen_last"])))
+            r_r = np.asarray(reward(self.params, jnp.asarray(b["rejected_inputs"]), jnp.asarray(b["rejected_last"])))
+            margins += list((r_c - r_r)[b["valid"] > 0])
+        margins = np.asarray(margins, np.float64)
+        return {"split": self._scored_split(split, dataset), "step": int(self.step), "pairs": len(margins),
+                "accuracy": float(np.mean(margins > 0)), "loss": float(np.mean(np.logaddexp(0.0, -margins))),
+                "margin": float(np.mean(margins))}
 
 
 def load(workdir: str, step: int | None = None) -> Run:

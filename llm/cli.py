@@ -1,4 +1,4 @@
-"""Command-line entry points behind run.sh: train, eval, sample, sweep, fit, bench, export, import, inspect."""
+"""Command-line entry points behind run.sh: train, eval, sample, chat, score, sweep, fit, bench, export, import, inspect."""
 
 import json
 import os
@@ -29,6 +29,9 @@ flags.DEFINE_integer("limit", 0, "eval --tasks: at most this many documents per 
 flags.DEFINE_integer("num_fewshot", -1, "eval --tasks: few-shot examples (-1: each task's default).")
 flags.DEFINE_string("prompt", "", "sample: the prompt.")
 flags.DEFINE_string("prompts_file", "", "sample: a file with one prompt per line.")
+flags.DEFINE_string("system", "", "chat: a system message that opens the conversation.")
+flags.DEFINE_string("response", "", "score: the response to score after --prompt.")
+flags.DEFINE_string("pairs", "", "score: a JSONL file of {'prompt', 'response'} lines.")
 flags.DEFINE_integer("num_samples", 1, "sample: samples per prompt.")
 flags.DEFINE_integer("max_new_tokens", 200, "sample: tokens to generate.")
 flags.DEFINE_float("temperature", 1.0, "sample: softmax temperature; 0 is greedy.")
@@ -58,9 +61,9 @@ FLAGS = flags.FLAGS
 
 
 def _user_errors() -> tuple[type, ...]:
-    from llm import attention, checkpoint, config, data, guard, harness, hf, inspect, sample, sharding, tokenizer, train
+    from llm import attention, checkpoint, config, data, guard, harness, hf, inspect, rl, sample, sharding, template, tokenizer, train
 
-    return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
+    return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError, rl.RewardError, template.TemplateError,
             sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError,
             guard.WorkdirError, attention.AttentionError, hf.HFError, harness.HarnessError, inspect.InspectError)
 
@@ -94,10 +97,17 @@ def cmd_train() -> None:
     import jax
 
     workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
-    summary = train.train(cfg, workdir)
+    if cfg.objective == "grpo":
+        from llm import rl
+
+        summary = rl.train_grpo(cfg, workdir)
+    else:
+        summary = train.train(cfg, workdir)
     if jax.process_index() != 0:
         return
     print(json.dumps({k: v for k, v in summary.items()}), file=sys.stderr)
+    if cfg.objective != "lm" or cfg.data.dataset.startswith("sft:"):
+        return  # a sample of raw text says nothing about a post-trained model: ./run.sh chat does
     if cfg.sample_tokens and jax.process_count() > 1:
         print(f"(multi-process run: sample afterwards with ./run.sh sample --workdir={workdir})", file=sys.stderr)
     elif cfg.sample_tokens:
@@ -324,8 +334,36 @@ def cmd_inspect(kind: str) -> None:
     print(json.dumps(result))
 
 
+def cmd_chat() -> None:
+    from llm import api, chat
+
+    chat.interactive(api.load(_need_workdir(), FLAGS.step), system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens,
+                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+
+
+def cmd_score() -> None:
+    from llm import api, examples
+
+    run = api.load(_need_workdir(), FLAGS.step)
+    if FLAGS.pairs:
+        records = examples.read(f"file:{FLAGS.pairs}")
+        for r in records:
+            missing = [k for k in ("prompt", "response") if not isinstance(r.value.get(k), str)]
+            if missing:
+                raise examples.DataError(f"{r.where}: missing the string field(s) {', '.join(map(repr, missing))} (a line is {{'prompt', 'response'}})")
+        prompts, responses = [r.value["prompt"] for r in records], [r.value["response"] for r in records]
+    elif FLAGS.prompt and FLAGS.response:
+        prompts, responses = [FLAGS.prompt], [FLAGS.response]
+    else:
+        raise app.UsageError("score needs --pairs=FILE.jsonl (lines {'prompt', 'response'}) or --prompt=TEXT --response=TEXT")
+    scores = run.score(prompts, responses)
+    for p, r, v in zip(prompts, responses, scores):
+        print(f"{v:+.4f}  {p!r:.40} -> {r!r:.60}")
+    print(json.dumps({"step": int(run.step), "scores": scores}))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench,
-            "export": cmd_export, "import": cmd_import, "inspect": cmd_inspect}
+            "export": cmd_export, "import": cmd_import, "inspect": cmd_inspect, "chat": cmd_chat, "score": cmd_score}
 
 
 def main(argv: list[str]) -> None:

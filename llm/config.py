@@ -3,7 +3,7 @@
 import jax
 import ml_collections
 
-from llm import attention as attention_lib, sources
+from llm import attention as attention_lib, examples, sources
 from llm.data import PACKINGS, DataConfig
 from llm.model import ModelConfig
 from llm.optim import OptConfig
@@ -89,6 +89,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         need(cfg.data.vocab_size > 261, f"data.vocab_size={cfg.data.vocab_size} is too small for SentencePiece with byte fallback (> 261)")
     need(cfg.data.spm_input_sentences > 0, "data.spm_input_sentences must be positive")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    _check_objective(cfg, need, one_of)
     if sources.is_streamed(cfg.data.dataset):
         need(cfg.data.tokenizer != "char", f"data.tokenizer='char' needs every character of the corpus up front; a streamed "
              f"{cfg.data.dataset.split(':')[0]}: corpus takes 'byte' or 'sentencepiece'")
@@ -117,6 +118,36 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need([cfg.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_objective(cfg: ml_collections.ConfigDict, need, one_of) -> None:
+    from llm.objectives import OBJECTIVES
+
+    one_of(cfg.objective, OBJECTIVES, "objective")
+    one_of(cfg.data.loss_on, examples.LOSS_ON, "data.loss_on")
+    kind = examples.kind_of(cfg.data.dataset)
+    wanted = {"lm": (None, "sft"), "reward": ("preference",), "dpo": ("preference",), "grpo": ("prompts",)}.get(cfg.objective, ())
+    if wanted:
+        need(kind in wanted, f"objective={cfg.objective!r} trains on " + " or ".join(
+            "a text corpus" if k is None else f"'{k}:GLOB'" for k in wanted) + f", not data.dataset={cfg.data.dataset!r}")
+    if cfg.objective in ("reward", "dpo", "grpo"):
+        need(bool(cfg.init_from), f"objective={cfg.objective!r} starts from a trained run: set init_from (its frozen reference, "
+             f"for dpo and grpo)")
+    need(cfg.dpo.beta > 0, f"dpo.beta must be positive, got {cfg.dpo.beta}")
+    g = cfg.grpo
+    if cfg.objective == "grpo":
+        need(g.group_size >= 2, f"grpo.group_size must be >= 2 (advantages compare answers within a group), got {g.group_size}")
+        need(g.max_new_tokens >= 1, f"grpo.max_new_tokens must be >= 1, got {g.max_new_tokens}")
+        need(g.temperature > 0, f"grpo.temperature must be > 0 (a greedy group has nothing to compare), got {g.temperature}")
+        need(g.clip_eps > 0 and g.kl_coef >= 0, "grpo.clip_eps must be > 0 and grpo.kl_coef >= 0")
+        need(bool(g.reward_fn) != bool(g.reward_run), "objective='grpo' needs exactly one of grpo.reward_fn ('module:function') "
+             "and grpo.reward_run (a reward model's workdir)")
+        need(not g.reward_fn or ":" in g.reward_fn, f"grpo.reward_fn={g.reward_fn!r} must be 'module:function'")
+        need(cfg.opt.grad_accum_steps == 1, "objective='grpo' takes opt.grad_accum_steps=1")
+
+
+def objective_options(cfg: ml_collections.ConfigDict) -> dict:
+    return {"dpo_beta": cfg.dpo.beta, "clip_eps": cfg.grpo.clip_eps, "kl_coef": cfg.grpo.kl_coef}
 
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:

@@ -234,8 +234,30 @@ def _rows(stream: np.ndarray, starts: np.ndarray, seq_len: int) -> dict[str, np.
     }
 
 
+class EpochPosition:
+    """The state of batches whose position is (epoch, batch in epoch), the same on every host."""
+
+    epoch: int
+    batch_in_epoch: int
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def set_state(self, state: dict) -> None:
+        if "epoch" not in state:
+            raise DataError("the checkpoint's data position is a streamed one (was the run's data.dataset changed?)")
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+
+    @staticmethod
+    def merge_states(states: Sequence[dict]) -> dict:
+        return states[0]  # every host is at the same position
+
+    def close(self) -> None:
+        pass
+
+
 @dataclasses.dataclass
-class TrainBatches:
+class TrainBatches(EpochPosition):
     """Endless batches; the position (epoch, batch) is all the state there is.
 
     concat/rows: each epoch shifts the row boundaries by a random offset and shuffles the rows, both
@@ -302,20 +324,6 @@ class TrainBatches:
             return _document_batch(self._doc_tokens[chosen], self._doc_segments[chosen])
         return _rows(self.stream, chosen, self.seq_len)
 
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
-
-    def set_state(self, state: dict) -> None:
-        if "epoch" not in state:
-            raise DataError("the checkpoint's data position is a streamed one (was the run's data.dataset changed?)")
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
-
-    @staticmethod
-    def merge_states(states: Sequence[dict]) -> dict:
-        return states[0]  # every host is at the same position
-
-    def close(self) -> None:
-        pass
 
 
 def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

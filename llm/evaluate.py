@@ -49,6 +49,12 @@ def summarize(loss_sum: float, tokens: int, num_bytes: int) -> dict:
 MAX_IN_FLIGHT = 4
 
 
+def byte_table(token_bytes: np.ndarray, V: int) -> np.ndarray:
+    """token_bytes over the model's whole vocabulary: ids past the tokenizer's (the chat template's
+    role markers) count as one byte, like the other special tokens."""
+    return np.concatenate([token_bytes, np.ones(max(V - len(token_bytes), 0), token_bytes.dtype)])
+
+
 def evaluate(
     eval_step: Callable, params, batches: Iterable[dict], token_bytes: np.ndarray, put_batch: Callable,
     max_batches: int = 0,

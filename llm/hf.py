@@ -195,6 +195,8 @@ def export(workdir: str, out: str, step: int | None = None, max_shard_bytes: int
     run = api.load(workdir, step)
     mc = run.model_config
     problems = llama_problems(mc)
+    if run.config.objective == "reward":
+        problems.append("objective='reward' (a scalar head, not a causal LM: LlamaForCausalLM has no place for it)")
     if problems:
         raise HFError(f"{workdir} cannot be written as a Llama model: {'; '.join(problems)}")
     if os.path.exists(out) and os.listdir(out):

@@ -140,7 +140,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache: KVCache | None = None,
-                 last_only: bool = False):
+                 last_only: bool = False, features: bool = False):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = tokens_BxL.shape
@@ -196,6 +196,8 @@ class Transformer(nn.Module):
             out_weight = self.param(
                 "head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.D, cfg.V), param_dtype
             )
+        if features:  # a reward head reads the final-normed hidden state, not the logits
+            return final_norm(x_BxLxD), cache
         logits_BxLxV = _unembed(cfg, final_norm, out_weight, x_BxLxD)
 
         if cache is not None:
@@ -244,6 +246,8 @@ def init(cfg: ModelConfig, rng: jax.Array):
     return Transformer(cfg).init(rng, tokens_1xL)["params"]
 
 
-def apply(cfg: ModelConfig, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None, last_only=False):
-    """(logits [B, L, V] float32, or [B, 1, V] at the last position with last_only; the updated cache)."""
-    return Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL, cache, last_only)
+def apply(cfg: ModelConfig, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None, last_only=False,
+          features=False):
+    """(logits [B, L, V] float32, or [B, 1, V] at the last position with last_only, or with features the
+    final-normed hidden state [B, L, D]; the updated cache)."""
+    return Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL, cache, last_only, features)

@@ -15,6 +15,9 @@ import numpy as np
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_SPECIAL = 3
 FILENAME = "tokenizer.json"
+# The chat template's role markers (llm/template.py), as SentencePiece models brought from elsewhere
+# may carry them.
+CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
 class TokenizerError(ValueError):
@@ -139,6 +142,11 @@ class SentencePieceTokenizer:
         except RuntimeError as e:
             raise TokenizerError(f"SentencePiece training failed (data.vocab_size={vocab_size}): {str(e).splitlines()[-1]}") from e
         return cls(model.getvalue())
+
+    def piece_ids(self, pieces: Sequence[str]) -> list[int] | None:
+        """The ids of `pieces` if the model has every one of them as a piece of its own, else None."""
+        found = [self._sp.piece_to_id(p) for p in pieces]
+        return None if any(i == self._sp.unk_id() or i < 0 for i in found) else found
 
     def __getstate__(self) -> dict:
         return {"model_proto": self.model_proto}  # data workers get the model, not the C++ processor

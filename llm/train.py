@@ -1,7 +1,9 @@
 """TrainState, the jitted train step and the training loop (eval, checkpoints, metrics)."""
 
+import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -18,7 +20,7 @@ from flax import struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from llm import checkpoint, config as config_lib, data, evaluate, guard, model, optim, sharding, tokenizer as tokenizer_lib
+from llm import checkpoint, config as config_lib, data, evaluate, examples, guard, model, objectives, optim, sharding, template, tokenizer as tokenizer_lib
 from llm.loss import cross_entropy_sums
 from llm.metrics import Writer, measure_peak_tflops, mfu, peak_units
 from llm.model import ModelConfig
@@ -35,35 +37,34 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, opt_cfg: optim.OptConfig):
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, opt_cfg: optim.OptConfig,
+                    objective: Callable | None = None):
+    """objective: llm/objectives.py's (params, batch) -> (sum, (metric sums, units)); default next-token."""
     schedule = optim.learning_rate(opt_cfg)
     k = opt_cfg.grad_accum_steps
-
-    def loss_fn(params, batch):
-        logits_BxLxV, _ = model.apply(cfg, params, batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
-        loss_sum, z_sum, num_tokens = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"], opt_cfg.z_loss)
-        return loss_sum + z_sum, (loss_sum, num_tokens)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    objective = objective or objectives.make("lm", cfg, opt_cfg.z_loss)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: TrainState, batch: dict):
         if k == 1:
-            (_, (loss_sum, num_tokens)), grads = grad_fn(state.params, batch)
+            (_, (sums, units)), grads = grad_fn(state.params, batch)
         else:
             # Micro-batch i takes rows i, i+k, ...: every device keeps contributing rows to each one.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, micro_batch):
-                (_, (loss_sum, num_tokens)), grads = grad_fn(state.params, micro_batch)
-                return jax.tree.map(jnp.add, carry, (grads, loss_sum, num_tokens)), None
+                (_, aux), grads = grad_fn(state.params, micro_batch)
+                return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0))
-            (grads, loss_sum, num_tokens), _ = jax.lax.scan(accumulate, zeros, micro)
-        # Sums over tokens divided once by the token count: k micro-batches equal one k-times-larger batch.
-        grads = jax.tree.map(lambda g: g / num_tokens, grads)
+            aux_shape = jax.eval_shape(objective, state.params, jax.tree.map(lambda x: x[0], micro))[1]
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
+            (grads, (sums, units)), _ = jax.lax.scan(accumulate, zeros, micro)
+        # Sums over units (tokens, pairs) divided once by their count: k micro-batches equal one k-times-larger batch.
+        grads = jax.tree.map(lambda g: g / units, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / num_tokens, "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+        metrics = {**{name: v / units for name, v in sums.items()}, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step
@@ -83,12 +84,23 @@ class Setup:
     batch_sh: jax.sharding.NamedSharding
     init_state: Callable[[jax.Array], TrainState]  # rng -> a TrainState created already sharded
     train_step: Callable  # (state, batch) -> (state, metrics); donates the old state
-    eval_step: Callable  # (params, batch) -> (summed loss, tokens)
+    eval_step: Callable  # (params, batch) -> (summed loss, tokens); lm objectives only
+    objective_step: Callable  # (params, batch) -> (metric sums, units) of the objective, without gradients
 
 
-def setup(mc: ModelConfig, oc: optim.OptConfig, mesh: jax.sharding.Mesh, rules) -> Setup:
+def init_params(mc: ModelConfig, rng: jax.Array, objective: str = "lm") -> dict:
+    """Boxed params of a fresh model (a reward model adds its scalar head)."""
+    params = model.init(mc, rng)
+    if objective == "reward":
+        params = {**params, objectives.REWARD_HEAD: objectives.init_reward_head(mc)}
+    return params
+
+
+def setup(mc: ModelConfig, oc: optim.OptConfig, mesh: jax.sharding.Mesh, rules, objective: str = "lm",
+          **objective_options) -> Setup:
+    """objective_options: objectives.make's (dpo_beta, clip_eps, kl_coef)."""
     optimizer = optim.make(oc)
-    boxed = jax.eval_shape(lambda: model.init(mc, jax.random.key(0)))
+    boxed = jax.eval_shape(lambda: init_params(mc, jax.random.key(0), objective))
     abstract_params = nn.unbox(boxed)
     param_sh = sharding.param_shardings(nn.get_partition_spec(boxed), abstract_params, mesh, rules)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
@@ -98,15 +110,17 @@ def setup(mc: ModelConfig, oc: optim.OptConfig, mesh: jax.sharding.Mesh, rules) 
     batch_sh = sharding.batch_sharding(mesh)
 
     def init_state(rng):
-        params = nn.unbox(model.init(mc, rng))
+        params = nn.unbox(init_params(mc, rng, objective))
         return TrainState(jnp.int32(0), params, optimizer.init(params))
 
+    objective_fn = objectives.make(objective, mc, oc.z_loss, **objective_options)
     return Setup(
         optimizer, abstract_params, param_sh, abstract_opt, opt_sh, state_sh, batch_sh,
         init_state=jax.jit(init_state, out_shardings=state_sh),
-        train_step=jax.jit(make_train_step(mc, optimizer, oc), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                           donate_argnums=0),
+        train_step=jax.jit(make_train_step(mc, optimizer, oc, objective_fn), in_shardings=(state_sh, batch_sh),
+                           out_shardings=(state_sh, None), donate_argnums=0),
         eval_step=jax.jit(evaluate.make_eval_step(mc), in_shardings=(param_sh, batch_sh)),
+        objective_step=jax.jit(lambda params, batch: objective_fn(params, batch)[1], in_shardings=(param_sh, batch_sh)),
     )
 
 
@@ -134,6 +148,8 @@ def build_tokenizer(cfg: ml_collections.ConfigDict):
     d, dc = cfg.data, config_lib.data_config(cfg)
     if d.tokenizer == "byte" or d.tokenizer_path:
         texts = []
+    elif examples.kind_of(dc.dataset):
+        texts = examples.texts(dc.dataset)
     elif d.tokenizer == "sentencepiece":
         texts = data.load_documents(dc, "train", limit=d.spm_input_sentences)
     else:  # the char vocabulary must cover every character the run will score
@@ -149,8 +165,40 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     return build_tokenizer(cfg)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics.
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What a run has built before its loop: handed to the objective's Feed."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    dc: data.DataConfig
+    tok: tokenizer_lib.Tokenizer
+    mc: ModelConfig
+    built: Setup
+    roles: "template.RoleIds | None"  # the chat template's ids (post-training data only)
+    reference: Callable[[], dict]  # the frozen reference params (init_from's), loaded on first use
+    quiet: bool
+
+    def put(self, batch: dict, rows: int | None = None) -> dict:
+        """This host's rows of a global batch (of `rows`, default batch_size) as sharded device arrays."""
+        return sharding.global_batch(batch, self.mesh, rows or self.cfg.batch_size)
+
+
+@dataclasses.dataclass
+class Feed:
+    """An objective's data side: host batches, how a host batch becomes the step's device batch (the
+    reference's log-probs, sampled answers), and the held-out evaluation."""
+
+    batches: object  # next(), get_state(), set_state(), merge_states(), close()
+    prepare: Callable[[TrainState, dict, int], tuple[dict, dict]]  # (state, host batch, step) -> (device batch, host metrics)
+    evaluate: Callable[[dict], dict] | None  # params -> {"eval_...": value}
+    check: Callable[[], None] = lambda: None  # reads the held-out split once, so that a missing one fails before compiling
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False, feed: Callable[[Job], Feed] | None = None) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics. `feed`
+    builds the batches of an objective that lives above this module (llm/rl.py's GRPO).
 
     Raises guard.Interrupted after SIGTERM/SIGINT (a checkpoint of the last step is committed first),
     guard.WorkdirError when the workdir is in use or not writable, guard.WriteFailed when a write into
@@ -158,11 +206,88 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False) -> 
     """
     config_lib.validate(cfg)
     with guard.hold_workdir(workdir), guard.StopSignals() as stop:
-        return _train(cfg, workdir, quiet, stop)
+        return _train(cfg, workdir, quiet, stop, feed or _feed)
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guard.StopSignals) -> dict:
-    is_main = jax.process_index() == 0
+def _lm_eval(job: Job, batches: Callable[[], object]) -> Callable[[dict], dict]:
+    cfg = job.cfg
+    eval_lo, eval_hi = sharding.host_rows(job.mesh, cfg.eval_batch_size)
+    put_eval = lambda b: job.put({k: v[eval_lo:eval_hi] for k, v in b.items()}, cfg.eval_batch_size)
+    token_bytes = evaluate.byte_table(job.tok.token_bytes(), job.mc.V)
+
+    def run(params):
+        result = evaluate.evaluate(job.built.eval_step, params, batches(), token_bytes, put_eval, cfg.eval_max_batches)
+        return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
+
+    return run
+
+
+def _objective_eval(job: Job, batches: Callable[[], object]) -> Callable[[dict], dict]:
+    """Held-out means of the objective's metrics (reward, dpo), weighted by each batch's units."""
+    cfg = job.cfg
+    eval_lo, eval_hi = sharding.host_rows(job.mesh, cfg.eval_batch_size)
+
+    def run(params):
+        sums, units = collections.defaultdict(float), 0.0
+        for i, b in enumerate(batches()):
+            if cfg.eval_max_batches and i >= cfg.eval_max_batches:
+                break
+            batch = job.put({k: v[eval_lo:eval_hi] for k, v in b.items()}, cfg.eval_batch_size)
+            if cfg.objective == "dpo":
+                batch.update(_reference_logprobs(job)(job.reference(), batch))
+            batch_sums, batch_units = jax.device_get(job.built.objective_step(params, batch))
+            for name, v in batch_sums.items():
+                sums[name] += float(v)
+            units += float(batch_units)
+        return {f"eval_{name}": v / units for name, v in sums.items()}
+
+    return run
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_reference(mc: ModelConfig) -> Callable:
+    return jax.jit(lambda params, batch: objectives.answer_logprobs(mc, params, batch))
+
+
+def _reference_logprobs(job: Job) -> Callable:
+    return _jitted_reference(job.mc)
+
+
+def _feed(job: Job) -> Feed:
+    """Batches for the objectives trained here: lm (pretraining, or SFT on 'sft:' data), reward, dpo."""
+    cfg, dc, tok = job.cfg, job.dc, job.tok
+    rows = sharding.host_rows(job.mesh, cfg.batch_size)
+    kind = examples.kind_of(dc.dataset)
+    put = lambda state, b, step: (job.put(b), {})
+    if kind == "sft":
+        def load(split):
+            found, cut = examples.load_sft(dc.dataset, split, tok, job.roles, cfg.seq_len, dc.validation_fraction, dc.test_fraction)
+            if cut and not job.quiet and jax.process_index() == 0:
+                print(f"{cut} of the {len(found)} {split} examples are longer than seq_len + 1 = {cfg.seq_len + 1} tokens and were cut",
+                      file=sys.stderr)
+            return found
+
+        batches = examples.SftBatches(load("train"), cfg.batch_size, cfg.seq_len, cfg.seed, rows, cfg.data.loss_on)
+        held = (lambda: examples.sft_eval_batches(load("validation"), cfg.eval_batch_size, cfg.seq_len, cfg.data.loss_on))
+        return Feed(batches, put, _lm_eval(job, held) if cfg.eval_every_steps else None, check=lambda: load("validation"))
+    if kind == "preference":
+        load = lambda split: examples.load_pairs(dc.dataset, split, tok, job.roles, cfg.seq_len, dc.validation_fraction, dc.test_fraction)
+        batches = examples.PairBatches(load("train"), cfg.batch_size, cfg.seed, rows)
+        held = lambda: examples.pair_eval_batches(load("validation"), cfg.eval_batch_size)
+        prepare = put
+        if cfg.objective == "dpo":
+            def prepare(state, b, step):
+                batch = job.put(b)
+                batch.update(_reference_logprobs(job)(job.reference(), batch))
+                return batch, {}
+        return Feed(batches, prepare, _objective_eval(job, held) if cfg.eval_every_steps else None, check=lambda: load("validation"))
+    batches = data.train_batches(dc, tok, cfg.batch_size, cfg.seq_len, cfg.seed, rows, cfg.data.sampling)
+    held = lambda: data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len)
+    check = lambda: data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len)
+    return Feed(batches, put, _lm_eval(job, held) if cfg.eval_every_steps else None, check=check)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guard.StopSignals, make_feed: Callable[[Job], Feed]) -> dict:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     rules = sharding.rules_from_config(cfg.mesh.rules)
     m = cfg.model
@@ -173,17 +298,59 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
     dc = config_lib.data_config(cfg)
     if jax.process_count() > 1:
         # Hosts sharing a data dir would otherwise all prepare (or index) the dataset into it at once.
-        if is_main:
+        if jax.process_index() == 0 and not examples.kind_of(dc.dataset):
             data.prepare(dc)
         multihost_utils.sync_global_devices("dataset prepared")
     tok = _tokenizer(cfg, workdir)
-    if cfg.eval_every_steps:
-        data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len)  # a missing split fails now, not at the first eval
-    batches = data.train_batches(dc, tok, cfg.batch_size, cfg.seq_len, cfg.seed, sharding.host_rows(mesh, cfg.batch_size), cfg.data.sampling)
+    roles = None
+    if examples.kind_of(dc.dataset) and not cfg.model.vocab_size:
+        # The chat template's ids follow the tokenizer's; where the padded vocabulary has no room for
+        # them, the model grows by one vocab_multiple (recorded in the run's config.json).
+        cfg = cfg.copy_and_resolve_references()
+        cfg.model.vocab_size = config_lib.padded_vocab_size(cfg, template.vocab_needed(tok))
+    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
+    if examples.kind_of(dc.dataset):
+        roles = template.role_ids(tok, mc.V)
+    built = setup(mc, config_lib.opt_config(cfg), mesh, rules, cfg.objective, **config_lib.objective_options(cfg))
+
+    @functools.lru_cache(maxsize=1)
+    def reference():
+        return restore_lm_params(cfg.init_from, mc, built)[0]
+
+    job = Job(cfg, workdir, mesh, dc, tok, mc, built, roles, reference, quiet)
+    feed = make_feed(job)
     try:
-        return _train_loop(cfg, workdir, quiet, stop, mesh, rules, dc, tok, batches)
+        if cfg.eval_every_steps:
+            feed.check()  # a missing or bad held-out split fails now, not at the first eval
+        return _train_loop(job, stop, feed)
     finally:
-        batches.close()
+        feed.batches.close()
+
+
+def restore_lm_params(source: str, mc: ModelConfig, built: Setup) -> tuple[dict, int]:
+    """Another run's language-model params (and step) onto this run's shardings; a smaller vocabulary
+    (a run whose chat template grew it) gets new embedding rows drawn as a fresh model's are."""
+    abstract, shardings = objectives.lm_params(built.abstract_params), objectives.lm_params(built.param_sh)
+    with open(os.path.join(source, "config.json")) as f:
+        source_cfg = config_lib.from_saved(json.load(f))
+    V = config_lib.padded_vocab_size(source_cfg, tokenizer_lib.load(source).vocab_size)
+    if V == mc.V:
+        return checkpoint.restore_params(source, sharding.abstract(abstract, shardings))
+    if V > mc.V:
+        raise config_lib.ConfigError(f"init_from={source!r} has a vocabulary of {V} rows, more than this run's {mc.V}")
+    grown = {"embed": 0} | ({} if mc.tie_embeddings else {"head": 1})  # the vocab axis of each
+    replicated = sharding.replicated(built.param_sh["embed"].mesh)
+    smaller = sharding.abstract(abstract, shardings)
+    for k, axis in grown.items():
+        x = abstract[k]
+        smaller[k] = jax.ShapeDtypeStruct(tuple(V if a == axis else n for a, n in enumerate(x.shape)), x.dtype, sharding=replicated)
+    params, step = checkpoint.restore_params(source, smaller)
+    for k, axis in grown.items():
+        shape = list(abstract[k].shape)
+        shape[axis] = mc.V - V
+        rows = 0.02 * jax.random.normal(jax.random.key(V), shape, jnp.float32)
+        params[k] = jax.device_put(jnp.concatenate([params[k], rows.astype(params[k].dtype)], axis=axis), shardings[k])
+    return params, step
 
 
 def _data_state(batches) -> dict:
@@ -197,19 +364,17 @@ def _data_state(batches) -> dict:
     return batches.merge_states([json.loads(bytes(row).decode().rstrip()) for row in np.asarray(gathered)])
 
 
-def _train_loop(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guard.StopSignals, mesh, rules,
-                dc: data.DataConfig, tok: tokenizer_lib.Tokenizer, batches: "data.TrainBatches | data.StreamBatches") -> dict:
+def _train_loop(job: Job, stop: guard.StopSignals, feed: Feed) -> dict:
+    cfg, workdir, quiet, mesh, tok, mc, built = job.cfg, job.workdir, job.quiet, job.mesh, job.tok, job.mc, job.built
+    batches = feed.batches
     is_main = jax.process_index() == 0
-    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
-    oc = config_lib.opt_config(cfg)
     if is_main:
         with _writing("writing the tokenizer and config.json", workdir):
             if not os.path.exists(os.path.join(workdir, tokenizer_lib.FILENAME)):
                 tokenizer_lib.save(tok, workdir)
             _save_config(cfg, workdir)
 
-    built = setup(mc, oc, mesh, rules)
-    p_train_step, p_eval_step = built.train_step, built.eval_step
+    p_train_step = built.train_step
     abstract_params, param_sh = built.abstract_params, built.param_sh
 
     mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
@@ -225,8 +390,9 @@ def _train_loop(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop:
         start = 0
         state = built.init_state(jax.random.key(cfg.seed))
         if cfg.init_from:
-            params, src_step = checkpoint.restore_params(cfg.init_from, sharding.abstract(abstract_params, param_sh))
-            state = state.replace(params=params)
+            # A reward model starts from the language model's params and a fresh head.
+            params, src_step = restore_lm_params(cfg.init_from, mc, built)
+            state = state.replace(params={**state.params, **params})
             if is_main and not quiet:
                 print(f"initialised from {cfg.init_from} (step {src_step})", file=sys.stderr)
 
@@ -237,18 +403,10 @@ def _train_loop(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop:
         writer = Writer(workdir, enabled=is_main)
     if is_main and not quiet:
         print(f"model: {counts['total']:,} params ({counts['non_embedding']:,} non-embedding), vocab {mc.V}, "
-              f"{flops_per_token / 1e6:.2f} MFLOPs/token; mesh {dict(mesh.shape)}", file=sys.stderr)
-
-    put = lambda b: sharding.global_batch(b, mesh, cfg.batch_size)
-    eval_lo, eval_hi = sharding.host_rows(mesh, cfg.eval_batch_size)
-    put_eval = lambda b: sharding.global_batch({k: v[eval_lo:eval_hi] for k, v in b.items()}, mesh, cfg.eval_batch_size)
+              f"{flops_per_token / 1e6:.2f} MFLOPs/token; mesh {dict(mesh.shape)}; objective {cfg.objective}", file=sys.stderr)
 
     def run_eval(step: int) -> dict:
-        result = evaluate.evaluate(
-            p_eval_step, state.params, data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len),
-            tok.token_bytes(), put_eval, cfg.eval_max_batches,
-        )
-        record = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
+        record = feed.evaluate(state.params)
         with _writing("writing metrics.jsonl", workdir):
             writer.write(step, record)
         return record
@@ -259,9 +417,9 @@ def _train_loop(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop:
     window_start, window_step = time.perf_counter(), start  # throughput since the last log
     bar = tqdm(total=cfg.num_train_steps, initial=start, disable=quiet or not is_main, dynamic_ncols=True, file=sys.stderr)
 
-    def check(step, metrics, force_log=False):
+    def check(step, metrics, host_metrics, force_log=False):
         nonlocal last_train, window_start, window_step
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {**{k: float(v) for k, v in jax.device_get(metrics).items()}, **host_metrics}
         if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
             raise NonFiniteLossError(
                 f"loss became {metrics['loss']} (grad norm {metrics['grad_norm']}) at step {step}; stopping. "
@@ -270,8 +428,9 @@ def _train_loop(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop:
         if force_log or step % cfg.log_every_steps == 0 or step == cfg.num_train_steps:
             now = time.perf_counter()
             tokens_per_s = (step - window_step) * tokens_per_step / (now - window_start)
-            metrics.update(perplexity=float(np.exp(min(metrics["loss"], 50.0))), tokens_per_s=tokens_per_s,
-                           mfu=mfu(flops_per_token, tokens_per_s, peak_tflops * peak_units()))
+            if cfg.objective == "lm":
+                metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
+            metrics.update(tokens_per_s=tokens_per_s, mfu=mfu(flops_per_token, tokens_per_s, peak_tflops * peak_units()))
             if isinstance(batches, data.StreamBatches):
                 metrics["data_skipped_records"] = batches.skipped  # this host's (bad records skipped, data.skip_bad_records)
             with _writing("writing metrics.jsonl", workdir):
@@ -283,14 +442,15 @@ def _train_loop(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop:
     failing = False
     try:
         for step in range(start + 1, cfg.num_train_steps + 1):
-            state, metrics = p_train_step(state, put(next(batches)))
+            batch, host_metrics = feed.prepare(state, next(batches), step)
+            state, metrics = p_train_step(state, batch)
             if pending is not None:
                 check(*pending)
-            pending = (step, metrics)
+            pending = (step, metrics, host_metrics)
             bar.update(1)
             stopping = stop.requested(step)
             save = step % cfg.checkpoint_every_steps == 0 or step == cfg.num_train_steps or stopping
-            evaluate_now = cfg.eval_every_steps and not stopping and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps)
+            evaluate_now = feed.evaluate is not None and not stopping and (step % cfg.eval_every_steps == 0 or step == cfg.num_train_steps)
             if save or evaluate_now:
                 # Checked now, not a step late: never checkpoint a state whose loss was not finite, and log
                 # this step's throughput before an eval restarts the window.
@@ -306,11 +466,12 @@ def _train_loop(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop:
                 raise guard.Interrupted(stop.cause(), step, workdir)
             if evaluate_now:
                 last_eval = run_eval(step)
-                bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, bits/byte {last_eval['eval_bits_per_byte']:.4f}") if not quiet and is_main else None
+                if not quiet and is_main:
+                    bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in last_eval.items()))
                 window_start, window_step = time.perf_counter(), step
         if pending is not None:
             check(*pending)
-        if start >= cfg.num_train_steps and cfg.eval_every_steps:
+        if start >= cfg.num_train_steps and feed.evaluate is not None:
             last_eval = run_eval(start)
     except BaseException:
         failing = True

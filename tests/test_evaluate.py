@@ -156,7 +156,7 @@ def test_bench_train_reports_positive_numbers(tmp_path):
 
 def test_the_benchmark_times_the_step_that_training_builds(tmp_path, monkeypatch):
     calls, build = [], train.setup
-    monkeypatch.setattr(train, "setup", lambda *args: calls.append(args) or build(*args))  # records, then builds for real
+    monkeypatch.setattr(train, "setup", lambda *args, **kw: calls.append(args[:4]) or build(*args, **kw))  # records, then builds for real
     cfg = tiny_config(write_corpus(tmp_path / "corpus.txt", num_chars=2000), batch_size=4, seq_len=16, num_train_steps=2)
     bench.bench_train(cfg, steps=1, peak_tflops=1.0)
     train.train(cfg, str(tmp_path / "run"), quiet=True)

@@ -1,0 +1,346 @@
+"""Post-training data: small JSONL sets of examples, rendered with the chat template, held in memory.
+
+    'sft:GLOB'         {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} per line
+    'preference:GLOB'  {"prompt", "chosen", "rejected"} (objective 'reward' or 'dpo')
+    'prompts:GLOB'     {"prompt", ...} or {"messages": [... ending with a user turn]} (objective 'grpo');
+                       every field of the line reaches the reward function
+
+Files are read in sorted order, lines in order; validation (and test) are whole examples: of every
+P = min(1000, N) examples, the last round(P * validation_fraction) are validation and the
+round(P * test_fraction) before them test, the rule streamed corpora use (llm/sources.py).
+Every example ends with eos. Batches are deterministic from (seed, epoch) and resumable from
+(epoch, batch in epoch), like data.TrainBatches.
+"""
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from llm import template
+from llm.data import EpochPosition
+from llm.sources import DataError
+from llm.template import RoleIds, TemplateError
+from llm.tokenizer import Tokenizer
+
+KINDS = ("sft", "preference", "prompts")
+LOSS_ON = ("response", "all")
+_PERIOD = 1000
+
+
+def kind_of(dataset: str) -> str | None:
+    prefix = dataset.split(":", 1)[0]
+    return prefix if ":" in dataset and prefix in KINDS else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    where: str  # file:line, for messages
+    value: dict
+
+
+def read(dataset: str) -> list[Record]:
+    pattern = dataset.split(":", 1)[1]
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise DataError(f"data.dataset={dataset!r}: the glob {pattern!r} matches no files")
+    records = []
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(value, dict):
+                    raise DataError(f"{where}: a line must be a JSON object, got {type(value).__name__}")
+                records.append(Record(where, value))
+    if not records:
+        raise DataError(f"data.dataset={dataset!r}: the files {', '.join(paths)} hold no examples")
+    return records
+
+
+def texts(dataset: str) -> list[str]:
+    """Every string of every line (what a char vocabulary or a SentencePiece model is built from)."""
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    return [t for r in read(dataset) for t in strings(r.value)]
+
+
+def held_out(records: Sequence, split: str, validation_fraction: float, test_fraction: float) -> list:
+    period = min(_PERIOD, len(records))
+    num_val, num_test = round(period * validation_fraction), round(period * test_fraction)
+    num_train = period - num_val - num_test
+    lo, hi = {"train": (0, num_train), "test": (num_train, num_train + num_test),
+              "validation": (num_train + num_test, period), "all": (0, period)}[split]
+    chosen = [r for i, r in enumerate(records) if lo <= i % period < hi]
+    if not chosen:
+        raise DataError(f"the {split!r} split is empty: {len(records)} examples, of which the split takes "
+                        f"{hi - lo} of every {period}")
+    return chosen
+
+
+def _messages(record: Record) -> list[dict]:
+    try:
+        return template.messages_of(record.value, record.where)
+    except TemplateError as e:
+        raise DataError(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    tokens: np.ndarray  # [T] int32, ending with eos
+    response: np.ndarray  # [T] bool: the assistant's tokens (the loss of loss_on='response')
+
+
+def render_sft(record: Record, tok: Tokenizer, ids: RoleIds, width: int) -> tuple[Example, bool]:
+    """The example (cut to `width` tokens) and whether it was cut; a prompt that leaves no room for
+    one response token is an error naming the line."""
+    tokens, response = template.render(tok, ids, _messages(record))
+    tokens, response = np.append(tokens, tok.eos_id).astype(np.int32), np.append(response, response[-1])
+    first = int(np.argmax(response))
+    if first >= width:
+        raise DataError(f"{record.where}: the conversation before the first response is {first} tokens, which leaves no room "
+                        f"for the response in seq_len + 1 = {width} tokens")
+    return Example(tokens[:width], response[:width]), len(tokens) > width
+
+
+def load_sft(dataset: str, split: str, tok: Tokenizer, ids: RoleIds, seq_len: int, validation_fraction: float,
+             test_fraction: float) -> tuple[list[Example], int]:
+    """The split's examples and how many were cut to fit seq_len + 1 tokens."""
+    records = held_out(read(dataset), split, validation_fraction, test_fraction)
+    rendered = [render_sft(r, tok, ids, seq_len + 1) for r in records]
+    return [e for e, _ in rendered], sum(cut for _, cut in rendered)
+
+
+def pack(examples: Sequence[Example], width: int, loss_on: str) -> dict[str, np.ndarray]:
+    """Whole examples packed greedily, in order, into rows of `width` tokens, each with its own segment
+    id; one that does not fit what is left starts the next row. Returns a batch of every row: targets
+    are weighted only inside their example (and on its response, for loss_on='response')."""
+    rows_t, rows_s, rows_r = [], [], []
+    tokens, segments, response, fill, segment = None, None, None, width, 0
+    for e in examples:
+        if fill + len(e.tokens) > width:
+            tokens, segments, response = np.zeros(width, np.int32), np.zeros(width, np.int32), np.zeros(width, bool)
+            rows_t.append(tokens), rows_s.append(segments), rows_r.append(response)
+            fill, segment = 0, 0
+        segment += 1
+        n = len(e.tokens)
+        tokens[fill : fill + n], segments[fill : fill + n], response[fill : fill + n] = e.tokens, segment, e.response
+        fill += n
+    tokens_RxW, segments_RxW, response_RxW = np.stack(rows_t), np.stack(rows_s), np.stack(rows_r)
+    seg_in, seg_out = segments_RxW[:, :-1], segments_RxW[:, 1:]
+    index = np.arange(width - 1)
+    first = np.concatenate([np.ones((len(seg_in), 1), bool), seg_in[:, 1:] != seg_in[:, :-1]], axis=1)
+    weights = (seg_out == seg_in) & (seg_out != 0)
+    if loss_on == "response":
+        weights &= response_RxW[:, 1:]
+    return {
+        "inputs": tokens_RxW[:, :-1], "targets": tokens_RxW[:, 1:], "weights": weights.astype(np.float32),
+        "segment_ids": seg_in, "positions": (index - np.maximum.accumulate(np.where(first, index, 0), axis=1)).astype(np.int32),
+    }
+
+
+def _rows(batch: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class Epochs(EpochPosition):
+    """Endless batches of `batch_size` items, each epoch a fresh permutation from (seed, epoch) with the
+    tail that does not fill a batch dropped; (epoch, batch_in_epoch) is all the state there is.
+    Subclasses say what a batch of items is."""
+
+    num_items: int
+    batch_size: int
+    seed: int
+    rows: tuple[int, int] | None = None  # this host's rows [lo, hi) of each global batch
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def _items_per_epoch(self) -> int:
+        return self.num_items
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+
+    def _batch(self, order: np.ndarray, first: int, lo: int, hi: int) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if (self.batch_in_epoch + 1) * self.batch_size > self._items_per_epoch():
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        lo, hi = self.rows or (0, self.batch_size)
+        first = self.batch_in_epoch * self.batch_size
+        self.batch_in_epoch += 1
+        return self._batch(self._order(), first, lo, hi)
+
+
+
+class SftBatches(Epochs):
+    """Each epoch shuffles the examples and packs them, in that order, into rows."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, seed: int, rows=None, loss_on: str = "response"):
+        self.examples, self.width, self.loss_on = list(examples), seq_len + 1, loss_on
+        self._packed_epoch, self._packed = None, None
+        super().__init__(len(self.examples), batch_size, seed, rows)
+        num_rows = len(self._pack()["inputs"])
+        if num_rows < batch_size:
+            raise DataError(f"the SFT training split packs into {num_rows} rows of {self.width} tokens, too few for one batch of {batch_size}")
+
+    def _pack(self) -> dict[str, np.ndarray]:
+        if self._packed_epoch != self.epoch:
+            self._packed = pack([self.examples[i] for i in super()._order()], self.width, self.loss_on)
+            self._packed_epoch = self.epoch
+        return self._packed
+
+    def _items_per_epoch(self) -> int:
+        return len(self._pack()["inputs"])
+
+    def _batch(self, order, first, lo, hi):
+        return _rows(self._pack(), first + lo, first + hi)
+
+
+def sft_eval_batches(examples: Sequence[Example], batch_size: int, seq_len: int, loss_on: str = "response") -> Iterator[dict]:
+    packed = pack(examples, seq_len + 1, loss_on)
+    for first in range(0, len(packed["inputs"]), batch_size):
+        batch = _rows(packed, first, first + batch_size)
+        short = batch_size - len(batch["inputs"])
+        yield {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+# Preference pairs: a chosen and a rejected row per pair, each one example (no packing).
+
+
+def pair_row(tok: Tokenizer, ids: RoleIds, prompt: str, response: str, width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    tokens, is_response = template.render(tok, ids, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    tokens, is_response = np.append(tokens, tok.eos_id)[:width], np.append(is_response, True)[:width]
+    # The reward model reads the final hidden state at the last input position: the answer's <|end|>
+    # (or its last token that fits).
+    last = min(len(tokens) - 2, width - 2)
+    row_t, row_r = np.zeros(width, np.int32), np.zeros(width, bool)
+    row_t[: len(tokens)], row_r[: len(tokens)] = tokens, is_response
+    return row_t, row_r, last
+
+
+def load_pairs(dataset: str, split: str, tok: Tokenizer, ids: RoleIds, seq_len: int, validation_fraction: float,
+               test_fraction: float) -> dict[str, np.ndarray]:
+    """Every pair of the split as rows: chosen_* and rejected_* (inputs, targets, weights on the
+    response, last: the index of the answer's last input position)."""
+    width = seq_len + 1
+    out = {f"{side}_{k}": [] for side in ("chosen", "rejected") for k in ("tokens", "response", "last")}
+    for r in held_out(read(dataset), split, validation_fraction, test_fraction):
+        v = r.value
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(v.get(k), str)]
+        if missing:
+            raise DataError(f"{r.where}: missing the string field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                            f"(a preference line is {{'prompt', 'chosen', 'rejected'}})")
+        if v["chosen"] == v["rejected"]:
+            raise DataError(f"{r.where}: 'chosen' equals 'rejected': the pair says nothing about which answer is better")
+        prompt_len = len(template.render(tok, ids, [{"role": "user", "content": v["prompt"]}], add_generation_prompt=True)[0])
+        if prompt_len >= width - 1:
+            raise DataError(f"{r.where}: the prompt is {prompt_len} tokens, which leaves no room for an answer in seq_len + 1 = {width} tokens")
+        for side in ("chosen", "rejected"):
+            row_t, row_r, last = pair_row(tok, ids, v["prompt"], v[side], width)
+            out[f"{side}_tokens"].append(row_t), out[f"{side}_response"].append(row_r), out[f"{side}_last"].append(last)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        tokens, response = np.stack(out[f"{side}_tokens"]), np.stack(out[f"{side}_response"])
+        batch[f"{side}_inputs"], batch[f"{side}_targets"] = tokens[:, :-1], tokens[:, 1:]
+        batch[f"{side}_weights"] = response[:, 1:].astype(np.float32)
+        batch[f"{side}_last"] = np.asarray(out[f"{side}_last"], np.int32)
+    return batch
+
+
+class PairBatches(Epochs):
+    def __init__(self, pairs: dict[str, np.ndarray], batch_size: int, seed: int, rows=None):
+        self.pairs = pairs
+        n = len(pairs["chosen_inputs"])
+        if n < batch_size:
+            raise DataError(f"the preference training split has {n} pairs, fewer than a batch of {batch_size}")
+        super().__init__(n, batch_size, seed, rows)
+
+    def _batch(self, order, first, lo, hi):
+        return {k: v[order[first + lo : first + hi]] for k, v in self.pairs.items()}
+
+
+def pair_eval_batches(pairs: dict[str, np.ndarray], batch_size: int) -> Iterator[dict]:
+    n = len(pairs["chosen_inputs"])
+    for first in range(0, n, batch_size):
+        batch = {k: v[first : first + batch_size] for k, v in pairs.items()}
+        short = batch_size - len(batch["chosen_inputs"])
+        # Filler pairs have no response tokens (weights 0) and are masked out by "valid".
+        batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+        batch["valid"] = (np.arange(batch_size) < batch_size - short).astype(np.float32)
+        yield batch
+
+
+# Prompts for RL.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    tokens: np.ndarray  # rendered with the generation prompt (ends with <|assistant|>)
+    record: dict  # the whole line: what the reward function sees
+
+
+def load_prompts(dataset: str, split: str, tok: Tokenizer, ids: RoleIds, seq_len: int, max_new_tokens: int,
+                 validation_fraction: float, test_fraction: float) -> list[Prompt]:
+    prompts = []
+    for r in held_out(read(dataset), split, validation_fraction, test_fraction):
+        v = r.value
+        if "messages" in v:
+            messages = _messages_for_prompt(r)
+        elif isinstance(v.get("prompt"), str):
+            messages = [{"role": "user", "content": v["prompt"]}]
+        else:
+            raise DataError(f"{r.where}: missing the string field 'prompt' (an RL prompt line is {{'prompt', ...}} or {{'messages': [...]}})")
+        tokens = template.render(tok, ids, messages, add_generation_prompt=True)[0]
+        if len(tokens) + max_new_tokens > seq_len:
+            raise DataError(f"{r.where}: the prompt is {len(tokens)} tokens; with grpo.max_new_tokens={max_new_tokens} it does not "
+                            f"fit the context of seq_len={seq_len}")
+        prompts.append(Prompt(tokens, v))
+    return prompts
+
+
+def _messages_for_prompt(r: Record) -> list[dict]:
+    messages = r.value["messages"]
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user":
+        raise DataError(f"{r.where}: an RL prompt's 'messages' must end with a user turn")
+    try:
+        template.messages_of({"messages": messages + [{"role": "assistant", "content": ""}]}, r.where)
+    except TemplateError as e:
+        raise DataError(str(e)) from None
+    return messages
+
+
+class PromptBatches(Epochs):
+    """Endless batches of prompts (every host gets all of them: sampling is replicated per prompt group)."""
+
+    def __init__(self, prompts: Sequence[Prompt], batch_size: int, seed: int):
+        self.prompts = list(prompts)
+        if len(self.prompts) < batch_size:
+            raise DataError(f"the RL prompt split has {len(self.prompts)} prompts, fewer than a batch of {batch_size}")
+        super().__init__(len(self.prompts), batch_size, seed)
+
+    def _batch(self, order, first, lo, hi):
+        return {"prompts": [self.prompts[i] for i in order[first : first + self.batch_size]]}

@@ -1,0 +1,361 @@
+"""After pretraining: the chat template, SFT's response-only loss, the reward model, DPO and GRPO
+(their losses against hand-computed values, exact resume), chat over a pseudo-terminal, bad input."""
+
+import json
+import math
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, cli_overrides, run_cli, tiny_config, write_corpus
+
+import llm
+from llm import checkpoint, examples, model, objectives, rl, template, tokenizer as tokenizer_lib, train
+from llm.sources import DataError
+
+
+def _problem(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    return f"{a}+{b}", str(a + b)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> dict:
+    """A pretrained char model and the post-training files of a small addition task."""
+    root = tmp_path_factory.mktemp("posttrain")
+    rng = random.Random(0)
+    lines = [f"{p}={a}" for p, a in (_problem(rng) for _ in range(1500))]
+    corpus = root / "pre.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    train.train(tiny_config(corpus, num_train_steps=20), str(root / "pre"), quiet=True)
+    sft = _write_jsonl(root / "sft.jsonl", [dict(zip(("prompt", "response"), _problem(rng))) for _ in range(120)])
+    pref = []
+    for _ in range(120):
+        p, a = _problem(rng)
+        pref.append({"prompt": p, "chosen": a, "rejected": str(int(a) + rng.choice([-10, -1, 1, 10]))})
+    pref = _write_jsonl(root / "pref.jsonl", pref)
+    prompts = _write_jsonl(root / "prompts.jsonl", [dict(zip(("prompt", "answer"), _problem(rng))) for _ in range(40)])
+    return {"root": root, "corpus": corpus, "pre": str(root / "pre"), "sft": sft, "pref": pref, "prompts": prompts}
+
+
+def _cfg(sets, **overrides):
+    return tiny_config(sets["corpus"], **{"init_from": sets["pre"], "opt__schedule": "constant", **overrides})
+
+
+# The template.
+
+
+def test_the_template_round_trips_and_marks_only_the_assistant_tokens_for_every_tokenizer(tmp_path):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "12+3"},
+                {"role": "assistant", "content": "15"}, {"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]
+    text = "be brief 12+3 15 1+1 2 " * 40
+    spm = tokenizer_lib.train("sentencepiece", [text], vocab_size=280)
+    for tok in (tokenizer_lib.CharTokenizer(text), tokenizer_lib.ByteTokenizer(), spm):
+        ids = template.role_ids(tok, 512)
+        tokens, response = template.render(tok, ids, messages)
+        assert template.parse(tok, ids, tokens) == messages
+        assert tok.decode(tokens[response & (tokens != ids.end)]) == "152"
+        assert list(tokens[response]).count(ids.end) == 2  # each answer's <|end|> is learnt, so the model stops
+        markers = {ids.system, ids.user, ids.assistant, ids.end}
+        assert not markers & set(tok.encode(text).tolist())  # text never produces a marker id
+    assert template.role_ids(spm, 512).system == spm.vocab_size  # the first ids after the vocabulary
+    with pytest.raises(template.TemplateError, match=r"needs 4 role ids after the tokenizer's 259.*model.vocab_size >= 263"):
+        template.role_ids(tokenizer_lib.ByteTokenizer(), 260)
+
+
+# SFT.
+
+
+def test_only_response_tokens_carry_loss_and_examples_do_not_attend_across_each_other(sets):
+    tok = tokenizer_lib.load(sets["pre"])
+    run = llm.load(sets["pre"])
+    ids = run.roles
+    found, _ = examples.load_sft(f"sft:{sets['sft']}", "train", tok, ids, 32, 0.1, 0.0)
+    batch = examples.pack(found[:6], 33, "response")
+    assert batch["segment_ids"].max() >= 2  # several examples share a row
+    loss = objectives.make("lm", run.model_config)
+
+    def total(b):
+        return float(loss(run.params, {k: jnp.asarray(v) for k, v in b.items()})[0])
+
+    base = total(batch)
+    response_t = np.argwhere(batch["weights"] > 0)
+    prompt_t = np.argwhere((batch["weights"] == 0) & (batch["segment_ids"] > 0))
+    for (r, t), changes in ((prompt_t[0], False), (response_t[0], True)):
+        changed = {k: v.copy() for k, v in batch.items()}
+        changed["targets"][r, t] = (changed["targets"][r, t] + 1) % tok.vocab_size
+        assert (total(changed) != base) == changes
+    # loss_on='all' weighs every target inside an example, never one across two.
+    everything = examples.pack(found[:6], 33, "all")
+    same = (everything["segment_ids"] == np.roll(everything["segment_ids"], -1, axis=1))[:, :-1]
+    assert (everything["weights"][:, :-1] <= same).all() and everything["weights"].sum() > batch["weights"].sum()
+    # Changing one example's tokens changes nothing another example in the same row computes.
+    logits = lambda b: np.asarray(model.apply(run.model_config, run.params, jnp.asarray(b["inputs"]), jnp.asarray(b["segment_ids"]),
+                                              jnp.asarray(b["positions"]))[0])
+    row = int(np.argmax(batch["segment_ids"].max(axis=1)))
+    second = batch["segment_ids"][row] == 2
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["inputs"][row, batch["segment_ids"][row] == 1] = tok.encode("7")[0]
+    np.testing.assert_allclose(logits(changed)[row, second], logits(batch)[row, second], atol=1e-5)
+
+
+def test_sft_from_a_pretrained_run_lowers_the_held_out_response_loss_and_eval_reports_it(sets):
+    workdir = str(sets["root"] / "sft_run")
+    cfg = _cfg(sets, data__dataset=f"sft:{sets['sft']}", num_train_steps=30, eval_every_steps=30, checkpoint_every_steps=30)
+    summary = train.train(cfg, workdir, quiet=True)
+    before = llm.load(sets["pre"])
+    run = llm.load(workdir)
+    assert run.evaluate()["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    # The pretrained model, scored on the same held-out responses, does worse.
+    tok, roles = before.tokenizer, before.roles
+    found, _ = examples.load_sft(cfg.data.dataset, "validation", tok, roles, cfg.seq_len, 0.1, 0.0)
+    step = jax.jit(llm.evaluate.make_eval_step(before.model_config))
+    loss_sum, n = 0.0, 0.0
+    for b in examples.sft_eval_batches(found, 16, cfg.seq_len):
+        s, t = step(before.params, {k: jnp.asarray(v) for k, v in b.items()})
+        loss_sum, n = loss_sum + float(s), n + float(t)
+    assert n == sum(int(e.response.sum()) for e in found)  # every response token is scored once
+    assert summary["eval_loss"] < loss_sum / n
+    answer = run.chat([{"role": "user", "content": "12+3"}], max_new_tokens=4)
+    assert isinstance(answer, str) and len(answer) <= 4
+
+
+def test_sft_on_a_sentencepiece_run_with_no_spare_rows_grows_the_vocabulary_for_the_template(sets, tmp_path):
+    pre = str(tmp_path / "spm")
+    train.train(tiny_config(sets["corpus"], num_train_steps=2, data__tokenizer="sentencepiece", data__vocab_size=273,
+                                  model__vocab_multiple=1), pre, quiet=True)
+    assert llm.load(pre).model_config.V == 273  # exactly the tokenizer's: no row for a role marker
+    with pytest.raises(template.TemplateError, match="fine-tune it on 'sft:' data first"):
+        llm.load(pre).roles
+    sft = str(tmp_path / "sft")
+    train.train(_cfg(sets, init_from=pre, data__dataset=f"sft:{sets['sft']}", num_train_steps=2, model__vocab_multiple=1), sft, quiet=True)
+    run, before = llm.load(sft), llm.load(pre)
+    assert run.model_config.V == 277 and run.roles.end == 276
+    assert run.config.model.vocab_size == 277  # recorded, so every later stage and load sees the same shape
+    assert isinstance(run.chat([{"role": "user", "content": "1+1"}], max_new_tokens=3), str)
+    # DPO from the grown run keeps its shape; its reference is the SFT run.
+    summary = train.train(_cfg(sets, init_from=sft, data__dataset=f"preference:{sets['pref']}", objective="dpo", num_train_steps=2,
+                               model__vocab_multiple=1), str(tmp_path / "dpo"), quiet=True)
+    assert np.isfinite(summary["loss"]) and llm.load(str(tmp_path / "dpo")).model_config.V == 277
+    assert before.params["embed"].shape == (273, run.model_config.D)
+
+
+# Losses against hand-computed values.
+
+
+def test_bradley_terry_and_dpo_losses_match_hand_computed_values():
+    assert float(objectives.bradley_terry_loss(1.0, 0.0)) == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    assert float(objectives.bradley_terry_loss(0.0, 2.0)) == pytest.approx(math.log(1 + math.exp(2)), rel=1e-6)
+    loss, r_c, r_r = objectives.dpo_loss(-3.0, -5.0, -4.0, -4.5, beta=0.5)
+    # implicit rewards 0.5 * (-3 + 4) = 0.5 and 0.5 * (-5 + 4.5) = -0.25; loss = log(1 + e^-(0.75))
+    assert (float(r_c), float(r_r)) == pytest.approx((0.5, -0.25))
+    assert float(loss) == pytest.approx(math.log(1 + math.exp(-0.75)), rel=1e-6)
+    # Policy equal to the reference: loss log 2 whatever the answers.
+    assert float(objectives.dpo_loss(-7.0, -1.0, -7.0, -1.0, 0.1)[0]) == pytest.approx(math.log(2))
+
+
+def test_grpo_advantages_are_zero_mean_per_group_and_the_kl_to_an_identical_reference_is_zero():
+    rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 2.0, 2.0]])
+    adv = objectives.group_advantages(rewards)
+    np.testing.assert_allclose(adv.mean(axis=1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(adv[0], [1, -1, -1, 1], atol=1e-5)
+    assert (adv[1] == 0).all()  # a group whose answers all score alike teaches nothing
+    logp = jnp.log(jnp.array([[0.5, 0.25], [0.9, 0.1]]))
+    surrogate, kl, ratio = objectives.grpo_token_terms(logp, logp, logp, jnp.array([1.0, -2.0]), 0.2)
+    assert float(jnp.abs(kl).max()) == 0.0 and (ratio == 1).all()
+    np.testing.assert_allclose(surrogate, [[1, 1], [-2, -2]])
+    # A ratio past the clip earns no more than the clipped value for a positive advantage.
+    surrogate, kl, _ = objectives.grpo_token_terms(jnp.log(jnp.array([[0.9]])), jnp.log(jnp.array([[0.5]])), jnp.log(jnp.array([[0.5]])),
+                                                   jnp.array([1.0]), 0.2)
+    assert float(surrogate[0, 0]) == pytest.approx(1.2) and float(kl[0, 0]) > 0
+
+
+# Each objective trains, evaluates and resumes exactly.
+
+
+def _objective_cfg(sets, objective: str, steps: int):
+    common = dict(num_train_steps=steps, checkpoint_every_steps=3, eval_every_steps=0, objective=objective)
+    if objective == "lm":
+        return _cfg(sets, data__dataset=f"sft:{sets['sft']}", **common)
+    if objective in ("reward", "dpo"):
+        return _cfg(sets, data__dataset=f"preference:{sets['pref']}", **common)
+    return _cfg(sets, data__dataset=f"prompts:{sets['prompts']}", batch_size=4, grpo__group_size=4, grpo__max_new_tokens=4,
+                grpo__reward_fn="llm.rl:exact_match_reward", **common)
+
+
+def _train(cfg, workdir):
+    return (rl.train_grpo if cfg.objective == "grpo" else train.train)(cfg, workdir, quiet=True)
+
+
+@pytest.mark.parametrize("objective", ["lm", "reward", "dpo"])
+def test_a_run_of_each_objective_resumed_from_its_checkpoint_ends_bit_identical_to_an_uninterrupted_one(sets, tmp_path, objective):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    _train(_objective_cfg(sets, objective, 6), straight)
+    _train(_objective_cfg(sets, objective, 3), resumed)  # what a run killed after its step-3 checkpoint leaves
+    _train(_objective_cfg(sets, objective, 6), resumed)
+    a, b = llm.load(straight), llm.load(resumed)
+    assert a.step == b.step == 6
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    first = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert all(np.isfinite(r["loss"]) for r in first if "loss" in r)
+    if objective == "reward":
+        assert objectives.REWARD_HEAD in a.params
+        assert set(a.evaluate()) >= {"accuracy", "pairs", "loss"}
+        assert len(a.score(["1+1", "1+1"], ["2", "3"])) == 2
+
+
+def test_a_sigkilled_grpo_run_resumes_to_the_params_and_samples_of_an_uninterrupted_one(sets, tmp_path):
+    steps = 24
+    overrides = cli_overrides(sets["corpus"], init_from=sets["pre"], opt__schedule="constant", objective="grpo",
+                              data__dataset=f"prompts:{sets['prompts']}", batch_size=4, grpo__group_size=4, grpo__max_new_tokens=4,
+                              grpo__reward_fn="llm.rl:exact_match_reward", num_train_steps=steps, checkpoint_every_steps=3,
+                              log_every_steps=1)
+    command = lambda workdir: [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *overrides]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = subprocess.run(command(straight), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    proc = subprocess.Popen(command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "3").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.latest_step(str(killed))
+    assert 3 <= killed_at < steps
+    result = subprocess.run(command(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and f"resuming {killed} from step {killed_at}" in result.stderr, result.stderr[-2000:]
+    jax.tree.map(np.testing.assert_array_equal, llm.load(str(straight)).params, llm.load(str(killed)).params)
+    # The answers sampled after the resume are the uninterrupted run's: the same rewards, step by step.
+    log = lambda w: {r["step"]: (r["reward"], r["answer_length"], r["kl"]) for r in map(json.loads, open(w / "metrics.jsonl")) if "reward" in r}
+    after = {s: v for s, v in log(killed).items() if s > killed_at}
+    assert after and all(log(straight)[s] == v for s, v in after.items())
+    assert {"kl", "entropy", "answer_length", "reward", "reward_std"} <= set(json.loads(open(straight / "metrics.jsonl").readlines()[-1]))
+
+
+def test_reward_and_dpo_report_held_out_pairwise_accuracy_and_the_reward_model_scores_grpo_answers(sets, tmp_path):
+    cfg = _cfg(sets, data__dataset=f"preference:{sets['pref']}", objective="reward", num_train_steps=60, eval_every_steps=60,
+               checkpoint_every_steps=60, opt__learning_rate=1e-2)
+    summary = train.train(cfg, str(tmp_path / "rm"), quiet=True)
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["loss"] < math.log(2)
+    result = run_cli("score", f"--workdir={tmp_path / 'rm'}", "--prompt=1+1", "--response=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(json.loads(result.stdout.strip().splitlines()[-1])["scores"]) == 1
+    cfg = _cfg(sets, data__dataset=f"preference:{sets['pref']}", objective="dpo", num_train_steps=10, eval_every_steps=10,
+               checkpoint_every_steps=10)
+    summary = train.train(cfg, str(tmp_path / "dpo"), quiet=True)
+    assert {"eval_accuracy", "eval_loss", "eval_margin"} <= set(summary)
+    # The reward model as GRPO's reward: its scores of the sampled answers are what is logged.
+    cfg = _objective_cfg(sets, "grpo", 2)
+    cfg.grpo.reward_fn, cfg.grpo.reward_run = "", str(tmp_path / "rm")
+    cfg.eval_every_steps, cfg.grpo.eval_prompts = 2, 4
+    summary = rl.train_grpo(cfg, str(tmp_path / "grpo_rm"), quiet=True)
+    assert np.isfinite(summary["reward"]) and summary["reward"] != 0.0 and np.isfinite(summary["eval_reward"])
+
+
+# Bad input: one clear message naming the file and line, or the step.
+
+
+def test_bad_post_training_input_is_one_message_naming_the_line_or_the_step(sets, tmp_path):
+    tok = tokenizer_lib.load(sets["pre"])
+    roles = llm.load(sets["pre"]).roles
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1", "response": "2"}, {"prompt": "2+2"}])
+    with pytest.raises(DataError, match=rf"{bad}:2: missing the string field 'response'"):
+        examples.load_sft(f"sft:{bad}", "all", tok, roles, 32, 0.0, 0.0)
+    long = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1+" * 30, "response": "2"}])
+    with pytest.raises(DataError, match=rf"{long}:1: the conversation before the first response is \d+ tokens"):
+        examples.load_sft(f"sft:{long}", "all", tok, roles, 32, 0.0, 0.0)
+    same = _write_jsonl(tmp_path / "same.jsonl", [{"prompt": "1+1", "chosen": "2", "rejected": "2"}])
+    with pytest.raises(DataError, match=rf"{same}:1: 'chosen' equals 'rejected'"):
+        examples.load_pairs(f"preference:{same}", "all", tok, roles, 32, 0.0, 0.0)
+    # Through the CLI: one error line, before anything compiles.
+    result = run_cli("train", f"--workdir={tmp_path / 'run'}", *cli_overrides(sets["corpus"], init_from=sets["pre"],
+                                                                                 data__dataset=f"sft:{bad}"))
+    assert result.returncode == 2 and f"error: {bad}:2: missing the string field 'response'" in result.stderr
+    assert "model:" not in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("train", f"--workdir={tmp_path / 'run2'}", *cli_overrides(sets["corpus"], objective="dpo"))
+    assert result.returncode == 2 and "objective='dpo' trains on 'preference:GLOB'" in result.stderr and "set init_from" in result.stderr
+
+
+def nan_reward(record: dict, answer: str) -> float:
+    return float("nan") if record["prompt"].startswith(("1", "2", "3", "4")) else 1.0
+
+
+def test_a_reward_function_returning_nan_stops_grpo_naming_the_step_and_nothing_trains_on_it(sets, tmp_path):
+    cfg = _objective_cfg(sets, "grpo", 6)
+    cfg.grpo.reward_fn = "test_posttrain:nan_reward"
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(rl.RewardError, match=r"step 1: the reward of \d+ answer\(s\) is not finite .*last checkpoint is intact"):
+        rl.train_grpo(cfg, workdir, quiet=True)
+    assert checkpoint.latest_step(workdir) is None
+
+
+# Chat, driven through a pseudo-terminal.
+
+
+class _Terminal:
+    """A command on a pseudo-terminal, driven through pipes by pty.spawn in a fresh interpreter (forking
+    this JAX process directly could deadlock): bytes written reach the terminal as typed keys, so
+    \x03 is a real Ctrl-C, delivered by the line discipline as SIGINT."""
+
+    def __init__(self, command: list[str]):
+        spawn = "import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)"
+        self.proc = subprocess.Popen([sys.executable, "-c", spawn, *command], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.out = ""
+
+    def type(self, keys: bytes) -> None:
+        self.proc.stdin.write(keys)
+        self.proc.stdin.flush()
+
+    def wait_for(self, needle: str, after: int = 0, timeout: float = 120) -> int:
+        deadline = time.time() + timeout
+        while needle not in self.out[after:]:
+            assert time.time() < deadline, f"{needle!r} did not appear; got {self.out[-2000:]!r}"
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                assert chunk or needle in self.out[after:], f"the program ended before {needle!r}: {self.out[-2000:]!r}"
+                self.out += chunk.decode("utf-8", "replace")
+        return self.out.index(needle, after) + len(needle)
+
+
+def test_chat_streams_an_answer_and_ctrl_c_stops_that_answer_not_the_program(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    workdir = tmp_path / "run"
+    # A pretrained model never learnt <|end|>, so it writes until max_new_tokens: long enough to interrupt.
+    train.train(tiny_config(corpus, num_train_steps=2, seq_len=2048, batch_size=2), str(workdir), quiet=True)
+    term = _Terminal([sys.executable, "-m", "llm.cli", "chat", f"--workdir={workdir}", "--max_new_tokens=2000", "--temperature=1.0"])
+    try:
+        at = term.wait_for("you> ")
+        term.type(b"the king\n")
+        at = term.wait_for("model> ", at)
+        deadline = time.time() + 60
+        while len(term.out) - at < 20:  # the answer streams out, token by token
+            assert time.time() < deadline, term.out[-2000:]
+            term.wait_for("", at, timeout=1)
+            ready, _, _ = select.select([term.proc.stdout], [], [], 0.2)
+            if ready:
+                term.out += os.read(term.proc.stdout.fileno(), 4096).decode("utf-8", "replace")
+        term.type(b"\x03")
+        stopped = term.wait_for("[stopped]", at)
+        assert len(term.out[at:stopped].strip()) > 20
+        term.wait_for("you> ", stopped)  # the program goes on to the next turn
+        term.type(b"/exit\n")
+        assert term.proc.wait(timeout=60) == 0, term.out[-2000:]
+    finally:
+        term.proc.kill()
