@@ -38,7 +38,8 @@ def test_chinchilla_approach3_matches_besiroglu_replication():
     points = fit.load_points(str(CHINCHILLA_CSV))
     assert len(points["loss"]) == 245
     keep = np.argsort(points["loss"])[:-5]  # Besiroglu et al. 2024 drop the 5 highest-loss points.
-    result = fit.approach3({k: v[keep] for k, v in points.items()})
+    # From the 50 best of the 4500 grid starts (the library default is 200) the fit reaches the same optimum.
+    result = fit.approach3({k: v[keep] for k, v in points.items()}, num_starts=50)
     assert abs(result["E"] - 1.817) < 0.026
     assert abs(result["alpha"] - 0.348) < 0.015
     assert abs(result["beta"] - 0.366) < 0.021

@@ -74,10 +74,10 @@ def test_an_imported_run_evaluates_samples_and_fine_tunes_like_any_run(tmp_path,
     result = run_cli("import", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={tmp_path / 'tfds'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["tokenizer"] == "sentencepiece"
-    evaluated = run_cli("eval", f"--workdir={tmp_path / 'run'}", f"--dataset=text:{corpus}")
-    assert evaluated.returncode == 0 and json.loads(evaluated.stdout.strip().splitlines()[-1])["step"] == 0
-    sampled = run_cli("sample", f"--workdir={tmp_path / 'run'}", "--prompt=the king", "--max_new_tokens=5")
-    assert sampled.returncode == 0 and sampled.stdout.startswith("the king"), sampled.stderr[-2000:]
+    # eval and sample through the API their commands call (one CLI start-up each saved).
+    imported = llm.load(str(tmp_path / "run"))
+    assert imported.evaluate(dataset=f"text:{corpus}")["step"] == 0
+    assert isinstance(imported.generate("the king", max_new_tokens=5, temperature=0.0)[0], str)
     fine = run_cli("train", f"--workdir={tmp_path / 'fine'}", *cli_overrides(
         corpus, init_from=str(tmp_path / "run"), data__tokenizer="sentencepiece", num_train_steps=2, seq_len=32,
         model__d_model=64, model__num_layers=2, model__num_heads=4, model__num_kv_heads=2, model__d_ff=128,
