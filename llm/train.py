@@ -315,7 +315,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
 
     @functools.lru_cache(maxsize=1)
     def reference():
-        return restore_lm_params(cfg.init_from, mc, built, roles)[0]
+        return restore_lm_params(cfg.init_from, mc, built)[0]
 
     job = Job(cfg, workdir, mesh, dc, tok, mc, built, roles, reference, quiet)
     feed = make_feed(job)
@@ -327,29 +327,12 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
         feed.batches.close()
 
 
-def restore_lm_params(source: str, mc: ModelConfig, built: Setup, roles: "template.RoleIds | None" = None) -> tuple[dict, int]:
-    """Another run's language-model params (and step) onto this run's shardings. A smaller vocabulary
-    (a run whose chat template grew it) gets the new rows. With `roles`, a source that never trained on
-    the chat template (a pretrained run) has its role-marker rows set to the mean of its token rows:
-    pretraining pushed those never-seen ids far down, and SFT's first steps would otherwise spend large
-    gradients (loss ~10 on <|end|>) pulling them up through the rest of the network."""
+def restore_lm_params(source: str, mc: ModelConfig, built: Setup) -> tuple[dict, int]:
+    """Another run's language-model params (and step) onto this run's shardings; a smaller vocabulary
+    (a run whose chat template grew it) gets new embedding rows drawn as a fresh model's are."""
+    abstract, shardings = objectives.lm_params(built.abstract_params), objectives.lm_params(built.param_sh)
     with open(os.path.join(source, "config.json")) as f:
         source_cfg = config_lib.from_saved(json.load(f))
-    params, step = _restore_vocab(source, source_cfg, mc, built)
-    if roles is not None and not examples.kind_of(source_cfg.data.dataset):
-        tokens = tokenizer_lib.load(source).vocab_size
-        ids = jnp.arange(roles.system, roles.end + 1) if roles.system >= tokens else None
-        for k, axis in {"embed": 0, **({} if mc.tie_embeddings else {"head": 1})}.items():
-            if ids is not None:
-                mean = jnp.mean(jax.lax.slice_in_dim(params[k], 0, tokens, axis=axis), axis=axis, keepdims=True)
-                fresh = jnp.repeat(mean, len(ids), axis=axis)
-                params[k] = jax.device_put(params[k].at[(ids, slice(None)) if axis == 0 else (slice(None), ids)].set(fresh),
-                                           params[k].sharding)
-    return params, step
-
-
-def _restore_vocab(source: str, source_cfg: ml_collections.ConfigDict, mc: ModelConfig, built: Setup) -> tuple[dict, int]:
-    abstract, shardings = objectives.lm_params(built.abstract_params), objectives.lm_params(built.param_sh)
     V = config_lib.padded_vocab_size(source_cfg, tokenizer_lib.load(source).vocab_size)
     if V == mc.V:
         return checkpoint.restore_params(source, sharding.abstract(abstract, shardings))
@@ -408,7 +391,7 @@ def _train_loop(job: Job, stop: guard.StopSignals, feed: Feed) -> dict:
         state = built.init_state(jax.random.key(cfg.seed))
         if cfg.init_from:
             # A reward model starts from the language model's params and a fresh head.
-            params, src_step = restore_lm_params(cfg.init_from, mc, built, job.roles)
+            params, src_step = restore_lm_params(cfg.init_from, mc, built)
             state = state.replace(params={**state.params, **params})
             if is_main and not quiet:
                 print(f"initialised from {cfg.init_from} (step {src_step})", file=sys.stderr)
