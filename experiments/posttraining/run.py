@@ -1,0 +1,118 @@
+"""Every post-training stage on the addition task, in order, into one work directory:
+
+    pretrain (a+b=c lines) -> SFT (chat template) -> reward model, DPO, GRPO (exact match), GRPO (reward model)
+
+    nice -n 19 .venv/bin/python -m experiments.posttraining.run --workdir=/tmp/pt_exp
+
+Resumable: a stage whose stage.json exists is skipped (a stage killed midway resumes from its checkpoint).
+Writes experiments/posttraining/results.json and the plots beside it.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import llm
+from configs import default
+from experiments.posttraining import plot, task
+from llm import rl, train
+
+HERE = Path(__file__).resolve().parent
+DIGITS = 2
+# Operands of 1-2 digits give 10,000 problems in all: the training sets take 9,000, the test set 500 more.
+SIZES = {"pretrain": 4_500, "sft": 2_500, "preference": 1_000, "rl": 1_000, "test": 500}
+# Each stage: its objective, the data it reads, the run it starts from, and what it changes in the config.
+STAGES = {
+    "pretrain": dict(objective="lm", data="text:{pretrain}", init_from="", num_train_steps=800, batch_size=32, seq_len=64),
+    "sft": dict(objective="lm", data="sft:{sft}", init_from="pretrain", num_train_steps=300, batch_size=32, lr=1e-3),
+    "reward": dict(objective="reward", data="preference:{preference}", init_from="sft", num_train_steps=300, batch_size=32, lr=1e-3),
+    "dpo": dict(objective="dpo", data="preference:{preference}", init_from="sft", num_train_steps=150, batch_size=32, lr=3e-4),
+    "grpo": dict(objective="grpo", data="prompts:{rl}", init_from="sft", num_train_steps=300, batch_size=16, lr=3e-4,
+                 reward_fn="experiments.posttraining.task:reward"),
+    "grpo_rm": dict(objective="grpo", data="prompts:{rl}", init_from="sft", num_train_steps=150, batch_size=16, lr=3e-4,
+                    reward_run="reward"),
+}
+
+
+def config(stage: dict, root: Path, paths: dict):
+    cfg = default.get_config()
+    cfg.objective = stage["objective"]
+    cfg.data.dataset = stage["data"].format(**paths)
+    cfg.data.data_dir = str(root / "tfds")
+    cfg.init_from = str(root / stage["init_from"]) if stage["init_from"] else ""
+    cfg.model.d_model, cfg.model.num_layers, cfg.model.num_heads, cfg.model.num_kv_heads, cfg.model.d_ff = 128, 3, 4, 4, 512
+    cfg.seq_len = stage.get("seq_len", 32)  # a chat-formatted problem is under 20 tokens
+    cfg.batch_size = stage["batch_size"]
+    cfg.num_train_steps = cfg.checkpoint_every_steps = cfg.eval_every_steps = stage["num_train_steps"]
+    cfg.log_every_steps = 5
+    cfg.sample_tokens = 0
+    cfg.peak_tflops = 1.0  # MFU is meaningless here; skip the start-up matmul benchmark
+    cfg.opt.learning_rate = stage.get("lr", 3e-3)
+    cfg.opt.warmup_steps = min(100, stage["num_train_steps"] // 10)
+    if cfg.objective == "grpo":
+        cfg.grpo.group_size, cfg.grpo.max_new_tokens, cfg.grpo.temperature = 8, DIGITS + 2, 1.0
+        cfg.grpo.kl_coef, cfg.grpo.eval_prompts = 0.04, 128
+        cfg.eval_every_steps = 25  # greedy reward on held-out RL prompts, for the curve in grpo.png
+        cfg.grpo.reward_fn = stage.get("reward_fn", "")
+        cfg.grpo.reward_run = str(root / stage["reward_run"]) if "reward_run" in stage else ""
+    return cfg
+
+
+def run_stage(name: str, root: Path, paths: dict, test: list[dict]) -> dict:
+    """Trains one stage (or finds it done) and scores it; the record is kept in its stage.json."""
+    workdir = root / name
+    done = workdir / "stage.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    cfg = config(STAGES[name], root, paths)
+    start = time.time()
+    summary = (rl.train_grpo if cfg.objective == "grpo" else train.train)(cfg, str(workdir), quiet=True)
+    record = {"wall_s": time.time() - start, "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float))}}
+    run = llm.load(str(workdir))
+    if name == "pretrain":
+        record["test_accuracy_raw"] = task.exact_match_raw(run, test)
+    elif cfg.objective == "reward":
+        record["pairwise_accuracy"] = run.evaluate()["accuracy"]
+    else:
+        record["test_accuracy"] = task.exact_match(run, test)
+    done.write_text(json.dumps(record, indent=1))
+    print(name, json.dumps(record), flush=True)
+    return record
+
+
+def results(records: dict, root: Path) -> dict:
+    grpo_last = [json.loads(line) for line in open(root / "grpo" / "metrics.jsonl")]
+    grpo_last = [r for r in grpo_last if "kl" in r][-1]
+    dpo = records["dpo"]["summary"]
+    return {
+        "task": f"addition, operands of 1..{DIGITS} digits; test: {SIZES['test']} held-out problems, greedy exact match",
+        "test_accuracy": {"pretrain (raw 'a+b;=' continuation)": records["pretrain"]["test_accuracy_raw"],
+                          **{f"{n} (chat)": r["test_accuracy"] for n, r in records.items() if "test_accuracy" in r}},
+        "reward_model_pairwise_accuracy": records["reward"]["pairwise_accuracy"],
+        "grpo_final": {k: grpo_last[k] for k in ("step", "reward", "kl", "entropy", "answer_length")},
+        "dpo_final": {k: dpo[k] for k in ("margin", "chosen_reward", "rejected_reward", "eval_margin", "eval_accuracy") if k in dpo},
+        "wall_s": {n: round(r["wall_s"], 1) for n, r in records.items()},
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", required=True)
+    root = Path(parser.parse_args().workdir)
+    # Written once: rewriting pretrain.txt would change its mtime, and the text dataset's cache with it.
+    manifest = root / "data" / "paths.json"
+    if not manifest.exists():
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps(task.write_sets(root / "data", DIGITS, SIZES)))
+    paths = json.loads(manifest.read_text())
+    test = task.read_jsonl(paths["test"])
+    records = {name: run_stage(name, root, paths, test) for name in STAGES}
+    out = results(records, root)
+    (HERE / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot.plot(root, out, HERE)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The post-training task: multi-digit addition ("347+85" -> "432"), generated from a seed.
+
+Every set is drawn from one stream of distinct problems, so the held-out test problems never appear in
+pretraining, SFT, preference or RL data. Success is checkable: an answer is right or it is not.
+"""
+
+import json
+import random
+from pathlib import Path
+
+
+def problems(num: int, digits: int, seed: int) -> list[tuple[int, int]]:
+    """num distinct (a, b) pairs, each operand with 1..digits digits (the count drawn uniformly, so short
+    and long operands both occur)."""
+    rng = random.Random(seed)
+    found, seen = [], set()
+    while len(found) < num:
+        a, b = (rng.randint(0, 10 ** rng.randint(1, digits) - 1) for _ in range(2))
+        if (a, b) not in seen:
+            seen.add((a, b))
+            found.append((a, b))
+    return found
+
+
+# True writes the sum least-significant digit first ("347+85" -> "234"), the format small models learn
+# fastest (Lee et al. 2023); on 3-digit problems it did not help within this CPU budget (README.md).
+REVERSED = False
+
+
+# Pretraining lines read "12+34;=46;": the two characters between the problem and the sum stand where
+# the chat template puts <|end|> <|assistant|>, and the closing ';' where it puts <|end|>. SFT then only
+# has to map the role tokens onto characters the model knows; with "12+34=46" the sum sits one position
+# nearer the problem than in the chat template, and SFT lost the pretrained skill (README.md).
+SEPARATOR, END = ";=", ";"
+
+
+def prompt(a: int, b: int) -> str:
+    return f"{a}+{b}"
+
+
+def written(n: int) -> str:
+    return str(n)[::-1] if REVERSED else str(n)
+
+
+def wrong_answer(a: int, b: int, rng: random.Random) -> int:
+    """A plausible mistake: a carry dropped (when the sum has one), or one digit of the sum off by one."""
+    right = a + b
+    carries = [k for k in range(len(str(right))) if (a // 10**k % 10) + (b // 10**k % 10) + _carry_in(a, b, k) >= 10]
+    if carries and rng.random() < 0.5:
+        return right - 10 ** (rng.choice(carries) + 1)  # the carry out of digit k never reaches digit k + 1
+    k = rng.randrange(len(str(right)))
+    step = 10**k if (right // 10**k % 10 == 0 or rng.random() < 0.5) else -(10**k)
+    return right + step
+
+
+def _carry_in(a: int, b: int, k: int) -> int:
+    return int(a % 10**k + b % 10**k >= 10**k) if k else 0
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_sets(root: Path, digits: int, sizes: dict, seed: int = 0) -> dict:
+    """Writes pretrain.txt, sft.jsonl, preference.jsonl, prompts.jsonl and test.jsonl under root; returns
+    {name: path}. sizes: {"pretrain", "sft", "preference", "rl", "test"} problem counts."""
+    root.mkdir(parents=True, exist_ok=True)
+    # One draw of distinct problems, shuffled, then cut: drawn one after another, the first set would take
+    # most of the few one-digit problems and leave the later sets without them.
+    found = problems(sum(sizes.values()), digits, seed)
+    random.Random(seed + 1).shuffle(found)
+    test, pre, sft, pref, rl = (found[lo:hi] for lo, hi in _cuts(sizes, ("test", "pretrain", "sft", "preference", "rl")))
+    rng = random.Random(seed + 2)
+    paths = {"pretrain": root / "pretrain.txt"}
+    paths["pretrain"].write_text("".join(f"{prompt(a, b)}{SEPARATOR}{written(a + b)}{END}\n" for a, b in pre))
+    paths["sft"] = _write_jsonl(root / "sft.jsonl", [{"prompt": prompt(a, b), "response": written(a + b)} for a, b in sft])
+    paths["preference"] = _write_jsonl(root / "preference.jsonl", [
+        {"prompt": prompt(a, b), "chosen": written(a + b), "rejected": written(wrong_answer(a, b, rng))} for a, b in pref])
+    paths["rl"] = _write_jsonl(root / "prompts.jsonl", [{"prompt": prompt(a, b), "answer": written(a + b)} for a, b in rl])
+    paths["test"] = _write_jsonl(root / "test.jsonl", [{"prompt": prompt(a, b), "answer": written(a + b)} for a, b in test])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _cuts(sizes: dict, names: tuple) -> list[tuple[int, int]]:
+    ends, total = [], 0
+    for name in names:
+        ends.append((total, total + sizes[name]))
+        total += sizes[name]
+    return ends
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def reward(record: dict, answer: str) -> float:
+    """1.0 for the exact sum, else 0.0. No partial credit: a per-digit score would pay for answers that
+    copy the operands' digits, and the metric we report is exact match."""
+    return float(answer.strip() == record["answer"])
+
+
+def exact_match(run, records: list[dict]) -> float:
+    """Greedy accuracy of a post-trained run, asked in the chat template (one user turn per problem)."""
+    width = max(len(r["answer"]) for r in records) + 1  # the answer and its <|end|>
+    right = [reward(r, run.chat([{"role": "user", "content": r["prompt"]}], max_new_tokens=width, temperature=0.0)) for r in records]
+    return sum(right) / len(right)
+
+
+def exact_match_raw(run, records: list[dict]) -> float:
+    """Greedy accuracy of a pretrained run, as the continuation of "\\na+b;=" up to the closing ';' (the
+    format of its corpus; it has never seen the chat template's role tokens)."""
+    width = max(len(r["answer"]) for r in records) + 1
+    texts = run.generate(["\n" + r["prompt"] + SEPARATOR for r in records], max_new_tokens=width, temperature=0.0)
+    return sum(reward(r, t.split(END)[0]) for r, t in zip(records, texts)) / len(records)
