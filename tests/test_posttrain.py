@@ -183,52 +183,38 @@ def test_grpo_advantages_are_zero_mean_per_group_and_the_kl_to_an_identical_refe
 # Each objective trains, evaluates and resumes exactly.
 
 
-def _objective_cfg(sets, objective: str, steps: int, eval_every_steps: int = 0):
-    common = dict(num_train_steps=steps, checkpoint_every_steps=3, eval_every_steps=eval_every_steps, objective=objective)
+def _objective_overrides(sets, objective: str, steps: int) -> dict:
+    common = dict(num_train_steps=steps, checkpoint_every_steps=3, log_every_steps=1, objective=objective,
+                  init_from=sets["pre"], opt__schedule="constant")
     if objective == "lm":
-        return _cfg(sets, data__dataset=f"sft:{sets['sft']}", **common)
+        return dict(data__dataset=f"sft:{sets['sft']}", **common)
     if objective in ("reward", "dpo"):
-        return _cfg(sets, data__dataset=f"preference:{sets['pref']}", **common)
-    return _cfg(sets, data__dataset=f"prompts:{sets['prompts']}", batch_size=4, grpo__group_size=4, grpo__max_new_tokens=4,
+        return dict(data__dataset=f"preference:{sets['pref']}", **common)
+    return dict(data__dataset=f"prompts:{sets['prompts']}", batch_size=4, grpo__group_size=4, grpo__max_new_tokens=4,
                 grpo__reward_fn="llm.rl:exact_match_reward", **common)
+
+
+def _objective_cfg(sets, objective: str, steps: int, eval_every_steps: int = 0):
+    return tiny_config(sets["corpus"], eval_every_steps=eval_every_steps, **_objective_overrides(sets, objective, steps))
 
 
 def _train(cfg, workdir):
     return (rl.train_grpo if cfg.objective == "grpo" else train.train)(cfg, workdir, quiet=True)
 
 
-@pytest.mark.parametrize("objective", ["lm", "reward", "dpo"])
-def test_a_run_of_each_objective_resumed_from_its_checkpoint_ends_bit_identical_to_an_uninterrupted_one(sets, tmp_path, objective):
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    summary = _train(_objective_cfg(sets, objective, 6, eval_every_steps=6), straight)  # an eval changes no params
-    _train(_objective_cfg(sets, objective, 3), resumed)  # what a run killed after its step-3 checkpoint leaves
-    _train(_objective_cfg(sets, objective, 6), resumed)
-    a, b = llm.load(straight), llm.load(resumed)
-    assert a.step == b.step == 6
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    first = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
-    assert all(np.isfinite(r["loss"]) for r in first if "loss" in r)
-    held_out = {"lm": {"eval_loss", "eval_perplexity"}, "reward": {"eval_loss", "eval_accuracy", "eval_margin"},
-                "dpo": {"eval_loss", "eval_accuracy", "eval_margin", "eval_chosen_reward", "eval_rejected_reward"}}[objective]
-    assert held_out <= set(summary)
-    if objective == "reward":
-        assert objectives.REWARD_HEAD in a.params
-        assert set(a.evaluate()) >= {"accuracy", "pairs", "loss"}
-        assert len(a.score(["1+1", "1+1"], ["2", "3"])) == 2
+def _logged(workdir) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r}
 
 
-def test_a_sigkilled_grpo_run_resumes_to_the_params_and_samples_of_an_uninterrupted_one(sets, tmp_path):
+@pytest.mark.parametrize("objective", ["lm", "reward", "dpo", "grpo"])
+def test_a_sigkilled_run_of_each_objective_resumes_to_the_params_and_losses_of_an_uninterrupted_one(sets, tmp_path, objective):
     steps = 12
-    overrides = cli_overrides(sets["corpus"], init_from=sets["pre"], opt__schedule="constant", objective="grpo",
-                              data__dataset=f"prompts:{sets['prompts']}", batch_size=4, grpo__group_size=4, grpo__max_new_tokens=4,
-                              grpo__reward_fn="llm.rl:exact_match_reward", num_train_steps=steps, checkpoint_every_steps=3,
-                              log_every_steps=1)
-    command = lambda workdir: [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *overrides]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    result = subprocess.run(command(straight), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    proc = subprocess.Popen(command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = _train(_objective_cfg(sets, objective, steps, eval_every_steps=steps), str(straight))  # an eval changes no params
+    # The CLI on JAX's one CPU device (mesh.cpu_devices=0), the device this test process trains on.
+    overrides = cli_overrides(sets["corpus"], mesh__cpu_devices=0, **_objective_overrides(sets, objective, steps))
+    command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={killed}", *overrides]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "3").exists():
         assert proc.poll() is None and time.time() < deadline
@@ -237,14 +223,22 @@ def test_a_sigkilled_grpo_run_resumes_to_the_params_and_samples_of_an_uninterrup
     proc.wait()
     killed_at = checkpoint.latest_step(str(killed))
     assert 3 <= killed_at < steps
-    result = subprocess.run(command(killed), cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and f"resuming {killed} from step {killed_at}" in result.stderr, result.stderr[-2000:]
-    jax.tree.map(np.testing.assert_array_equal, llm.load(str(straight)).params, llm.load(str(killed)).params)
-    # The answers sampled after the resume are the uninterrupted run's: the same rewards, step by step.
-    log = lambda w: {r["step"]: (r["reward"], r["answer_length"], r["kl"]) for r in map(json.loads, open(w / "metrics.jsonl")) if "reward" in r}
-    after = {s: v for s, v in log(killed).items() if s > killed_at}
-    assert after and all(log(straight)[s] == v for s, v in after.items())
-    assert {"kl", "entropy", "answer_length", "reward", "reward_std"} <= set(json.loads(open(straight / "metrics.jsonl").readlines()[-1]))
+    a, b = llm.load(str(straight)), llm.load(str(killed))
+    assert a.step == b.step == steps
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    # Each step after the resume saw the uninterrupted run's batch (for GRPO: sampled the same answers).
+    before, after = _logged(straight), {s: r for s, r in _logged(killed).items() if s > killed_at}
+    keys = ("loss", "reward", "answer_length", "kl") if objective == "grpo" else ("loss",)
+    assert after and all(before[s][k] == r[k] for s, r in after.items() for k in keys)
+    logged = {"lm": {"eval_loss", "eval_perplexity"}, "reward": {"eval_loss", "eval_accuracy", "eval_margin"},
+              "dpo": {"eval_loss", "eval_accuracy", "eval_margin", "eval_chosen_reward", "eval_rejected_reward"},
+              "grpo": {"kl", "entropy", "answer_length", "reward", "reward_std", "eval_reward", "eval_answer_length"}}[objective]
+    assert logged <= set(summary)
+    if objective == "reward":
+        assert objectives.REWARD_HEAD in a.params
+        assert set(a.evaluate()) >= {"accuracy", "pairs", "loss"}
 
 
 def test_the_reward_model_reports_held_out_pairwise_accuracy_scores_from_the_cli_and_rewards_grpo(sets, tmp_path):
@@ -301,6 +295,21 @@ def test_a_reward_function_returning_nan_stops_grpo_naming_the_step_and_nothing_
 
 
 # Chat, driven through a pseudo-terminal.
+
+
+def test_chat_keeps_the_system_message_and_drops_the_oldest_turns_to_fit_the_context(sets):
+    from llm import chat
+
+    run = llm.load(sets["pre"])  # a 32-token context
+    turns = [{"role": r, "content": "12+34"} for r in ("user", "assistant") * 4] + [{"role": "user", "content": "5+6"}]
+    history = [{"role": "system", "content": "1+1=2"}] + turns
+    kept, tokens = chat.fit(run, history, max_new_tokens=4)
+    assert kept[0] == history[0] and kept[1:] == turns[len(turns) - len(kept) + 1:]  # the system message and the newest turns
+    assert 1 < len(kept) < len(history) and len(tokens) <= run.context - 4
+    one_more = [history[0]] + turns[len(turns) - len(kept):]
+    assert len(template.render(run.tokenizer, run.roles, one_more, add_generation_prompt=True)[0]) > run.context - 4
+    with pytest.raises(llm.sample.SampleError, match="the last message alone"):
+        chat.fit(run, [{"role": "user", "content": "1+1" * 20}], max_new_tokens=4)
 
 
 class _Terminal:
