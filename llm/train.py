@@ -283,8 +283,7 @@ def _feed(job: Job) -> Feed:
         return Feed(batches, prepare, _objective_eval(job, held) if cfg.eval_every_steps else None, check=lambda: load("validation"))
     batches = data.train_batches(dc, tok, cfg.batch_size, cfg.seq_len, cfg.seed, rows, cfg.data.sampling)
     held = lambda: data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len)
-    check = lambda: data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len)
-    return Feed(batches, put, _lm_eval(job, held) if cfg.eval_every_steps else None, check=check)
+    return Feed(batches, put, _lm_eval(job, held) if cfg.eval_every_steps else None, check=held)
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guard.StopSignals, make_feed: Callable[[Job], Feed]) -> dict:
