@@ -210,7 +210,7 @@ def pack_documents(stream: np.ndarray, eos_id: int, seq_len: int) -> tuple[np.nd
     return np.stack(rows_tokens), np.stack(rows_segments)
 
 
-def _document_batch(tokens_RxW: np.ndarray, segments_RxW: np.ndarray) -> dict[str, np.ndarray]:
+def document_batch(tokens_RxW: np.ndarray, segments_RxW: np.ndarray) -> dict[str, np.ndarray]:
     segments_in, segments_out = segments_RxW[:, :-1], segments_RxW[:, 1:]
     index = np.arange(segments_in.shape[1])
     first = np.concatenate([np.ones((len(segments_in), 1), bool), segments_in[:, 1:] != segments_in[:, :-1]], axis=1)
@@ -321,13 +321,12 @@ class TrainBatches(EpochPosition):
         self.batch_in_epoch += 1
         chosen = starts[first + lo : first + hi]
         if self.packing == "documents":
-            return _document_batch(self._doc_tokens[chosen], self._doc_segments[chosen])
+            return document_batch(self._doc_tokens[chosen], self._doc_segments[chosen])
         return _rows(self.stream, chosen, self.seq_len)
 
 
-
-def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    short = batch_size - len(batch["inputs"])
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    short = batch_size - len(next(iter(batch.values())))
     if not short:
         return batch
     # A fixed batch shape keeps one compiled eval step; the filler rows weigh nothing.
@@ -340,7 +339,7 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, packing: str
     if packing == "documents":
         tokens, segments = pack_documents(stream, eos_id, seq_len)
         for first in range(0, len(tokens), batch_size):
-            yield _pad_batch(_document_batch(tokens[first : first + batch_size], segments[first : first + batch_size]), batch_size)
+            yield pad_batch(document_batch(tokens[first : first + batch_size], segments[first : first + batch_size]), batch_size)
         return
     num_targets = len(stream) - 1
     num_rows = -(-num_targets // seq_len)
@@ -351,7 +350,7 @@ def eval_batches(stream: np.ndarray, batch_size: int, seq_len: int, packing: str
         starts = np.arange(first, min(first + batch_size, num_rows)) * seq_len
         batch = _rows(padded, starts, seq_len)
         batch["weights"] = weights[first : first + len(starts)]
-        yield _pad_batch(batch, batch_size)
+        yield pad_batch(batch, batch_size)
 
 
 # Streamed corpora ('jsonl:', 'parquet:').
@@ -535,7 +534,7 @@ def _fill_row(lane: _Lane, current: Callable[[], np.ndarray | None], advance: Ca
 
 def _row_batch(tokens_RxW: np.ndarray, segments_RxW: np.ndarray, packing: str) -> dict[str, np.ndarray]:
     if packing == "documents":
-        return _document_batch(tokens_RxW, segments_RxW)
+        return document_batch(tokens_RxW, segments_RxW)
     return {"inputs": tokens_RxW[:, :-1], "targets": tokens_RxW[:, 1:],
             "weights": (segments_RxW[:, 1:] != 0).astype(np.float32)}
 
@@ -698,7 +697,7 @@ def streamed_eval_batches(split: sources.Split, tokenizer: Tokenizer, batch_size
                 rows_tokens.append(tokens)
                 rows_segments.append(segments)
             if len(rows_tokens) == batch_size or (done and rows_tokens):
-                yield _pad_batch(_row_batch(np.stack(rows_tokens), np.stack(rows_segments), packing), batch_size)
+                yield pad_batch(_row_batch(np.stack(rows_tokens), np.stack(rows_segments), packing), batch_size)
                 rows_tokens, rows_segments = [], []
             if done:
                 return

@@ -15,21 +15,19 @@ Every example ends with eos. Batches are deterministic from (seed, epoch) and re
 import dataclasses
 import glob
 import gzip
-import json
 import os
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from llm import template
-from llm.data import EpochPosition
-from llm.sources import DataError
+from llm.data import EpochPosition, document_batch, pad_batch
+from llm.sources import DataError, held_out_range, json_object
 from llm.template import RoleIds, TemplateError
 from llm.tokenizer import Tokenizer
 
 KINDS = ("sft", "preference", "prompts")
 LOSS_ON = ("response", "all")
-_PERIOD = 1000
 
 
 def kind_of(dataset: str) -> str | None:
@@ -56,13 +54,7 @@ def read(dataset: str) -> list[Record]:
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(value, dict):
-                    raise DataError(f"{where}: a line must be a JSON object, got {type(value).__name__}")
-                records.append(Record(where, value))
+                records.append(Record(where, json_object(line, where)))
     if not records:
         raise DataError(f"data.dataset={dataset!r}: the files {', '.join(paths)} hold no examples")
     return records
@@ -84,11 +76,7 @@ def texts(dataset: str) -> list[str]:
 
 
 def held_out(records: Sequence, split: str, validation_fraction: float, test_fraction: float) -> list:
-    period = min(_PERIOD, len(records))
-    num_val, num_test = round(period * validation_fraction), round(period * test_fraction)
-    num_train = period - num_val - num_test
-    lo, hi = {"train": (0, num_train), "test": (num_train, num_train + num_test),
-              "validation": (num_train + num_test, period), "all": (0, period)}[split]
+    lo, hi, period = held_out_range(len(records), split, validation_fraction, test_fraction)
     chosen = [r for i, r in enumerate(records) if lo <= i % period < hi]
     if not chosen:
         raise DataError(f"the {split!r} split is empty: {len(records)} examples, of which the split takes "
@@ -132,7 +120,7 @@ def load_sft(dataset: str, split: str, tok: Tokenizer, ids: RoleIds, seq_len: in
 def pack(examples: Sequence[Example], width: int, loss_on: str) -> dict[str, np.ndarray]:
     """Whole examples packed greedily, in order, into rows of `width` tokens, each with its own segment
     id; one that does not fit what is left starts the next row. Returns a batch of every row: targets
-    are weighted only inside their example (and on its response, for loss_on='response')."""
+    are weighted only inside their example (data.document_batch), and on its response for loss_on='response'."""
     rows_t, rows_s, rows_r = [], [], []
     tokens, segments, response, fill, segment = None, None, None, width, 0
     for e in examples:
@@ -144,17 +132,10 @@ def pack(examples: Sequence[Example], width: int, loss_on: str) -> dict[str, np.
         n = len(e.tokens)
         tokens[fill : fill + n], segments[fill : fill + n], response[fill : fill + n] = e.tokens, segment, e.response
         fill += n
-    tokens_RxW, segments_RxW, response_RxW = np.stack(rows_t), np.stack(rows_s), np.stack(rows_r)
-    seg_in, seg_out = segments_RxW[:, :-1], segments_RxW[:, 1:]
-    index = np.arange(width - 1)
-    first = np.concatenate([np.ones((len(seg_in), 1), bool), seg_in[:, 1:] != seg_in[:, :-1]], axis=1)
-    weights = (seg_out == seg_in) & (seg_out != 0)
+    batch = document_batch(np.stack(rows_t), np.stack(rows_s))
     if loss_on == "response":
-        weights &= response_RxW[:, 1:]
-    return {
-        "inputs": tokens_RxW[:, :-1], "targets": tokens_RxW[:, 1:], "weights": weights.astype(np.float32),
-        "segment_ids": seg_in, "positions": (index - np.maximum.accumulate(np.where(first, index, 0), axis=1)).astype(np.int32),
-    }
+        batch["weights"] = batch["weights"] * np.stack(rows_r)[:, 1:]
+    return batch
 
 
 def _rows(batch: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -173,12 +154,17 @@ class Epochs(EpochPosition):
     rows: tuple[int, int] | None = None  # this host's rows [lo, hi) of each global batch
     epoch: int = 0
     batch_in_epoch: int = 0
+    _order_epoch: int | None = dataclasses.field(default=None, init=False, repr=False)
+    _permutation: np.ndarray | None = dataclasses.field(default=None, init=False, repr=False)
 
     def _items_per_epoch(self) -> int:
         return self.num_items
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        if self._order_epoch != self.epoch:
+            self._permutation = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+            self._order_epoch = self.epoch
+        return self._permutation
 
     def _batch(self, order: np.ndarray, first: int, lo: int, hi: int) -> dict:
         raise NotImplementedError
@@ -223,9 +209,7 @@ class SftBatches(Epochs):
 def sft_eval_batches(examples: Sequence[Example], batch_size: int, seq_len: int, loss_on: str = "response") -> Iterator[dict]:
     packed = pack(examples, seq_len + 1, loss_on)
     for first in range(0, len(packed["inputs"]), batch_size):
-        batch = _rows(packed, first, first + batch_size)
-        short = batch_size - len(batch["inputs"])
-        yield {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+        yield pad_batch(_rows(packed, first, first + batch_size), batch_size)
 
 
 # Preference pairs: a chosen and a rejected row per pair, each one example (no packing).
@@ -286,12 +270,10 @@ class PairBatches(Epochs):
 def pair_eval_batches(pairs: dict[str, np.ndarray], batch_size: int) -> Iterator[dict]:
     n = len(pairs["chosen_inputs"])
     for first in range(0, n, batch_size):
-        batch = {k: v[first : first + batch_size] for k, v in pairs.items()}
-        short = batch_size - len(batch["chosen_inputs"])
+        batch = _rows(pairs, first, first + batch_size)
         # Filler pairs have no response tokens (weights 0) and are masked out by "valid".
-        batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
-        batch["valid"] = (np.arange(batch_size) < batch_size - short).astype(np.float32)
-        yield batch
+        batch["valid"] = np.ones(len(batch["chosen_inputs"]), np.float32)
+        yield pad_batch(batch, batch_size)
 
 
 # Prompts for RL.

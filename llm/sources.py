@@ -36,6 +36,17 @@ class BadRecord(DataError):
     pass
 
 
+def json_object(line: str, where: str) -> dict:
+    """One JSONL line as an object; BadRecord naming `where` otherwise."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise BadRecord(f"{where}: a JSON {type(record).__name__}, not an object")
+    return record
+
+
 def is_streamed(dataset: str) -> bool:
     return dataset.startswith(PREFIXES)
 
@@ -83,12 +94,7 @@ class Corpus:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadRecord(f"{self.where(i)}: not UTF-8 (invalid byte at offset {e.start})") from None
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadRecord(f"{self.where(i)}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise BadRecord(f"{self.where(i)}: a JSON {type(record).__name__}, not an object")
+        record = json_object(line, self.where(i))
         if self.text_key not in record:
             fields = ", ".join(list(record)[:10]) or "none"
             raise BadRecord(f"{self.where(i)}: no field {self.text_key!r} (data.text_key); its fields: {fields}")
@@ -354,13 +360,20 @@ class Split:
             return "", str(e)
 
 
-def split(corpus: Corpus, name: str, validation_fraction: float, test_fraction: float) -> Split:
-    period = min(_PERIOD, len(corpus))
+def held_out_range(n: int, name: str, validation_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(lo, hi, period): item i of n belongs to split `name` iff lo <= i % period < hi. Of every
+    period = min(1000, n) items the last round(period * v) are validation, the round(period * t)
+    before them test (whole documents of a streamed corpus, whole post-training examples)."""
+    period = min(_PERIOD, n)
     num_val, num_test = round(period * validation_fraction), round(period * test_fraction)
     num_train = period - num_val - num_test
     lo, hi = {"train": (0, num_train), "test": (num_train, num_train + num_test),
               "validation": (num_train + num_test, period), "all": (0, period)}[name]
-    s = Split(corpus, lo, hi, period)
+    return lo, hi, period
+
+
+def split(corpus: Corpus, name: str, validation_fraction: float, test_fraction: float) -> Split:
+    s = Split(corpus, *held_out_range(len(corpus), name, validation_fraction, test_fraction))
     if not len(s):
         raise DataError(f"the {name!r} split is empty: {len(corpus)} documents, of which a fraction "
                         f"{validation_fraction if name == 'validation' else test_fraction if name == 'test' else 1 - validation_fraction - test_fraction} is held out for it")

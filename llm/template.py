@@ -18,9 +18,10 @@ from typing import Sequence
 
 import numpy as np
 
-from llm.tokenizer import CHAT_MARKERS as MARKERS, Tokenizer
+from llm.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
 class TemplateError(ValueError):
@@ -43,14 +44,18 @@ class RoleIds:
         return max(self.system, self.user, self.assistant, self.end) + 1
 
 
+def _marker_pieces(tok: Tokenizer) -> list[int] | None:
+    """The markers' ids in a SentencePiece model brought from elsewhere that has them as pieces."""
+    return tok.piece_ids(MARKERS) if hasattr(tok, "piece_ids") else None
+
+
 def vocab_needed(tok: Tokenizer) -> int:
     """The ids a chat model needs: the tokenizer's, and the four markers after them unless it has them."""
-    pieces = getattr(tok, "piece_ids", lambda names: None)(MARKERS)
-    return tok.vocab_size if pieces is not None else tok.vocab_size + len(MARKERS)
+    return tok.vocab_size if _marker_pieces(tok) is not None else tok.vocab_size + len(MARKERS)
 
 
 def role_ids(tok: Tokenizer, model_vocab: int) -> RoleIds:
-    pieces = getattr(tok, "piece_ids", lambda names: None)(MARKERS)
+    pieces = _marker_pieces(tok)
     if pieces is not None:
         return RoleIds(*pieces)
     first = tok.vocab_size

@@ -15,9 +15,6 @@ import numpy as np
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_SPECIAL = 3
 FILENAME = "tokenizer.json"
-# The chat template's role markers (llm/template.py), as SentencePiece models brought from elsewhere
-# may carry them.
-CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
 class TokenizerError(ValueError):

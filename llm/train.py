@@ -234,7 +234,7 @@ def _objective_eval(job: Job, batches: Callable[[], object]) -> Callable[[dict],
                 break
             batch = job.put({k: v[eval_lo:eval_hi] for k, v in b.items()}, cfg.eval_batch_size)
             if cfg.objective == "dpo":
-                batch.update(_reference_logprobs(job)(job.reference(), batch))
+                batch.update(_reference_logprobs(job.mc)(job.reference(), batch))
             batch_sums, batch_units = jax.device_get(job.built.objective_step(params, batch))
             for name, v in batch_sums.items():
                 sums[name] += float(v)
@@ -245,12 +245,9 @@ def _objective_eval(job: Job, batches: Callable[[], object]) -> Callable[[dict],
 
 
 @functools.lru_cache(maxsize=4)
-def _jitted_reference(mc: ModelConfig) -> Callable:
+def _reference_logprobs(mc: ModelConfig) -> Callable:
+    """DPO's frozen inputs: the reference's summed answer log-probs, jitted once per model shape."""
     return jax.jit(lambda params, batch: objectives.answer_logprobs(mc, params, batch))
-
-
-def _reference_logprobs(job: Job) -> Callable:
-    return _jitted_reference(job.mc)
 
 
 def _feed(job: Job) -> Feed:
@@ -278,7 +275,7 @@ def _feed(job: Job) -> Feed:
         if cfg.objective == "dpo":
             def prepare(state, b, step):
                 batch = job.put(b)
-                batch.update(_reference_logprobs(job)(job.reference(), batch))
+                batch.update(_reference_logprobs(job.mc)(job.reference(), batch))
                 return batch, {}
         return Feed(batches, prepare, _objective_eval(job, held) if cfg.eval_every_steps else None, check=lambda: load("validation"))
     batches = data.train_batches(dc, tok, cfg.batch_size, cfg.seq_len, cfg.seed, rows, cfg.data.sampling)
