@@ -3,7 +3,7 @@ weights), Bradley-Terry reward modelling, DPO and GRPO.
 
 Each returns (objective summed over its units, (metric sums, number of units)); the train step
 divides gradients and metrics by the units once, so gradient accumulation equals a larger batch.
-Frozen inputs (the reference model's log-probs, old log-probs, advantages) arrive on the batch.
+Frozen inputs (the reference model's log-probs, advantages) arrive on the batch.
 """
 
 from typing import Callable
@@ -103,7 +103,9 @@ def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float 
     def grpo(params, batch):
         logp_BxL, entropy_BxL = token_logprobs(cfg, params, batch["inputs"], batch["targets"])
         w_BxL = batch["weights"]
-        surrogate_BxL, kl_BxL, ratio_BxL = grpo_token_terms(logp_BxL, batch["old_logp"], batch["ref_logp"], batch["advantages"], clip_eps)
+        # One update per sampled batch: the sampling policy is these very params, so its log-probs are
+        # these, held constant (the ratio is 1; a second forward pass for them would be wasted).
+        surrogate_BxL, kl_BxL, ratio_BxL = grpo_token_terms(logp_BxL, jax.lax.stop_gradient(logp_BxL), batch["ref_logp"], batch["advantages"], clip_eps)
         objective = jnp.sum((-surrogate_BxL + kl_coef * kl_BxL) * w_BxL)
         clipped = jnp.sum((jnp.abs(ratio_BxL - 1) > clip_eps) * w_BxL)
         metrics = {"loss": objective, "kl": jnp.sum(kl_BxL * w_BxL), "entropy": jnp.sum(entropy_BxL * w_BxL), "clip_fraction": clipped}

@@ -97,7 +97,6 @@ def make_feed(job: Job) -> Feed:
         batch["advantages"] = np.asarray(objectives.group_advantages(rewards_BxG), np.float32).reshape(-1)
         rows_total = len(rows)
         device = job.put(batch, rows_total)
-        device["old_logp"] = logprobs(state.params, device)  # the sampling policy: the ratio starts at 1
         device["ref_logp"] = logprobs(job.reference(), device)
         lengths = [len(a) for a in answers]
         host = {"reward": float(rewards.mean()), "reward_std": float(rewards_BxG.std(axis=1).mean()),
