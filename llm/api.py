@@ -174,7 +174,7 @@ class Run:
         from llm import examples
 
         # An out-of-domain corpus is scored whole.
-        return "all" if dataset and (sources.is_streamed(dataset) or examples.kind_of(dataset)) else split  # an out-of-domain corpus is scored whole
+        return "all" if dataset and (sources.is_streamed(dataset) or examples.kind_of(dataset)) else split
 
     def _eval_batches(self, split: str, batch_size: int | None, dataset: str | None = None):
         from llm import examples
