@@ -11,7 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.name = "default"
     c.seed = 0
     c.batch_size = 16  # global, per optimizer step (split into opt.grad_accum_steps micro-batches)
-    c.seq_len = 128
+    c.seq_len = 128  # the context (model.arch='encoder_decoder': the encoder's input)
+    c.target_len = 0  # encoder_decoder on 'seq2seq:' data: the decoder's length (0: seq_len); span corruption derives it
     c.num_train_steps = 1200
     c.log_every_steps = 50
     c.eval_every_steps = 400
@@ -48,9 +49,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.packing = "concat"  # 'concat': one stream; 'documents': no attention or loss across documents
     c.data.add_bos = False  # put bos before every document (eos always follows one)
     c.data.loss_on = "response"  # 'sft:' data: 'response' (the assistant's tokens) | 'all' (every token of an example)
+    c.data.noise_density = 0.15  # encoder_decoder on a text corpus: T5's span corruption, the fraction of tokens dropped
+    c.data.mean_noise_span_length = 3.0  # ... in spans of this mean length, each replaced by one sentinel id
+    c.data.mask_fraction = 0.15  # encoder: BERT's masked tokens per row (of them 80% [MASK], 10% random, 10% kept)
     c.data.sampling = "rows"  # concat only: 'rows' shuffles packed rows per epoch; 'windows' draws random windows (nanoGPT)
 
     c.model = ml_collections.ConfigDict()
+    # 'decoder' (causal, next token) | 'encoder' (bidirectional, masked tokens on a text corpus) |
+    # 'encoder_decoder' (span corruption on a text corpus, or 'seq2seq:GLOB' {"input", "target"} lines)
+    c.model.arch = "decoder"
+    c.model.num_encoder_layers = 0  # encoder_decoder: 0 = num_layers
     c.model.vocab_size = 0  # 0: the tokenizer's, padded up to vocab_multiple
     c.model.vocab_multiple = 128  # padded ids are never sampled
     c.model.d_model = 0

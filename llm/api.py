@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm import checkpoint, config as config_lib, data, evaluate as evaluate_lib, model, sample as sample_lib, sources, tokenizer as tokenizer_lib
+from llm import checkpoint, config as config_lib, evaluate as evaluate_lib, model, sample as sample_lib, sources, tokenizer as tokenizer_lib
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,6 +57,11 @@ class Run:
         self._logits, self._eval_step = _jitted(self.model_config)
         self._sink: Callable[[np.ndarray], None] | None = None
 
+    def require_arch(self, what: str, archs: tuple[str, ...] = ("decoder",)) -> None:
+        if self.model_config.arch not in archs:
+            raise sample_lib.SampleError(f"{what} needs model.arch={' or '.join(map(repr, archs))}; {self.workdir} is "
+                                         f"model.arch={self.model_config.arch!r}")
+
     @property
     def context(self) -> int:
         return self.model_config.L
@@ -74,6 +79,7 @@ class Run:
         template applied and the oldest turns dropped to fit the context (llm/chat.py)."""
         from llm import chat as chat_lib
 
+        self.require_arch("chat")
         return chat_lib.reply(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, seed=seed, on_text=stream)
 
@@ -138,6 +144,7 @@ class Run:
         activations; ablate: {"block_0/heads": [1, 3], "block_1/neurons": [5]} zeroes those units, or
         sets them to their mean over the text or tokens `mean_over`.
         """
+        self.require_arch("trace", ("decoder", "encoder"))
         from llm.inspect import trace as trace_lib
 
         tokens_BxL = self.tokens_BxL(text_or_tokens)
@@ -177,18 +184,15 @@ class Run:
         return "all" if dataset and (sources.is_streamed(dataset) or examples.kind_of(dataset)) else split
 
     def _eval_batches(self, split: str, batch_size: int | None, dataset: str | None = None):
-        from llm import examples
+        from llm import examples, feeds
 
         dc = config_lib.data_config(self.config, dataset)
-        if examples.kind_of(dc.dataset) == "sft":  # response-only loss (data.loss_on) on held-out examples
-            found, _ = examples.load_sft(dc.dataset, self._scored_split(split, dataset), self.tokenizer, self.roles, self.config.seq_len,
-                                         dc.validation_fraction, dc.test_fraction)
-            return examples.sft_eval_batches(found, batch_size or self.config.eval_batch_size, self.config.seq_len, self.config.data.loss_on)
-        if examples.kind_of(dc.dataset):
+        if examples.kind_of(dc.dataset) in ("preference", "prompts"):
             raise sample_lib.SampleError(f"{dc.dataset!r} holds no text to score token by token; a reward model's eval is its "
                                          f"pairwise accuracy (objective='reward')")
-        return data.split_eval_batches(dc, self._scored_split(split, dataset), self.tokenizer,
-                                       batch_size or self.config.eval_batch_size, self.config.seq_len)
+        roles = self.roles if examples.is_chat(dc.dataset) else None
+        return feeds.held_out(self.config, self.tokenizer, self.model_config, roles, self._scored_split(split, dataset),
+                              batch_size or self.config.eval_batch_size, dc)
 
     def top_contexts(self, layer: int, neuron: int, split: str = "validation", k: int = 10, max_batches: int = 0,
                      batch_size: int | None = None) -> list[dict]:
@@ -226,6 +230,42 @@ class Run:
         if self._sink is not None:
             self._sink(np.asarray(token_B))
 
+    def answer(self, inputs: str | Sequence[str], max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, stream: Callable[[str], None] | None = None) -> list[str]:
+        """A seq2seq model's answers (greedy by default): an encoder-decoder reads input + eos, a
+        decoder-only model continues input + eos; both answer until eos. max_new_tokens 0: as long as
+        the model allows (the decoder's length, or the context left after the input)."""
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+        encoded = [self.tokenizer.encode(x).tolist() + [self.tokenizer.eos_id] for x in inputs]
+        tokens = self._answers(encoded, max_new_tokens, temperature, top_k, top_p, seed, stream)
+        return [self.tokenizer.decode([t for t in row if t != self.tokenizer.eos_id]) for row in tokens]
+
+    def _answers(self, encoded: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, stream=None) -> list[list[int]]:
+        cfg = self.model_config
+        if cfg.arch == "encoder":
+            raise sample_lib.SampleError("model.arch='encoder' predicts masked tokens; it does not answer inputs")
+        if cfg.arch == "decoder":
+            room = max(self.context - max(len(p) for p in encoded), 1)
+            return self._sample(lambda **kw: sample_lib.generate(cfg, self.params, encoded, **kw), min(max_new_tokens or room, room),
+                                temperature, top_k, top_p, seed, stream, len(encoded))
+        return self._sample(lambda **kw: sample_lib.generate_seq2seq(cfg, self.params, encoded, bos_id=self.tokenizer.bos_id, **kw),
+                            min(max_new_tokens or cfg.T, cfg.T), temperature, top_k, top_p, seed, stream, len(encoded))
+
+    def _sample(self, generate: Callable, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
+                stream: Callable[[str], None] | None, rows: int) -> list[list[int]]:
+        if stream is not None and rows != 1:
+            raise sample_lib.SampleError("streaming works for a single prompt")
+        self._sink = None if stream is None else self._text_sink(stream)
+        try:
+            # Span corruption's answers start with sentinels, the ids after the tokenizer's.
+            vocab_limit = self.tokenizer.vocab_size + config_lib.reserved_ids(self.config)
+            return generate(max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                            vocab_limit=vocab_limit, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            stream=self._on_tokens if stream is not None else None)
+        finally:
+            self._sink = None
+
     def generate(
         self, prompts: str | Sequence[str], max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0,
         top_p: float = 1.0, seed: int = 0, stream: Callable[[str], None] | None = None,
@@ -237,6 +277,9 @@ class Run:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sample_lib.check_options(temperature, top_k, top_p, max_new_tokens)
+        if self.model_config.arch != "decoder":
+            raise sample_lib.SampleError(f"model.arch={self.model_config.arch!r} does not continue prompts" + (
+                ": run.answer(inputs) (or --input) answers an encoder-decoder's inputs" if self.model_config.arch == "encoder_decoder" else ""))
         encoded = [self.encode_prompt(p) for p in prompts]
         longest = max(len(p) for p in encoded)
         if longest < self.context and longest + max_new_tokens > self.context:
@@ -245,17 +288,8 @@ class Run:
                 f"context of {self.context}; generating {self.context - longest} tokens", stacklevel=2,
             )
             max_new_tokens = self.context - longest
-        if stream is not None and len(prompts) != 1:
-            raise sample_lib.SampleError("streaming works for a single prompt")
-        self._sink = None if stream is None else self._text_sink(stream)
-        try:
-            tokens = sample_lib.generate(
-                self.model_config, self.params, encoded, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
-                pad_id=self.tokenizer.pad_id, vocab_limit=self.tokenizer.vocab_size, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=seed, stream=self._on_tokens if stream is not None else None,
-            )
-        finally:
-            self._sink = None
+        tokens = self._sample(lambda **kw: sample_lib.generate(self.model_config, self.params, encoded, **kw), max_new_tokens,
+                              temperature, top_k, top_p, seed, stream, len(prompts))
         return [self.tokenizer.decode([t for t in row if t != self.tokenizer.eos_id]) for row in tokens]
 
     def _text_sink(self, stream: Callable[[str], None]) -> Callable[[np.ndarray], None]:
@@ -284,7 +318,28 @@ class Run:
         put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
         token_bytes = evaluate_lib.byte_table(self.tokenizer.token_bytes(), self.model_config.V)
         result = evaluate_lib.evaluate(self._eval_step, self.params, batches, token_bytes, put)
-        return {"split": self._scored_split(split, dataset), "step": int(self.step), **result}
+        result = {"split": self._scored_split(split, dataset), "step": int(self.step), **result}
+        from llm import examples
+
+        if examples.kind_of(config_lib.data_config(self.config, dataset).dataset) == "seq2seq":
+            result.update(self.exact_match(split, dataset, batch_size))
+        return result
+
+    def exact_match(self, split: str = "validation", dataset: str | None = None, batch_size: int | None = None) -> dict:
+        """The fraction of a seq2seq split's inputs whose greedy answer is exactly the target."""
+        from llm import seq2seq
+
+        dc = config_lib.data_config(self.config, dataset)
+        pairs = seq2seq.load(dc.dataset, self._scored_split(split, dataset), self.tokenizer, dc.validation_fraction, dc.test_fraction)
+        batch_size = batch_size or self.config.eval_batch_size
+        longest = max(len(p.target) for p in pairs) + 1  # the answer's eos included
+        right = 0
+        for first in range(0, len(pairs), batch_size):
+            chunk = pairs[first : first + batch_size]
+            answers = self._answers([seq2seq.prompt(p, self.tokenizer.eos_id) for p in chunk], longest)
+            eos = self.tokenizer.eos_id
+            right += sum(a == p.target.tolist() + [eos] for a, p in zip(answers, chunk))
+        return {"examples": len(pairs), "exact_match": right / len(pairs)}
 
 
     def _pairwise_accuracy(self, split: str, dataset: str | None, batch_size: int | None) -> dict:

@@ -1,5 +1,7 @@
-"""Causal grouped-query attention: the one dispatch over its implementations, masks as data, rotary
-embeddings and the KV cache used by sampling."""
+"""Grouped-query attention: the one dispatch over its implementations, masks as data, rotary
+embeddings and the KV cache used by sampling. Causal self-attention (decoders), bidirectional
+self-attention (encoders) and cross-attention (a decoder's queries over an encoder's output) are
+the same module and the same dispatch, told apart by the mask and by where keys and values come from."""
 
 import flax.linen as nn
 import jax
@@ -14,19 +16,29 @@ NEG_INF = -1e30  # finite, so a fully masked row gives a uniform softmax instead
 
 @struct.dataclass
 class KVCache:
-    """Keys/values of every layer at cache slots 0..S-1; row b's tokens live in slots start_B[b]..index-1."""
+    """Keys/values of every layer at cache slots 0..S-1; row b's tokens live in slots start_B[b]..index-1.
+
+    An encoder-decoder's cache also holds each decoder layer's cross-attention keys/values over the
+    encoder's output (E slots), written once by the prefill, and which of those slots are real."""
 
     k_NxBxSxGxK: jax.Array
     v_NxBxSxGxK: jax.Array
     index: jax.Array  # int32 scalar: the next slot to write
     start_B: jax.Array  # int32: first real slot of each row (left padding before it)
+    cross_k_NxBxExGxK: jax.Array | None = None
+    cross_v_NxBxExGxK: jax.Array | None = None
+    cross_segment_BxE: jax.Array | None = None  # 0 at the encoder input's padding
 
     @classmethod
-    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype, start_B=None):
+    def zeros(cls, num_layers, batch, max_len, kv_heads, head_dim, dtype, start_B=None, encoder_len: int = 0):
         shape = (num_layers, batch, max_len, kv_heads, head_dim)
         if start_B is None:
             start_B = jnp.zeros((batch,), jnp.int32)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start_B)
+        cross = (None, None, None)
+        if encoder_len:
+            cross_shape = (num_layers, batch, encoder_len, kv_heads, head_dim)
+            cross = (jnp.zeros(cross_shape, dtype), jnp.zeros(cross_shape, dtype), jnp.zeros((batch, encoder_len), jnp.int32))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), start_B, *cross)
 
 
 IMPLEMENTATIONS = ("xla", "dot_product", "cudnn")  # model.attention; "auto" resolves to one of them
@@ -75,8 +87,13 @@ class Mask:
     causal: bool = struct.field(pytree_node=False, default=True)
 
     @classmethod
-    def for_sequence(cls, segment_ids_BxL: jax.Array | None) -> "Mask":
-        return cls(segment_ids_BxL, segment_ids_BxL)
+    def for_sequence(cls, segment_ids_BxL: jax.Array | None, causal: bool = True) -> "Mask":
+        return cls(segment_ids_BxL, segment_ids_BxL, causal=causal)
+
+    @classmethod
+    def across(cls, q_segment_BxL: jax.Array | None, kv_segment_BxS: jax.Array | None) -> "Mask":
+        """Cross-attention: every query sees every real key of its own example (the same segment id)."""
+        return cls(q_segment_BxL, kv_segment_BxS, causal=False)
 
     @classmethod
     def for_cache(cls, cache: "KVCache") -> "Mask":
@@ -186,9 +203,13 @@ class Attention(nn.Module):
     implementation: str = "xla"
     fused_qkv: bool = True
     trace: bool = False  # llm/inspect: record probabilities and per-head outputs (llm/tap.py)
+    cross: bool = False  # keys and values from another sequence (memory_BxExD), never rotated
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, mask: Mask, kv=None, cache_index=None, layer=None):
+    def __call__(self, x_BxLxD, positions_BxL, mask: Mask, kv=None, cache_index=None, layer=None, memory_BxExD=None):
+        """kv: the cache's (k, v) of every layer, or None. Cross-attention takes its keys/values from
+        memory_BxExD (writing them into kv when there is a cache: the sampler's prefill) or, without
+        memory, from kv (every later decoding step)."""
         D = x_BxLxD.shape[-1]
         init = nn.initializers.normal(0.02)
         wq_DxHxK = self.param("wq", nn.with_logical_partitioning(init, ("embed", "heads", "kv")), (D, self.H, self.K), self.param_dtype)
@@ -200,6 +221,18 @@ class Attention(nn.Module):
         x_BxLxD = x_BxLxD.astype(self.dtype)
         B, L, _ = x_BxLxD.shape
         H, G, K = self.H, self.G, self.K
+        if self.cross:
+            q_BxLxHxK = project(x_BxLxD, wq_DxHxK.astype(self.dtype))
+            if memory_BxExD is not None:
+                memory_BxExD = memory_BxExD.astype(self.dtype)
+                k_BxExGxK = project(memory_BxExD, wk_DxGxK.astype(self.dtype))
+                v_BxExGxK = project(memory_BxExD, wv_DxGxK.astype(self.dtype))
+                if kv is not None:
+                    write = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype)[None], (layer, 0, 0, 0, 0))
+                    kv = (write(kv[0], k_BxExGxK), write(kv[1], v_BxExGxK))
+            else:
+                k_BxExGxK, v_BxExGxK = kv[0][layer].astype(self.dtype), kv[1][layer].astype(self.dtype)
+            return self._attend(q_BxLxHxK, k_BxExGxK, v_BxExGxK, mask, wo_HxKxD), kv
         if self.fused_qkv:
             # One GEMM of (H + 2G) K columns instead of three: faster on XLA:CPU (experiments/perf). The
             # weights are concatenated per step, so it is only used where they are not tensor-sharded.
@@ -226,11 +259,12 @@ class Attention(nn.Module):
             k_BxSxGxK, v_BxSxGxK = kv[0][layer].astype(self.dtype), kv[1][layer].astype(self.dtype)
         else:
             k_BxSxGxK, v_BxSxGxK = k_BxLxGxK, v_BxLxGxK
+        return self._attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, wo_HxKxD), kv
 
+    def _attend(self, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask: Mask, wo_HxKxD) -> jax.Array:
         if self.trace:
             probs_BxHxLxS = tap(self, "attn_probs_BxHxLxS", attention_probs(q_BxLxHxK, k_BxSxGxK, mask))
             out_BxLxHxK = tap(self, "head_out_BxLxHxK", mix_values(probs_BxHxLxS, v_BxSxGxK))
         else:
             out_BxLxHxK = attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, self.implementation)
-        out_BxLxD = project(out_BxLxHxK, wo_HxKxD.astype(self.dtype), contract=2)
-        return out_BxLxD, kv
+        return project(out_BxLxHxK, wo_HxKxD.astype(self.dtype), contract=2)

@@ -54,7 +54,7 @@ def bench_train(cfg: ml_collections.ConfigDict, steps: int = 20, peak_tflops: fl
     m = cfg.model
     sharding.check_divisible(mesh, cfg.batch_size // cfg.opt.grad_accum_steps, m.num_heads, m.num_kv_heads, m.d_ff, m.d_model)
     vocab = _tokenizer_vocab(cfg)
-    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, vocab))
+    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, vocab + config_lib.reserved_ids(cfg)))
     oc = config_lib.opt_config(cfg)
     # train.setup: the state, shardings and jitted step that train() runs.
     built = train.setup(mc, oc, mesh, rules)
@@ -62,8 +62,12 @@ def bench_train(cfg: ml_collections.ConfigDict, steps: int = 20, peak_tflops: fl
     p_train_step = built.train_step
 
     lo, hi = sharding.host_rows(mesh, cfg.batch_size)
-    tokens = np.random.default_rng(cfg.seed).integers(NUM_SPECIAL, vocab, (hi - lo, cfg.seq_len + 1), dtype=np.int32)
-    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((hi - lo, cfg.seq_len), np.float32)}
+    rng = np.random.default_rng(cfg.seed)
+    target_len = mc.T or cfg.seq_len
+    tokens = rng.integers(NUM_SPECIAL, vocab, (hi - lo, target_len + 1), dtype=np.int32)
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((hi - lo, target_len), np.float32)}
+    if mc.arch == "encoder_decoder":  # the decoder's T tokens above, the encoder's L here
+        host_batch["encoder_inputs"] = rng.integers(NUM_SPECIAL, vocab, (hi - lo, cfg.seq_len), dtype=np.int32)
     batch = sharding.global_batch(host_batch, mesh, cfg.batch_size)
 
     start = time.perf_counter()
@@ -128,6 +132,8 @@ def bench_sample(cfg: ml_collections.ConfigDict, new_tokens: int = 256, prompt_l
     seq_len (128) is shorter than a prompt plus 256 new tokens; with rope or sinusoidal positions the
     parameter count is unchanged.
     """
+    if cfg.model.arch != "decoder":
+        raise config_lib.ConfigError(f"bench sample times the decoder's prompt continuation; model.arch={cfg.model.arch!r} has none")
     context = max(512, prompt_len + new_tokens)
     vocab = _tokenizer_vocab(cfg)
     mc = dataclasses.replace(config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, vocab)), L=context)

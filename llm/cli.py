@@ -29,6 +29,7 @@ flags.DEFINE_integer("limit", 0, "eval --tasks: at most this many documents per 
 flags.DEFINE_integer("num_fewshot", -1, "eval --tasks: few-shot examples (-1: each task's default).")
 flags.DEFINE_string("prompt", "", "sample: the prompt.")
 flags.DEFINE_string("prompts_file", "", "sample: a file with one prompt per line.")
+flags.DEFINE_string("input", "", "sample: a seq2seq run's input to answer (an encoder-decoder's, or input + eos for a decoder).")
 flags.DEFINE_string("system", "", "chat: a system message that opens the conversation.")
 flags.DEFINE_string("response", "", "score: the response to score after --prompt.")
 flags.DEFINE_string("pairs", "", "score: a JSONL file of {'prompt', 'response'} lines.")
@@ -48,6 +49,7 @@ flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at
 flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
 flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/); "
                     "export: the HF directory; inspect lens|attention|heads: a directory for PNG plots.")
+flags.DEFINE_string("arch", "", "fit: only the rows of this model.arch (a sweep over `archs` names them '<arch>-...').")
 flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for standard errors.")
 flags.DEFINE_string("hf", "", "import: a local Hugging Face Llama model directory.")
 flags.DEFINE_string("tokenizer", "", "import: a SentencePiece .model to use when the HF directory has no tokenizer.model.")
@@ -106,8 +108,10 @@ def cmd_train() -> None:
     if jax.process_index() != 0:
         return
     print(json.dumps({k: v for k, v in summary.items()}), file=sys.stderr)
-    if cfg.objective != "lm" or cfg.data.dataset.startswith("sft:"):
-        return  # a sample of raw text says nothing about a post-trained model: ./run.sh chat does
+    if cfg.objective != "lm" or cfg.data.dataset.startswith(("sft:", "seq2seq:")) or cfg.model.arch != "decoder":
+        # A sample of raw text says nothing about a post-trained model (./run.sh chat does), a seq2seq
+        # model (./run.sh sample --input) or a denoiser.
+        return
     if cfg.sample_tokens and jax.process_count() > 1:
         print(f"(multi-process run: sample afterwards with ./run.sh sample --workdir={workdir})", file=sys.stderr)
     elif cfg.sample_tokens:
@@ -150,6 +154,18 @@ def cmd_sample() -> None:
     from llm import api, sample
 
     sample.check_options(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.max_new_tokens)
+    if FLAGS.input:
+        if FLAGS.prompt or FLAGS.prompts_file:
+            raise app.UsageError("--input answers a seq2seq run's input; it does not take --prompt or --prompts_file")
+        run = api.load(_need_workdir(), FLAGS.step)
+        options = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+        if FLAGS.num_samples == 1:
+            run.answer(FLAGS.input, FLAGS.max_new_tokens, stream=lambda s: print(s, end="", flush=True), **options)
+            print()
+            return
+        for i, text in enumerate(run.answer([FLAGS.input] * FLAGS.num_samples, FLAGS.max_new_tokens, **options)):
+            print(f"--- sample {i} ---\n{text}")
+        return
     prompts = [FLAGS.prompt]
     if FLAGS.prompts_file:
         with open(FLAGS.prompts_file, encoding="utf-8") as f:
@@ -188,9 +204,11 @@ def cmd_fit() -> None:
     path = FLAGS.points or os.path.join(FLAGS.workdir, "results.csv")
     if not os.path.exists(path):
         raise app.UsageError(f"{path} does not exist")
-    points = fit.load_points(path)
+    points = fit.load_points(path, FLAGS.arch)
     result = fit.fit_all(points, bootstrap=FLAGS.bootstrap)
     out = FLAGS.out or FLAGS.workdir or "fit_out"
+    if FLAGS.arch and not FLAGS.out:
+        out = os.path.join(out, f"fit_{FLAGS.arch}")  # one fit per arch beside the sweep
     os.makedirs(out, exist_ok=True)
     result["plots"] = plots.plot_all(points, result, out)
     with open(os.path.join(out, "fit.json"), "w") as f:

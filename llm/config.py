@@ -3,7 +3,7 @@
 import jax
 import ml_collections
 
-from llm import attention as attention_lib, examples, sources
+from llm import attention as attention_lib, denoise, examples, sources
 from llm.data import PACKINGS, DataConfig
 from llm.model import ModelConfig
 from llm.optim import OptConfig
@@ -14,6 +14,7 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block", "dots")
+ARCHS = ("decoder", "encoder", "encoder_decoder")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
 
@@ -90,6 +91,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(cfg.data.spm_input_sentences > 0, "data.spm_input_sentences must be positive")
     need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     _check_objective(cfg, need, one_of)
+    _check_arch(cfg, need, one_of)
     if sources.is_streamed(cfg.data.dataset):
         need(cfg.data.tokenizer != "char", f"data.tokenizer='char' needs every character of the corpus up front; a streamed "
              f"{cfg.data.dataset.split(':')[0]}: corpus takes 'byte' or 'sentencepiece'")
@@ -126,7 +128,7 @@ def _check_objective(cfg: ml_collections.ConfigDict, need, one_of) -> None:
     one_of(cfg.objective, OBJECTIVES, "objective")
     one_of(cfg.data.loss_on, examples.LOSS_ON, "data.loss_on")
     kind = examples.kind_of(cfg.data.dataset)
-    wanted = {"lm": (None, "sft"), "reward": ("preference",), "dpo": ("preference",), "grpo": ("prompts",)}.get(cfg.objective, ())
+    wanted = {"lm": (None, "sft", "seq2seq"), "reward": ("preference",), "dpo": ("preference",), "grpo": ("prompts",)}.get(cfg.objective, ())
     if wanted:
         need(kind in wanted, f"objective={cfg.objective!r} trains on " + " or ".join(
             "a text corpus" if k is None else f"'{k}:GLOB'" for k in wanted) + f", not data.dataset={cfg.data.dataset!r}")
@@ -144,6 +146,57 @@ def _check_objective(cfg: ml_collections.ConfigDict, need, one_of) -> None:
              "and grpo.reward_run (a reward model's workdir)")
         need(not g.reward_fn or ":" in g.reward_fn, f"grpo.reward_fn={g.reward_fn!r} must be 'module:function'")
         need(cfg.opt.grad_accum_steps == 1, "objective='grpo' takes opt.grad_accum_steps=1")
+
+
+def _check_arch(cfg: ml_collections.ConfigDict, need, one_of) -> None:
+    arch, d = cfg.model.arch, cfg.data
+    one_of(arch, ARCHS, "model.arch")
+    kind = examples.kind_of(d.dataset)
+    need(cfg.model.num_encoder_layers >= 0, f"model.num_encoder_layers must be >= 0 (0: num_layers), got {cfg.model.num_encoder_layers}")
+    need(cfg.target_len >= 0, f"target_len must be >= 0 (0: seq_len), got {cfg.target_len}")
+    need(kind != "seq2seq" or arch in ("decoder", "encoder_decoder"), f"'seq2seq:' data trains model.arch='decoder' or 'encoder_decoder', not {arch!r}")
+    need(kind != "seq2seq" or cfg.objective == "lm", f"'seq2seq:' data trains objective='lm', not {cfg.objective!r}")
+    if arch == "decoder":
+        need(not cfg.target_len, "target_len is the decoder length of model.arch='encoder_decoder'")
+        return
+    need(cfg.objective == "lm", f"model.arch={arch!r} trains objective='lm' (its own pretraining objective), not {cfg.objective!r}")
+    need(kind in (None, "seq2seq") if arch == "encoder_decoder" else kind is None,
+         f"model.arch={arch!r} trains on a text corpus" + (" or 'seq2seq:GLOB'" if arch == "encoder_decoder" else "")
+         + f", not data.dataset={d.dataset!r}")
+    need(not cfg.init_from, f"init_from loads a decoder's params; model.arch={arch!r} starts from scratch")
+    if arch == "encoder":
+        need(0 < d.mask_fraction < 1, f"data.mask_fraction must be in (0, 1), got {d.mask_fraction}")
+        need(cfg.seq_len >= 3, f"model.arch='encoder' needs seq_len >= 3 ([CLS], a token, [SEP]), got {cfg.seq_len}")
+        need(not cfg.target_len, "target_len is the decoder length of model.arch='encoder_decoder'")
+    elif kind is None:
+        need(d.packing == "concat", "span corruption reads the concatenated token stream: set data.packing='concat'")
+        need(not cfg.target_len, "span corruption derives the decoder length from seq_len: leave target_len at 0")
+        try:
+            span_lengths(cfg)
+        except ValueError as e:
+            need(False, f"span corruption (data.noise_density, data.mean_noise_span_length, seq_len): {e}")
+
+
+def span_lengths(cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(raw tokens per row, decoder length, sentinels) of span corruption whose encoder input is seq_len."""
+    density, span = cfg.data.noise_density, cfg.data.mean_noise_span_length
+    raw = denoise.raw_length_for(cfg.seq_len, density, span)
+    return raw, denoise.corrupted_lengths(raw, density, span)[1], denoise.span_counts(raw, density, span)[1]
+
+
+def pretext(cfg: ml_collections.ConfigDict) -> str | None:
+    """The arch's objective on a text corpus: 'span_corruption', 'mlm' or None (next token; seq2seq data)."""
+    if examples.kind_of(cfg.data.dataset) is not None:
+        return None
+    return {"encoder_decoder": "span_corruption", "encoder": "mlm"}.get(cfg.model.arch)
+
+
+def reserved_ids(cfg: ml_collections.ConfigDict) -> int:
+    """Ids after the tokenizer's the arch's objective reserves: sentinels, or [CLS] [SEP] [MASK]."""
+    kind = pretext(cfg)
+    if kind == "span_corruption":
+        return span_lengths(cfg)[2]
+    return len(denoise.MlmIds.__dataclass_fields__) if kind == "mlm" else 0
 
 
 def objective_options(cfg: ml_collections.ConfigDict) -> dict:
@@ -187,7 +240,17 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig
         remat=m.remat, scan_layers=m.scan_layers,
         attention=attention_lib.resolve(m.attention, m.dtype, m.d_model // m.num_heads),
         fused_qkv=jax.default_backend() == "cpu" and cfg.mesh.tensor == 1,
+        arch=m.arch, E=(m.num_encoder_layers or m.num_layers) if m.arch == "encoder_decoder" else 0, T=decoder_len(cfg),
     )
+
+
+def decoder_len(cfg: ml_collections.ConfigDict) -> int:
+    """encoder_decoder's decoder length: span corruption's target length, else target_len or seq_len."""
+    if cfg.model.arch != "encoder_decoder":
+        return 0
+    if pretext(cfg) == "span_corruption":
+        return span_lengths(cfg)[1]
+    return cfg.target_len or cfg.seq_len
 
 
 def opt_config(cfg: ml_collections.ConfigDict) -> OptConfig:

@@ -21,7 +21,7 @@ def make_eval_step(cfg: ModelConfig) -> Callable:
     """(params, batch) -> (summed loss in nats, number of scored tokens); jit it with the caller's shardings."""
 
     def eval_step(params, batch):
-        logits_BxLxV, _ = model.apply(cfg, params, batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+        logits_BxLxV = model.forward(cfg, params, batch)
         loss_sum, _, num_tokens = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"])
         return loss_sum, num_tokens
 

@@ -4,6 +4,7 @@
     'preference:GLOB'  {"prompt", "chosen", "rejected"} (objective 'reward' or 'dpo')
     'prompts:GLOB'     {"prompt", ...} or {"messages": [... ending with a user turn]} (objective 'grpo');
                        every field of the line reaches the reward function
+    'seq2seq:GLOB'     {"input", "target"} (llm/seq2seq.py; no chat template)
 
 Files are read in sorted order, lines in order; validation (and test) are whole examples: of every
 P = min(1000, N) examples, the last round(P * validation_fraction) are validation and the
@@ -26,13 +27,18 @@ from llm.sources import DataError, held_out_range, json_object
 from llm.template import RoleIds, TemplateError
 from llm.tokenizer import Tokenizer
 
-KINDS = ("sft", "preference", "prompts")
+CHAT_KINDS = ("sft", "preference", "prompts")  # rendered with the chat template
+KINDS = CHAT_KINDS + ("seq2seq",)  # 'seq2seq:' is read here and shaped in llm/seq2seq.py
 LOSS_ON = ("response", "all")
 
 
 def kind_of(dataset: str) -> str | None:
     prefix = dataset.split(":", 1)[0]
     return prefix if ":" in dataset and prefix in KINDS else None
+
+
+def is_chat(dataset: str) -> bool:
+    return kind_of(dataset) in CHAT_KINDS
 
 
 @dataclasses.dataclass(frozen=True)

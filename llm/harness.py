@@ -142,6 +142,7 @@ def find_tasks(tasks: Sequence[str], task_dirs: Sequence[str] = ()):
 def evaluate(run: api.Run, tasks: Sequence[str], task_dirs: Sequence[str] = (), limit: int | None = None,
              num_fewshot: int | None = None, batch_size: int = 16, manager=None) -> dict:
     """lm_eval's metrics for each task: {"step", "tasks": {task: {"acc,none": ..., ...}}}."""
+    run.require_arch("lm_eval tasks (log-likelihoods of continuations)")
     lm_eval = _harness()
     manager = manager or find_tasks(tasks, task_dirs)
     results = lm_eval.simple_evaluate(model=adapter(run, batch_size), tasks=list(tasks), task_manager=manager, limit=limit,

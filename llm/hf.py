@@ -195,6 +195,8 @@ def export(workdir: str, out: str, step: int | None = None, max_shard_bytes: int
     run = api.load(workdir, step)
     mc = run.model_config
     problems = llama_problems(mc)
+    if mc.arch != "decoder":
+        problems.append(f"model.arch={mc.arch!r} (a Llama model is a decoder)")
     if run.config.objective == "reward":
         problems.append("objective='reward' (a scalar head, not a causal LM: LlamaForCausalLM has no place for it)")
     if problems:

@@ -1,4 +1,10 @@
-"""The decoder-only Transformer: embeddings, position encodings, pre-norm blocks, output head.
+"""The Transformer in its three arrangements (model.arch): embeddings, position encodings, pre-norm
+blocks, output head.
+
+    decoder          causal self-attention blocks, next-token prediction (GPT)
+    encoder          the same blocks with bidirectional self-attention, masked-token prediction (BERT)
+    encoder_decoder  an encoder stack, and a decoder stack whose blocks add cross-attention over the
+                     encoder's output (Vaswani et al. 2017, T5); one embedding table for both and the head
 
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads, kv, mlp, pos, norm,
 layers); llm/sharding.py maps them to mesh axes, so the model never mentions a mesh.
@@ -40,6 +46,9 @@ class ModelConfig:
     attention: str = "xla"  # an implementation of llm/attention.py's dispatch (config.py resolves "auto")
     fused_qkv: bool = True  # one q/k/v matmul (XLA:CPU without tensor parallelism) or one per weight
     trace: bool = False  # llm/inspect: sow every named activation (llm/tap.py); off in training
+    arch: str = "decoder"  # 'decoder' | 'encoder' | 'encoder_decoder'
+    E: int = 0  # encoder_decoder: encoder layers (N counts the decoder's)
+    T: int = 0  # encoder_decoder: decoder (target) length; L is the encoder's input length
 
     @property
     def K(self) -> int:
@@ -97,29 +106,35 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     cfg: ModelConfig
+    cross: bool = False  # a decoder block of encoder_decoder: cross-attention over the encoder's output
 
     @nn.compact
-    def __call__(self, carry, positions_BxL, mask: Mask, cache_index, layer):
-        # carry: the residual stream and the whole KV cache (None without one), as nn.scan threads it.
-        x_BxLxD, kv = carry
+    def __call__(self, carry, positions_BxL, mask: Mask, cache_index, layer, memory_BxExD=None, cross_mask: Mask | None = None):
+        # carry: the residual stream and the whole self- and cross-attention caches (None without them),
+        # as nn.scan threads it.
+        x_BxLxD, kv, cross_kv = carry
         cfg = self.cfg
         if cfg.trace:
             x_BxLxD = tap(self, "resid_pre_BxLxD", x_BxLxD)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # GPT-2's scaled init of the projections that write into the residual stream.
-        out_std = 0.02 / math.sqrt(2 * cfg.N)
-        h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="attn_norm")(x_BxLxD)
-        attn = Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype, out_std,
-                         cfg.attention, cfg.fused_qkv, cfg.trace, name="attn")
-        a_BxLxD, kv = attn(h_BxLxD, positions_BxL, mask, kv, cache_index, layer)
+        out_std = 0.02 / math.sqrt(2 * (cfg.N + cfg.E))
+        norm = lambda name: Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name=name)
+        attention = lambda name, cross=False: Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype,
+                                                        out_std, cfg.attention, cfg.fused_qkv, cfg.trace, cross, name=name)
+        a_BxLxD, kv = attention("attn")(norm("attn_norm")(x_BxLxD), positions_BxL, mask, kv, cache_index, layer)
         x_BxLxD = x_BxLxD + a_BxLxD
+        if self.cross:
+            c_BxLxD, cross_kv = attention("cross_attn", cross=True)(norm("cross_norm")(x_BxLxD), None, cross_mask, cross_kv,
+                                                                   None, layer, memory_BxExD)
+            x_BxLxD = x_BxLxD + c_BxLxD
         if cfg.trace:
             x_BxLxD = tap(self, "resid_mid_BxLxD", x_BxLxD)
-        h_BxLxD = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="mlp_norm")(x_BxLxD)
+        h_BxLxD = norm("mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, cfg.trace, name="mlp")(h_BxLxD)
         if cfg.trace:
             x_BxLxD = tap(self, "resid_post_BxLxD", x_BxLxD)
-        return (x_BxLxD, kv), None
+        return (x_BxLxD, kv, cross_kv), None
 
 
 def sinusoidal(positions_BxL: jax.Array, D: int) -> jax.Array:
@@ -135,74 +150,150 @@ _REMAT_POLICIES = {
 }
 
 
+def _embed(module: nn.Module, cfg: ModelConfig, embed_VxD, tokens_BxL, positions_BxL, length: int, name: str = "pos_embed"):
+    """Token embeddings plus the position encoding (a learned one is a table of `length` rows)."""
+    x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(jnp.dtype(cfg.dtype))
+    if cfg.pos_encoding == "sinusoidal":
+        # The paper scales token embeddings by sqrt(D) so they are not drowned by the unit-size encoding.
+        return (x_BxLxD * math.sqrt(cfg.D) + sinusoidal(positions_BxL, cfg.D)).astype(x_BxLxD.dtype)
+    if cfg.pos_encoding == "learned":
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("pos", "embed"))
+        pos_LxD = module.param(name, init, (length, cfg.D), jnp.dtype(cfg.param_dtype))
+        return x_BxLxD + jnp.take(pos_LxD, positions_BxL, axis=0).astype(x_BxLxD.dtype)
+    return x_BxLxD  # rope rotates queries and keys inside attention
+
+
+def _blocks(cfg: ModelConfig, num_layers: int, prefix: str, carry, positions_BxL, mask: Mask, cache_index,
+            cross: bool = False, memory_BxExD=None, cross_mask: Mask | None = None):
+    """`num_layers` blocks over carry (x, kv, cross_kv): scanned as `{prefix}s`, or unrolled as `{prefix}_{i}`."""
+    block = Block
+    if cfg.remat != "none":
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},  # each layer's sown activations stack on axis 0
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        carry, _ = stack(cfg, cross, name=f"{prefix}s")(carry, positions_BxL, mask, cache_index, jnp.arange(num_layers),
+                                                        memory_BxExD, cross_mask)
+        return carry
+    for i in range(num_layers):
+        carry, _ = block(cfg, cross, name=f"{prefix}_{i}")(carry, positions_BxL, mask, cache_index, i, memory_BxExD, cross_mask)
+    return carry
+
+
+def _embedding_table(module: nn.Module, cfg: ModelConfig):
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+    return module.param("embed", init, (cfg.V, cfg.D), jnp.dtype(cfg.param_dtype))
+
+
+def _head(module: nn.Module, cfg: ModelConfig, embed_VxD, x_BxLxD, features: bool):
+    final_norm = Norm(cfg.norm, jnp.dtype(cfg.param_dtype), cfg.norm_bias, cfg.norm_eps, name="final_norm")
+    if cfg.tie_embeddings:
+        out_weight = embed_VxD
+    else:
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab"))
+        out_weight = module.param("head", init, (cfg.D, cfg.V), jnp.dtype(cfg.param_dtype))
+    if features:  # a reward head reads the final-normed hidden state, not the logits
+        return final_norm(x_BxLxD)
+    return _unembed(cfg, final_norm, out_weight, x_BxLxD)
+
+
+def _default_positions(positions_BxL, B: int, L: int):
+    return jnp.broadcast_to(jnp.arange(L), (B, L)) if positions_BxL is None else positions_BxL
+
+
 class Transformer(nn.Module):
+    """arch 'decoder' (causal) and 'encoder' (bidirectional): one stack, embeddings to logits."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache: KVCache | None = None,
                  last_only: bool = False, features: bool = False):
         cfg = self.cfg
-        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, L = tokens_BxL.shape
-        embed_VxD = self.param(
-            "embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")), (cfg.V, cfg.D), param_dtype
-        )
-        x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dtype)
-
+        embed_VxD = _embedding_table(self, cfg)
         if cache is not None:
             mask, positions_BxL = Mask.for_cache(cache), cache_positions(cache, L)
             kv = (cache.k_NxBxSxGxK, cache.v_NxBxSxGxK)
         else:
-            mask = Mask.for_sequence(segment_ids_BxL)
-            if positions_BxL is None:
-                positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+            mask, positions_BxL = Mask.for_sequence(segment_ids_BxL, causal=cfg.arch != "encoder"), _default_positions(positions_BxL, B, L)
             kv = None
-
-        if cfg.pos_encoding == "sinusoidal":
-            # The paper scales token embeddings by sqrt(D) so they are not drowned by the unit-size encoding.
-            x_BxLxD = (x_BxLxD * math.sqrt(cfg.D) + sinusoidal(positions_BxL, cfg.D)).astype(dtype)
-        elif cfg.pos_encoding == "learned":
-            pos_LxD = self.param(
-                "pos_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("pos", "embed")), (cfg.L, cfg.D), param_dtype
-            )
-            x_BxLxD = x_BxLxD + jnp.take(pos_LxD, positions_BxL, axis=0).astype(dtype)
-
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        index = None if cache is None else cache.index
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0, "intermediates": 0},  # each layer's sown activations stack on axis 0
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                length=cfg.N,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            (x_BxLxD, kv), _ = stack(cfg, name="blocks")((x_BxLxD, kv), positions_BxL, mask, index, jnp.arange(cfg.N))
-        else:
-            for i in range(cfg.N):
-                (x_BxLxD, kv), _ = block(cfg, name=f"block_{i}")((x_BxLxD, kv), positions_BxL, mask, index, i)
+        x_BxLxD = _embed(self, cfg, embed_VxD, tokens_BxL, positions_BxL, cfg.L)
+        x_BxLxD, kv, _ = _blocks(cfg, cfg.N, "block", (x_BxLxD, kv, None), positions_BxL, mask, None if cache is None else cache.index)
 
         if last_only:  # a sampler's prefill needs only the next token's logits, not [B, L, V] of them
             x_BxLxD = x_BxLxD[:, -1:]
         if cfg.trace:
             x_BxLxD = tap(self, "final_resid_BxLxD", x_BxLxD)
-        final_norm = Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name="final_norm")
-        if cfg.tie_embeddings:
-            out_weight = embed_VxD
-        else:
-            out_weight = self.param(
-                "head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.D, cfg.V), param_dtype
-            )
-        if features:  # a reward head reads the final-normed hidden state, not the logits
-            return final_norm(x_BxLxD), cache
-        logits_BxLxV = _unembed(cfg, final_norm, out_weight, x_BxLxD)
-
+        out = _head(self, cfg, embed_VxD, x_BxLxD, features)
         if cache is not None:
             cache = cache.replace(k_NxBxSxGxK=kv[0], v_NxBxSxGxK=kv[1], index=cache.index + L)
-        return logits_BxLxV, cache
+        return out, cache
+
+
+class Encoder(nn.Module):
+    """encoder_decoder's encoder: bidirectional blocks and a final norm over the shared embedding."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, embed_VxD, tokens_BxE, segment_ids_BxE=None, positions_BxE=None):
+        cfg = self.cfg
+        B, E = tokens_BxE.shape
+        positions_BxE = _default_positions(positions_BxE, B, E)
+        x_BxExD = _embed(self, cfg, embed_VxD, tokens_BxE, positions_BxE, cfg.L)
+        mask = Mask.for_sequence(segment_ids_BxE, causal=False)
+        x_BxExD, _, _ = _blocks(cfg, cfg.E, "block", (x_BxExD, None, None), positions_BxE, mask, None)
+        return Norm(cfg.norm, jnp.dtype(cfg.param_dtype), cfg.norm_bias, cfg.norm_eps, name="final_norm")(x_BxExD)
+
+
+class EncoderDecoder(nn.Module):
+    """arch 'encoder_decoder': params {embed, encoder: {...}, block_i | blocks, final_norm[, head, pos_embed]}.
+
+    Training passes the encoder's tokens with the decoder's; so does the sampler's prefill, which
+    writes every layer's cross-attention keys/values into the cache once; later decoding steps pass
+    no encoder tokens and read them from the cache.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, cache: KVCache | None = None,
+                 last_only: bool = False, features: bool = False, encoder_tokens_BxE=None, encoder_segment_ids_BxE=None,
+                 encoder_positions_BxE=None):
+        cfg = self.cfg
+        B, T = tokens_BxT.shape
+        embed_VxD = _embedding_table(self, cfg)
+        memory_BxExD = None
+        if encoder_tokens_BxE is not None:
+            memory_BxExD = Encoder(cfg, name="encoder")(embed_VxD, encoder_tokens_BxE, encoder_segment_ids_BxE, encoder_positions_BxE)
+        if cache is not None:
+            if encoder_tokens_BxE is not None:
+                real_BxE = jnp.ones_like(encoder_tokens_BxE) if encoder_segment_ids_BxE is None else encoder_segment_ids_BxE
+                cache = cache.replace(cross_segment_BxE=real_BxE.astype(jnp.int32))
+            mask, positions_BxT = Mask.for_cache(cache), cache_positions(cache, T)
+            cross_mask = Mask.across(None, cache.cross_segment_BxE)
+            kv, cross_kv = (cache.k_NxBxSxGxK, cache.v_NxBxSxGxK), (cache.cross_k_NxBxExGxK, cache.cross_v_NxBxExGxK)
+        else:
+            mask, positions_BxT = Mask.for_sequence(segment_ids_BxT), _default_positions(positions_BxT, B, T)
+            cross_mask = Mask.across(segment_ids_BxT, encoder_segment_ids_BxE)
+            kv = cross_kv = None
+        x_BxTxD = _embed(self, cfg, embed_VxD, tokens_BxT, positions_BxT, cfg.T)
+        x_BxTxD, kv, cross_kv = _blocks(cfg, cfg.N, "block", (x_BxTxD, kv, cross_kv), positions_BxT, mask,
+                                        None if cache is None else cache.index, True, memory_BxExD, cross_mask)
+        if last_only:
+            x_BxTxD = x_BxTxD[:, -1:]
+        out = _head(self, cfg, embed_VxD, x_BxTxD, features)
+        if cache is not None:
+            cache = cache.replace(k_NxBxSxGxK=kv[0], v_NxBxSxGxK=kv[1], cross_k_NxBxExGxK=cross_kv[0],
+                                  cross_v_NxBxExGxK=cross_kv[1], index=cache.index + T)
+        return out, cache
 
 
 def _unembed(cfg: ModelConfig, final_norm: Callable, out_weight: jax.Array, x_BxLxD: jax.Array) -> jax.Array:
@@ -225,8 +316,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     attn = cfg.D * cfg.K * (2 * cfg.H + 2 * cfg.G)
     mlp = cfg.D * cfg.F * (3 if cfg.mlp == "swiglu" else 2)
     non_embedding = cfg.N * (2 * norm + attn + mlp) + norm
+    positions = cfg.L
+    if cfg.arch == "encoder_decoder":
+        non_embedding += cfg.N * (norm + attn) + cfg.E * (2 * norm + attn + mlp) + norm  # cross-attention; the encoder
+        positions += cfg.T
     embedding = cfg.V * cfg.D
-    embedding += cfg.L * cfg.D if cfg.pos_encoding == "learned" else 0
+    embedding += positions * cfg.D if cfg.pos_encoding == "learned" else 0
     embedding += 0 if cfg.tie_embeddings else cfg.D * cfg.V
     return {"total": non_embedding + embedding, "non_embedding": non_embedding}
 
@@ -234,20 +329,46 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 def flops_per_token(cfg: ModelConfig) -> int:
     """Training FLOPs per token: 6 x (matmul params incl. the output head) + 12 N H K L for attention.
 
-    The attention term counts the full L x L score matrix (PaLM's convention, also nanoGPT's MFU).
+    The attention term counts the full L x L score matrix (PaLM's convention, also nanoGPT's MFU), for
+    bidirectional encoders as for causal decoders. An encoder-decoder's token is a position of the
+    encoder's input (L per row, as batch_size x seq_len counts them): the FLOPs of a whole row, the
+    encoder's L tokens, the decoder's T and cross-attention's T x L scores, divided by L.
     """
-    matmul_params = param_counts(cfg)["non_embedding"] + cfg.D * cfg.V
-    return 6 * matmul_params + 12 * cfg.N * cfg.H * cfg.K * cfg.L
+    if cfg.arch != "encoder_decoder":
+        matmul_params = param_counts(cfg)["non_embedding"] + cfg.D * cfg.V
+        return 6 * matmul_params + 12 * cfg.N * cfg.H * cfg.K * cfg.L
+    norm = cfg.D * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
+    q_o, k_v = 2 * cfg.D * cfg.H * cfg.K, 2 * cfg.D * cfg.G * cfg.K
+    mlp = cfg.D * cfg.F * (3 if cfg.mlp == "swiglu" else 2)
+    # Cross-attention's keys and values are projections of the encoder's tokens, its queries the decoder's.
+    per_encoder_token = cfg.E * (2 * norm + q_o + k_v + mlp) + norm + cfg.N * k_v
+    per_decoder_token = cfg.N * (3 * norm + 2 * q_o + k_v + mlp) + norm + cfg.D * cfg.V
+    scores = 12 * cfg.H * cfg.K * (cfg.E * cfg.L * cfg.L + cfg.N * cfg.T * cfg.T + cfg.N * cfg.T * cfg.L)
+    return round((6 * (per_encoder_token * cfg.L + per_decoder_token * cfg.T) + scores) / cfg.L)
 
 
 def init(cfg: ModelConfig, rng: jax.Array):
     """Boxed params (nn.Partitioned leaves carrying logical axis names)."""
-    tokens_1xL = jnp.zeros((1, cfg.L), jnp.int32)
-    return Transformer(cfg).init(rng, tokens_1xL)["params"]
+    if cfg.arch == "encoder_decoder":
+        tokens_1xT, tokens_1xL = jnp.zeros((1, cfg.T), jnp.int32), jnp.zeros((1, cfg.L), jnp.int32)
+        return EncoderDecoder(cfg).init(rng, tokens_1xT, encoder_tokens_BxE=tokens_1xL)["params"]
+    return Transformer(cfg).init(rng, jnp.zeros((1, cfg.L), jnp.int32))["params"]
 
 
 def apply(cfg: ModelConfig, params, tokens_BxL, segment_ids_BxL=None, positions_BxL=None, cache=None, last_only=False,
-          features=False):
+          features=False, encoder: tuple | None = None):
     """(logits [B, L, V] float32, or [B, 1, V] at the last position with last_only, or with features the
-    final-normed hidden state [B, L, D]; the updated cache)."""
+    final-normed hidden state [B, L, D]; the updated cache). encoder: encoder_decoder's
+    (tokens [B, E], segment ids or None, positions or None), which a decoding step after the prefill omits."""
+    if cfg.arch == "encoder_decoder":
+        return EncoderDecoder(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL, cache, last_only,
+                                         features, *(encoder or ()))
     return Transformer(cfg).apply({"params": params}, tokens_BxL, segment_ids_BxL, positions_BxL, cache, last_only, features)
+
+
+def forward(cfg: ModelConfig, params, batch: dict) -> jax.Array:
+    """float32 logits of a training or eval batch's targets, for every arch."""
+    encoder = None
+    if cfg.arch == "encoder_decoder":
+        encoder = (batch["encoder_inputs"], batch.get("encoder_segment_ids"), batch.get("encoder_positions"))
+    return apply(cfg, params, batch["inputs"], batch.get("segment_ids"), batch.get("positions"), encoder=encoder)[0]

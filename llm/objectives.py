@@ -74,7 +74,7 @@ def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float 
     """(params, batch) -> (objective sum, (metric sums, units))."""
 
     def lm(params, batch):
-        logits_BxLxV, _ = model.apply(cfg, params, batch["inputs"], batch.get("segment_ids"), batch.get("positions"))
+        logits_BxLxV = model.forward(cfg, params, batch)
         loss_sum, z_sum, num_tokens = cross_entropy_sums(logits_BxLxV, batch["targets"], batch["weights"], z_loss)
         return loss_sum + z_sum, ({"loss": loss_sum}, num_tokens)
 

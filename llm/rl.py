@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from llm import examples, objectives, sample, train
-from llm.train import Feed, Job
+from llm.feeds import Feed, Job
 
 
 class RewardError(ValueError):

@@ -7,6 +7,10 @@ Token choice applies, in this order:
   3. temperature: divide the survivors by it and sample; temperature == 0 is greedy (argmax).
 Prompts are left-padded so that every row writes its next token to the same cache slot; positions
 count from each row's first real token, so a row's padding changes nothing that row computes.
+
+An encoder-decoder's inputs are right-padded (padding is masked out of cross-attention); the prefill
+encodes them once and writes every decoder layer's cross-attention keys/values into the cache, and
+the decoder starts from bos.
 """
 
 import functools
@@ -70,8 +74,10 @@ def choose(logits_BxV: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> 
 def generate_tokens(
     params, prompts_BxP, start_B, rng, temperature, top_p, eos_id, vocab_limit, *,
     cfg: ModelConfig, max_new_tokens: int, top_k: int | jax.Array = 0, stream: Callable | None = None,
+    encoder_BxE=None, encoder_segment_BxE=None,
 ):
-    """Row b's prompt is prompts_BxP[b, start_B[b]:] (left-padded).
+    """Row b's prompt is prompts_BxP[b, start_B[b]:] (left-padded); an encoder-decoder's input is
+    encoder_BxE, real where encoder_segment_BxE is 1.
 
     Returns (new tokens [B, max_new_tokens], eos_id after a row stops; how many token positions the
     loop filled). A row stops after it emits eos_id; the loop stops once every row has (eos_id=-1: never).
@@ -80,8 +86,10 @@ def generate_tokens(
     B, P = prompts_BxP.shape
     M = max_new_tokens
     # The last new token is never fed back, so the cache needs P + M - 1 slots.
-    cache = KVCache.zeros(cfg.N, B, P + M - 1, cfg.G, cfg.K, jnp.dtype(cfg.dtype), start_B)
-    logits_Bx1xV, cache = model.apply(cfg, params, prompts_BxP, cache=cache, last_only=True)
+    E = 0 if encoder_BxE is None else encoder_BxE.shape[1]
+    cache = KVCache.zeros(cfg.N, B, P + M - 1, cfg.G, cfg.K, jnp.dtype(cfg.dtype), start_B, encoder_len=E)
+    encoder = None if encoder_BxE is None else (encoder_BxE, encoder_segment_BxE, None)
+    logits_Bx1xV, cache = model.apply(cfg, params, prompts_BxP, cache=cache, last_only=True, encoder=encoder)
     # Padded vocabulary rows were never trained as targets: never emit them.
     valid_V = jnp.arange(cfg.V) < vocab_limit
 
@@ -152,12 +160,54 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, context
         )
 
 
+def check_inputs(inputs: Sequence[Sequence[int]], max_new_tokens: int, cfg: ModelConfig) -> None:
+    """An encoder-decoder's: inputs of at most L tokens, answers of at most T."""
+    if not inputs:
+        raise SampleError("no inputs to answer")
+    if max(len(x) for x in inputs) > cfg.L:
+        raise SampleError(f"an input is {max(len(x) for x in inputs)} tokens long, but the encoder takes at most {cfg.L}")
+    if max_new_tokens > cfg.T:
+        raise SampleError(f"max_new_tokens={max_new_tokens} exceeds the decoder's length of {cfg.T} tokens")
+
+
+def generate_seq2seq(
+    cfg: ModelConfig, params, inputs: Sequence[Sequence[int]], *, max_new_tokens: int, bos_id: int, eos_id: int,
+    pad_id: int, vocab_limit: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    seed: int = 0, stream: Callable | None = None,
+) -> list[list[int]]:
+    """An encoder-decoder's answer to each input, up to and including the first eos."""
+    check_options(temperature, top_k, top_p, max_new_tokens)
+    check_inputs(inputs, max_new_tokens, cfg)
+    width = min(-(-max(len(x) for x in inputs) // 16) * 16, cfg.L)  # few compiled shapes, as for prompts
+    encoder_BxE = np.full((len(inputs), width), pad_id, np.int32)
+    segment_BxE = np.zeros((len(inputs), width), np.int32)
+    for b, x in enumerate(inputs):
+        encoder_BxE[b, : len(x)], segment_BxE[b, : len(x)] = x, 1
+    B = len(inputs)
+    out_BxM, _ = generate_tokens(
+        params, jnp.full((B, 1), bos_id, jnp.int32), jnp.zeros((B,), jnp.int32), jax.random.key(seed), jnp.float32(temperature),
+        jnp.float32(top_p), jnp.int32(eos_id), jnp.int32(vocab_limit), cfg=cfg, max_new_tokens=max_new_tokens,
+        top_k=jnp.int32(top_k), stream=stream, encoder_BxE=jnp.asarray(encoder_BxE), encoder_segment_BxE=jnp.asarray(segment_BxE),
+    )
+    return _until_eos(out_BxM, eos_id)
+
+
+def _until_eos(out_BxM, eos_id: int) -> list[list[int]]:
+    results = []
+    for row in np.asarray(out_BxM).tolist():
+        results.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return results
+
+
 def generate(
     cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
     pad_id: int, vocab_limit: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     seed: int = 0, stream: Callable | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, up to and including the first eos."""
+    if cfg.arch != "decoder":
+        raise SampleError(f"model.arch={cfg.arch!r} does not continue prompts" + (
+            ": give it inputs to answer (generate_seq2seq, --input)" if cfg.arch == "encoder_decoder" else " (a masked-token encoder)"))
     check_options(temperature, top_k, top_p, max_new_tokens)
     check_prompts(prompts, max_new_tokens, cfg.L)
     longest = max(len(p) for p in prompts)
@@ -169,7 +219,4 @@ def generate(
         jnp.float32(top_p), jnp.int32(eos_id), jnp.int32(vocab_limit),
         cfg=cfg, max_new_tokens=max_new_tokens, top_k=jnp.int32(top_k), stream=stream,
     )
-    results = []
-    for row in np.asarray(out_BxM).tolist():
-        results.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
-    return results
+    return _until_eos(out_BxM, eos_id)

@@ -1,6 +1,5 @@
 """TrainState, the jitted train step and the training loop (eval, checkpoints, metrics)."""
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -20,8 +19,8 @@ from flax import struct
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from llm import checkpoint, config as config_lib, data, evaluate, examples, guard, model, objectives, optim, sharding, template, tokenizer as tokenizer_lib
-from llm.loss import cross_entropy_sums
+from llm import checkpoint, config as config_lib, data, evaluate, examples, feeds, guard, model, objectives, optim, sharding, template, tokenizer as tokenizer_lib
+from llm.feeds import Feed, Job
 from llm.metrics import Writer, measure_peak_tflops, mfu, peak_units
 from llm.model import ModelConfig
 
@@ -165,37 +164,6 @@ def _tokenizer(cfg: ml_collections.ConfigDict, workdir: str):
     return build_tokenizer(cfg)
 
 
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """What a run has built before its loop: handed to the objective's Feed."""
-
-    cfg: ml_collections.ConfigDict
-    workdir: str
-    mesh: jax.sharding.Mesh
-    dc: data.DataConfig
-    tok: tokenizer_lib.Tokenizer
-    mc: ModelConfig
-    built: Setup
-    roles: "template.RoleIds | None"  # the chat template's ids (post-training data only)
-    reference: Callable[[], dict]  # the frozen reference params (init_from's), loaded on first use
-    quiet: bool
-
-    def put(self, batch: dict, rows: int | None = None) -> dict:
-        """This host's rows of a global batch (of `rows`, default batch_size) as sharded device arrays."""
-        return sharding.global_batch(batch, self.mesh, rows or self.cfg.batch_size)
-
-
-@dataclasses.dataclass
-class Feed:
-    """An objective's data side: host batches, how a host batch becomes the step's device batch (the
-    reference's log-probs, sampled answers), and the held-out evaluation."""
-
-    batches: object  # next(), get_state(), set_state(), merge_states(), close()
-    prepare: Callable[[TrainState, dict, int], tuple[dict, dict]]  # (state, host batch, step) -> (device batch, host metrics)
-    evaluate: Callable[[dict], dict] | None  # params -> {"eval_...": value}
-    check: Callable[[], None] = lambda: None  # reads the held-out split once, so that a missing one fails before compiling
-
-
 def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False, feed: Callable[[Job], Feed] | None = None) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last train and eval metrics. `feed`
     builds the batches of an objective that lives above this module (llm/rl.py's GRPO).
@@ -206,81 +174,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool = False, fee
     """
     config_lib.validate(cfg)
     with guard.hold_workdir(workdir), guard.StopSignals() as stop:
-        return _train(cfg, workdir, quiet, stop, feed or _feed)
-
-
-def _lm_eval(job: Job, batches: Callable[[], object]) -> Callable[[dict], dict]:
-    cfg = job.cfg
-    eval_lo, eval_hi = sharding.host_rows(job.mesh, cfg.eval_batch_size)
-    put_eval = lambda b: job.put({k: v[eval_lo:eval_hi] for k, v in b.items()}, cfg.eval_batch_size)
-    token_bytes = evaluate.byte_table(job.tok.token_bytes(), job.mc.V)
-
-    def run(params):
-        result = evaluate.evaluate(job.built.eval_step, params, batches(), token_bytes, put_eval, cfg.eval_max_batches)
-        return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
-
-    return run
-
-
-def _objective_eval(job: Job, batches: Callable[[], object]) -> Callable[[dict], dict]:
-    """Held-out means of the objective's metrics (reward, dpo), weighted by each batch's units."""
-    cfg = job.cfg
-    eval_lo, eval_hi = sharding.host_rows(job.mesh, cfg.eval_batch_size)
-
-    def run(params):
-        sums, units = collections.defaultdict(float), 0.0
-        for i, b in enumerate(batches()):
-            if cfg.eval_max_batches and i >= cfg.eval_max_batches:
-                break
-            batch = job.put({k: v[eval_lo:eval_hi] for k, v in b.items()}, cfg.eval_batch_size)
-            if cfg.objective == "dpo":
-                batch.update(_reference_logprobs(job.mc)(job.reference(), batch))
-            batch_sums, batch_units = jax.device_get(job.built.objective_step(params, batch))
-            for name, v in batch_sums.items():
-                sums[name] += float(v)
-            units += float(batch_units)
-        return {f"eval_{name}": v / units for name, v in sums.items()}
-
-    return run
-
-
-@functools.lru_cache(maxsize=4)
-def _reference_logprobs(mc: ModelConfig) -> Callable:
-    """DPO's frozen inputs: the reference's summed answer log-probs, jitted once per model shape."""
-    return jax.jit(lambda params, batch: objectives.answer_logprobs(mc, params, batch))
-
-
-def _feed(job: Job) -> Feed:
-    """Batches for the objectives trained here: lm (pretraining, or SFT on 'sft:' data), reward, dpo."""
-    cfg, dc, tok = job.cfg, job.dc, job.tok
-    rows = sharding.host_rows(job.mesh, cfg.batch_size)
-    kind = examples.kind_of(dc.dataset)
-    put = lambda state, b, step: (job.put(b), {})
-    if kind == "sft":
-        def load(split):
-            found, cut = examples.load_sft(dc.dataset, split, tok, job.roles, cfg.seq_len, dc.validation_fraction, dc.test_fraction)
-            if cut and not job.quiet and jax.process_index() == 0:
-                print(f"{cut} of the {len(found)} {split} examples are longer than seq_len + 1 = {cfg.seq_len + 1} tokens and were cut",
-                      file=sys.stderr)
-            return found
-
-        batches = examples.SftBatches(load("train"), cfg.batch_size, cfg.seq_len, cfg.seed, rows, cfg.data.loss_on)
-        held = (lambda: examples.sft_eval_batches(load("validation"), cfg.eval_batch_size, cfg.seq_len, cfg.data.loss_on))
-        return Feed(batches, put, _lm_eval(job, held) if cfg.eval_every_steps else None, check=lambda: load("validation"))
-    if kind == "preference":
-        load = lambda split: examples.load_pairs(dc.dataset, split, tok, job.roles, cfg.seq_len, dc.validation_fraction, dc.test_fraction)
-        batches = examples.PairBatches(load("train"), cfg.batch_size, cfg.seed, rows)
-        held = lambda: examples.pair_eval_batches(load("validation"), cfg.eval_batch_size)
-        prepare = put
-        if cfg.objective == "dpo":
-            def prepare(state, b, step):
-                batch = job.put(b)
-                batch.update(_reference_logprobs(job.mc)(job.reference(), batch))
-                return batch, {}
-        return Feed(batches, prepare, _objective_eval(job, held) if cfg.eval_every_steps else None, check=lambda: load("validation"))
-    batches = data.train_batches(dc, tok, cfg.batch_size, cfg.seq_len, cfg.seed, rows, cfg.data.sampling)
-    held = lambda: data.split_eval_batches(dc, "validation", tok, cfg.eval_batch_size, cfg.seq_len)
-    return Feed(batches, put, _lm_eval(job, held) if cfg.eval_every_steps else None, check=held)
+        return _train(cfg, workdir, quiet, stop, feed or feeds.make)
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guard.StopSignals, make_feed: Callable[[Job], Feed]) -> dict:
@@ -299,13 +193,18 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, quiet: bool, stop: guar
         multihost_utils.sync_global_devices("dataset prepared")
     tok = _tokenizer(cfg, workdir)
     roles = None
-    if examples.kind_of(dc.dataset) and not cfg.model.vocab_size:
-        # The chat template's ids follow the tokenizer's; where the padded vocabulary has no room for
-        # them, the model grows by one vocab_multiple (recorded in the run's config.json).
+    needed = template.vocab_needed(tok) if examples.is_chat(dc.dataset) else tok.vocab_size + config_lib.reserved_ids(cfg)
+    if needed > tok.vocab_size and not cfg.model.vocab_size:
+        # The chat template's ids (or span corruption's sentinels, BERT's [CLS] [SEP] [MASK]) follow the
+        # tokenizer's; where the padded vocabulary has no room for them, the model grows by one
+        # vocab_multiple or more (recorded in the run's config.json).
         cfg = cfg.copy_and_resolve_references()
-        cfg.model.vocab_size = config_lib.padded_vocab_size(cfg, template.vocab_needed(tok))
+        cfg.model.vocab_size = config_lib.padded_vocab_size(cfg, needed)
+    elif cfg.model.vocab_size and needed > cfg.model.vocab_size:
+        raise config_lib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} leaves no room for the {needed - tok.vocab_size} "
+                                     f"ids this run reserves after the tokenizer's {tok.vocab_size}")
     mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
-    if examples.kind_of(dc.dataset):
+    if examples.is_chat(dc.dataset):
         roles = template.role_ids(tok, mc.V)
     built = setup(mc, config_lib.opt_config(cfg), mesh, rules, cfg.objective, **config_lib.objective_options(cfg))
 

@@ -110,3 +110,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
         [sys.executable, "-m", "llm.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def kill_at_checkpoint_and_resume(command: list[str], workdir: Path, step: int = 3, timeout: int = 300) -> tuple[int, subprocess.CompletedProcess]:
+    """Starts `command` (a CLI train into `workdir`), SIGKILLs it once checkpoint `step` exists, runs it
+    again; returns (the step it had committed when killed, the resumed run's result)."""
+    import signal
+    import time
+
+    from llm import checkpoint
+
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / str(step)).exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.latest_step(str(workdir))
+    return killed_at, subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+

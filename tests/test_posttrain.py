@@ -6,7 +6,6 @@ import math
 import os
 import random
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, run_cli, tiny_config, write_corpus
+from conftest import REPO, cli_overrides, kill_at_checkpoint_and_resume, run_cli, tiny_config, write_corpus
 
 import llm
 from llm import checkpoint, examples, model, objectives, rl, template, tokenizer as tokenizer_lib, train
@@ -214,16 +213,8 @@ def test_a_sigkilled_run_of_each_objective_resumes_to_the_params_and_losses_of_a
     # The CLI on JAX's one CPU device (mesh.cpu_devices=0), the device this test process trains on.
     overrides = cli_overrides(sets["corpus"], mesh__cpu_devices=0, **_objective_overrides(sets, objective, steps))
     command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={killed}", *overrides]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "3").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = checkpoint.latest_step(str(killed))
+    killed_at, result = kill_at_checkpoint_and_resume(command, killed)
     assert 3 <= killed_at < steps
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and f"resuming {killed} from step {killed_at}" in result.stderr, result.stderr[-2000:]
     a, b = llm.load(str(straight)), llm.load(str(killed))
     assert a.step == b.step == steps

@@ -48,12 +48,15 @@ def as_points(points: Points | Sequence[dict[str, Any]]) -> Points:
     return out
 
 
-def load_points(path: str) -> Points:
-    """Reads a CSV with params,tokens|flops,loss (or a sweep's results.csv, or the Chinchilla extraction)."""
+def load_points(path: str, arch: str = "") -> Points:
+    """Reads a CSV with params,tokens|flops,loss (or a sweep's results.csv, or the Chinchilla extraction);
+    arch: only a multi-arch sweep's rows of that arch (named '<arch>-...')."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
+    if arch:
+        rows = [r for r in rows if r.get("name", "").startswith(f"{arch}-")]
     if not rows:
-        raise ValueError(f"{path} has no rows")
+        raise ValueError(f"{path} has no rows" + (f" of arch {arch!r}" if arch else ""))
     wanted = [k for k in rows[0] if k in COLUMNS or k in ALIASES]
     try:
         return as_points({k: [r[k] for r in rows] for k in wanted})

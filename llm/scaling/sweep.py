@@ -15,6 +15,9 @@ Sweep config keys (configs/sweeps/isoflop_cpu.py is the worked example):
   warmup_fraction  warmup_steps = round(warmup_fraction * num_train_steps); < 0 keeps the base's
   checkpoints_per_point  checkpoint_every_steps = ceil(num_train_steps / checkpoints_per_point)
   throughput     for the --dry_run time estimate: flops_per_second, seconds_per_token, seconds_per_point
+  archs          optional: model.arch values ('decoder', 'encoder_decoder', ...); every point is repeated for
+                 each, named '<arch>-<point>', its FLOPs counted for its arch (configs/sweeps/arch_isoflop_cpu.py);
+                 `./run.sh fit --arch=A` fits one arch's rows
 """
 
 import copy
@@ -116,14 +119,17 @@ def shape_for(target: float, base: ml_collections.ConfigDict, rule: ml_collectio
     """(d_model, num_layers, num_heads, d_ff) whose non-embedding params are closest to `target` in log space,
     among d_model a multiple of d_model_step within d_model_per_layer x num_layers, min_layers..max_layers,
     heads of about head_dim and d_ff = ff_ratio x d_model."""
-    template = config_lib.model_config(base, config_lib.padded_vocab_size(base, sweep_tokenizer(base).vocab_size))
+    template = _model_config(base)
+    # An encoder-decoder whose num_encoder_layers is 0 stacks as many encoder layers as decoder layers.
+    tied_encoder = template.arch == "encoder_decoder" and not base.model.num_encoder_layers
     lo, hi = rule.d_model_per_layer
     step = rule.d_model_step
     best, best_err = None, math.inf
     for num_layers in range(rule.min_layers, rule.max_layers + 1):
         for d_model in range(step * math.ceil(lo * num_layers / step), int(hi * num_layers) + 1, step):
             heads, d_ff = _heads(d_model, rule.head_dim), int(rule.ff_ratio * d_model)
-            mc = dataclasses.replace(template, D=d_model, N=num_layers, H=heads, G=heads, F=d_ff)
+            mc = dataclasses.replace(template, D=d_model, N=num_layers, H=heads, G=heads, F=d_ff,
+                                     E=num_layers if tied_encoder else template.E)
             err = abs(math.log(model.param_counts(mc)["non_embedding"] / target))
             if err < best_err:  # strict: among equals the shallowest wins
                 best, best_err = (d_model, num_layers, heads, d_ff), err
@@ -132,8 +138,13 @@ def shape_for(target: float, base: ml_collections.ConfigDict, rule: ml_collectio
     return best
 
 
+def _model_config(cfg: ml_collections.ConfigDict) -> model.ModelConfig:
+    """The model a point trains, its vocabulary including the ids its arch reserves (train.py's rule)."""
+    return config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, sweep_tokenizer(cfg).vocab_size + config_lib.reserved_ids(cfg)))
+
+
 def _counts(cfg: ml_collections.ConfigDict) -> tuple[dict, int]:
-    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, sweep_tokenizer(cfg).vocab_size))
+    mc = _model_config(cfg)
     return model.param_counts(mc), model.flops_per_token(mc)
 
 
@@ -215,6 +226,16 @@ def _grid_points(sweep: ml_collections.ConfigDict) -> list[Point]:
 def expand(sweep: ml_collections.ConfigDict) -> list[Point]:
     """Every point of the sweep in a fixed order (shards and resumption rely on it)."""
     sweep = ml_collections.ConfigDict(sweep.to_dict())  # config_flags locks the config it loads
+    if "archs" in sweep:
+        points = []
+        for arch in sweep.archs:
+            one = ml_collections.ConfigDict({k: v for k, v in sweep.to_dict().items() if k != "archs"})
+            one.base.model.arch = arch
+            for point in expand(one):
+                point.name = f"{arch}-{point.name}"
+                point.config.name = f"{sweep.name}/{point.name}"
+                points.append(point)
+        return points
     if sweep.kind == "isoflop":
         points = _isoflop_points(sweep)
     elif sweep.kind == "grid":
