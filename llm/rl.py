@@ -4,7 +4,10 @@ rewards within each group into advantages, and take train.py's step on the 'grpo
 (llm/objectives.py: the clipped ratio and the KL penalty to the frozen init_from model).
 
 Answers are sampled from (seed, step), so a resumed run samples exactly what the uninterrupted run
-would have. Every host samples every prompt's group (the prompts are few; the update is sharded).
+would have. Every host samples and scores every prompt's group with the whole params gathered onto
+it (identical on every host: the same params and seed), then feeds its own rows of the batch to the
+sharded update. The gathered copy costs one model per host each step: right for the model sizes RL
+is run on here, not for a model that only fits sharded.
 """
 
 import importlib
@@ -12,8 +15,9 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from llm import examples, objectives, sample, train
+from llm import examples, objectives, sample, sharding, train
 from llm.feeds import Feed, Job
 
 
@@ -54,11 +58,18 @@ def answer_rows(prompts: Sequence[np.ndarray], answers: Sequence[Sequence[int]],
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights[:, 1:]}
 
 
+def _whole(params):
+    """Params a host can sample with on its own devices: on a multi-host mesh, gathered whole."""
+    if jax.process_count() == 1:
+        return params
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), params)
+
+
 def _answers(job: Job, params, prompts: Sequence[examples.Prompt], group: int, temperature: float, seed: int):
     """(answer ids, each up to and including <|end|>; their decoded text)."""
     g, roles, tok = job.cfg.grpo, job.roles, job.tok
     rows = [p.tokens for p in prompts for _ in range(group)]
-    answers = sample.generate(job.mc, params, rows, max_new_tokens=g.max_new_tokens, eos_id=roles.end, pad_id=tok.pad_id,
+    answers = sample.generate(job.mc, _whole(params), rows, max_new_tokens=g.max_new_tokens, eos_id=roles.end, pad_id=tok.pad_id,
                               vocab_limit=roles.limit, temperature=temperature, top_k=g.top_k, seed=seed)
     texts = [tok.decode([t for t in a if t < tok.vocab_size]) for a in answers]
     return rows, answers, texts
@@ -76,10 +87,8 @@ def _checked(rewards: np.ndarray, records: Sequence[dict], texts: Sequence[str],
 
 def make_feed(job: Job) -> Feed:
     cfg, g, dc = job.cfg, job.cfg.grpo, job.dc
-    if jax.process_count() > 1:
-        # Every host would sample every group and hold the whole batch; the per-host split of sampled
-        # rows is not written yet.
-        raise RewardError("objective='grpo' runs on one host (any number of its devices); multi-host GRPO is not supported yet")
+    if jax.process_count() > 1 and g.reward_run:
+        raise RewardError("grpo.reward_run scores on one host; a multi-host GRPO run takes grpo.reward_fn")
     load = lambda split: examples.load_prompts(dc.dataset, split, job.tok, job.roles, cfg.seq_len, g.max_new_tokens,
                                                dc.validation_fraction, dc.test_fraction)
     batches = examples.PromptBatches(load("train"), cfg.batch_size, cfg.seed)
@@ -96,7 +105,8 @@ def make_feed(job: Job) -> Feed:
         rewards_BxG = rewards.reshape(len(prompts), g.group_size)
         batch["advantages"] = np.asarray(objectives.group_advantages(rewards_BxG), np.float32).reshape(-1)
         rows_total = len(rows)
-        device = job.put(batch, rows_total)
+        lo, hi = sharding.host_rows(job.mesh, rows_total)
+        device = job.put({k: v[lo:hi] for k, v in batch.items()}, rows_total)
         device["ref_logp"] = logprobs(job.reference(), device)
         lengths = [len(a) for a in answers]
         host = {"reward": float(rewards.mean()), "reward_std": float(rewards_BxG.std(axis=1).mean()),

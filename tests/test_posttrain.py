@@ -232,6 +232,21 @@ def test_a_sigkilled_run_of_each_objective_resumes_to_the_params_and_losses_of_a
         assert set(a.evaluate()) >= {"accuracy", "pairs", "loss"}
 
 
+def test_grpo_across_two_processes_samples_the_one_process_answers_and_trains_to_its_params(sets, tmp_path):
+    steps = 2
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(_objective_cfg(sets, "grpo", steps), str(one))
+    # Two real jax.distributed processes of one CPU device each: every host samples every group with
+    # the whole params, then feeds its own half of the rows to the sharded update.
+    overrides = cli_overrides(sets["corpus"], **_objective_overrides(sets, "grpo", steps))
+    result = subprocess.run(["./run.sh", "launch-local", "2", "train", f"--workdir={two}", *overrides], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "LLM_LOCAL_DEVICES": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _logged(one), _logged(two)
+    assert a[1]["reward"] == b[1]["reward"] and a[1]["answer_length"] == b[1]["answer_length"]  # the same answers
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), llm.load(str(one)).params, llm.load(str(two)).params)
+
+
 def test_the_reward_model_reports_held_out_pairwise_accuracy_scores_from_the_cli_and_rewards_grpo(sets, tmp_path):
     cfg = _cfg(sets, data__dataset=f"preference:{sets['pref']}", objective="reward", num_train_steps=30, eval_every_steps=30,
                checkpoint_every_steps=30, opt__learning_rate=1e-2)
@@ -332,9 +347,12 @@ class _Terminal:
 def test_chat_streams_an_answer_and_ctrl_c_stops_that_answer_not_the_program(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     workdir = tmp_path / "run"
-    # A pretrained model never learnt <|end|>, so it writes until max_new_tokens: long enough to interrupt.
-    train.train(tiny_config(corpus, num_train_steps=2, seq_len=1024, batch_size=2), str(workdir), quiet=True)
-    term = _Terminal([sys.executable, "-m", "llm.cli", "chat", f"--workdir={workdir}", "--max_new_tokens=1000", "--temperature=1.0"])
+    # A pretrained model never saw <|end|>: a few steps push its logit below the corpus's characters, and
+    # top-k keeps it out, so the answer runs to max_new_tokens, long enough to interrupt (at init every
+    # id has ~1/V, and an answer could end after a handful of tokens).
+    train.train(tiny_config(corpus, num_train_steps=20, seq_len=1024, batch_size=2), str(workdir), quiet=True)
+    term = _Terminal([sys.executable, "-m", "llm.cli", "chat", f"--workdir={workdir}", "--max_new_tokens=1000", "--temperature=1.0",
+                      "--top_k=10"])
     try:
         at = term.wait_for("you> ")
         term.type(b"the king\n")
