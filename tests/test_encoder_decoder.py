@@ -265,14 +265,11 @@ def _check_span_corruption_run(run, cfg, summary):
         run.generate("The king")
 
 
-@pytest.mark.parametrize("arch", ["encoder", "encoder_decoder", "seq2seq"])
+@pytest.mark.parametrize("arch", ["encoder", "encoder_decoder"])
 def test_a_sigkilled_run_of_each_arch_resumes_to_the_params_and_losses_of_an_uninterrupted_one(corpus, tmp_path, arch):
     steps = 12
     overrides = dict(num_train_steps=steps, checkpoint_every_steps=3, log_every_steps=1, opt__schedule="constant")
-    if arch == "seq2seq":
-        overrides.update(model__arch="encoder_decoder", data__dataset=_seq2seq_file(tmp_path), target_len=20)
-    else:
-        overrides.update(model__arch=arch)
+    overrides.update(model__arch=arch)  # seq2seq batches resume exactly too: tests/test_seq2seq.py
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     summary = train.train(tiny_config(corpus, eval_every_steps=steps, **overrides), str(straight), quiet=True)  # an eval changes no params
     command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={killed}", *cli_overrides(corpus, mesh__cpu_devices=0, **overrides)]
@@ -285,8 +282,6 @@ def test_a_sigkilled_run_of_each_arch_resumes_to_the_params_and_losses_of_an_uni
     assert after and all(before[s]["loss"] == r["loss"] for s, r in after.items())
     if arch == "encoder_decoder":
         _check_span_corruption_run(a, tiny_config(corpus, **overrides), summary)
-    if arch == "seq2seq":
-        _check_seq2seq_run(straight, summary, 30)
 
 
 def _check_seq2seq_run(workdir, summary, validation_examples: int):
@@ -300,10 +295,11 @@ def _check_seq2seq_run(workdir, summary, validation_examples: int):
     assert cli.stdout.strip("\n") == run.answer("abcdef", max_new_tokens=8)[0]
 
 
-def test_a_decoder_trained_on_seq2seq_pairs_reports_exact_match_and_answers_from_the_cli(corpus, tmp_path):
-    workdir = tmp_path / "decoder"
-    cfg = tiny_config(corpus, data__dataset=_seq2seq_file(tmp_path), num_train_steps=30, eval_every_steps=30,
-                      checkpoint_every_steps=30, seq_len=40)
+@pytest.mark.parametrize("arch", ["decoder", "encoder_decoder"])
+def test_seq2seq_runs_report_exact_match_and_answer_from_the_cli(corpus, tmp_path, arch):
+    workdir = tmp_path / arch
+    cfg = tiny_config(corpus, model__arch=arch, data__dataset=_seq2seq_file(tmp_path), num_train_steps=20, eval_every_steps=20,
+                      checkpoint_every_steps=20, seq_len=40, target_len=20 if arch == "encoder_decoder" else 0)
     _check_seq2seq_run(workdir, train.train(cfg, str(workdir), quiet=True), 30)
 
 
