@@ -210,11 +210,16 @@ def pack_documents(stream: np.ndarray, eos_id: int, seq_len: int) -> tuple[np.nd
     return np.stack(rows_tokens), np.stack(rows_segments)
 
 
+def segment_positions(segments_RxW: np.ndarray) -> np.ndarray:
+    """Each token's position within its run of equal segment ids (0 at every run's first token)."""
+    index = np.arange(segments_RxW.shape[1])
+    first = np.concatenate([np.ones((len(segments_RxW), 1), bool), segments_RxW[:, 1:] != segments_RxW[:, :-1]], axis=1)
+    return index - np.maximum.accumulate(np.where(first, index, 0), axis=1)
+
+
 def document_batch(tokens_RxW: np.ndarray, segments_RxW: np.ndarray) -> dict[str, np.ndarray]:
     segments_in, segments_out = segments_RxW[:, :-1], segments_RxW[:, 1:]
-    index = np.arange(segments_in.shape[1])
-    first = np.concatenate([np.ones((len(segments_in), 1), bool), segments_in[:, 1:] != segments_in[:, :-1]], axis=1)
-    positions = index - np.maximum.accumulate(np.where(first, index, 0), axis=1)
+    positions = segment_positions(segments_in)
     return {
         "inputs": tokens_RxW[:, :-1],
         "targets": tokens_RxW[:, 1:],

@@ -8,6 +8,8 @@ import dataclasses
 
 import numpy as np
 
+from llm.data import segment_positions
+
 
 def _check_noise(noise_density: float, mean_noise_span_length: float) -> None:
     # A density of 1 would leave the encoder input at 3 tokens whatever the raw length, so no raw length is "largest".
@@ -151,12 +153,6 @@ class MlmIds:
     mask: int
 
 
-def _segment_positions(segments_BxL: np.ndarray) -> np.ndarray:
-    index = np.arange(segments_BxL.shape[1])
-    first = np.concatenate([np.ones((len(segments_BxL), 1), bool), segments_BxL[:, 1:] != segments_BxL[:, :-1]], axis=1)
-    return index - np.maximum.accumulate(np.where(first, index, 0), axis=1)
-
-
 def mlm_batch(tokens_BxR: np.ndarray, rng: np.random.Generator, ids: MlmIds, random_lo: int, random_hi: int,
               mask_fraction: float = 0.15, segments_BxR: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """BERT masking of [CLS] + row + [SEP]: exactly max(1, round(mask_fraction * real tokens)) positions per row
@@ -188,7 +184,7 @@ def mlm_batch(tokens_BxR: np.ndarray, rng: np.random.Generator, ids: MlmIds, ran
     else:
         segments = np.asarray(segments_BxR, np.int64)
         segments_BxL = frame(segments, segments[:, :1], segments[:, -1:])
-        positions_BxL = _segment_positions(segments_BxL)
+        positions_BxL = segment_positions(segments_BxL)
     return {
         "inputs": frame(corrupted_BxR, ids.cls, ids.sep).astype(np.int32),
         "targets": frame(tokens_BxR, ids.cls, ids.sep).astype(np.int32),

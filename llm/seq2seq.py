@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from llm import examples
-from llm.data import pad_batch
+from llm.data import pad_batch, segment_positions
 from llm.sources import DataError
 from llm.tokenizer import Tokenizer, TokenizerError
 
@@ -60,10 +60,7 @@ def prompt(pair: Pair, eos_id: int) -> list[int]:
 
 
 def _positions(segments_RxL: np.ndarray) -> np.ndarray:
-    index = np.arange(segments_RxL.shape[1])
-    first = np.concatenate([np.ones((len(segments_RxL), 1), bool), segments_RxL[:, 1:] != segments_RxL[:, :-1]], axis=1)
-    positions_RxL = index - np.maximum.accumulate(np.where(first, index, 0), axis=1)
-    return np.where(segments_RxL != 0, positions_RxL, 0).astype(np.int32)
+    return np.where(segments_RxL != 0, segment_positions(segments_RxL), 0).astype(np.int32)  # 0 on padding
 
 
 def pack_encoder_decoder(pairs: Sequence[Pair], source_len: int, target_len: int, bos_id: int,
