@@ -277,9 +277,6 @@ class Run:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sample_lib.check_options(temperature, top_k, top_p, max_new_tokens)
-        if self.model_config.arch != "decoder":
-            raise sample_lib.SampleError(f"model.arch={self.model_config.arch!r} does not continue prompts" + (
-                ": run.answer(inputs) (or --input) answers an encoder-decoder's inputs" if self.model_config.arch == "encoder_decoder" else ""))
         encoded = [self.encode_prompt(p) for p in prompts]
         longest = max(len(p) for p in encoded)
         if longest < self.context and longest + max_new_tokens > self.context:

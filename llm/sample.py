@@ -207,7 +207,7 @@ def generate(
     """New tokens for each prompt, up to and including the first eos."""
     if cfg.arch != "decoder":
         raise SampleError(f"model.arch={cfg.arch!r} does not continue prompts" + (
-            ": give it inputs to answer (generate_seq2seq, --input)" if cfg.arch == "encoder_decoder" else " (a masked-token encoder)"))
+            ": give it inputs to answer (run.answer, generate_seq2seq, sample --input)" if cfg.arch == "encoder_decoder" else " (a masked-token encoder)"))
     check_options(temperature, top_k, top_p, max_new_tokens)
     check_prompts(prompts, max_new_tokens, cfg.L)
     longest = max(len(p) for p in prompts)
