@@ -19,7 +19,7 @@ setup(
         "importlib_resources",  # tensorflow-datasets imports it without declaring it
         "tensorflow-cpu",  # TFDS community builders (tiny_shakespeare, lm1b, c4, ...) need tf to prepare
         "grain>=0.2.12",  # streamed corpora (llm/data.py)
-        "array-record",
+        "array-record",  # TFDS writes and random-accesses prepared builders as ArrayRecord (file_format= in llm/data.py)
         "fsspec",  # shard globs on gs://, s3://, ... (llm/sources.py)
         "pyarrow",  # parquet: shards
         "zstandard",  # .jsonl.zst shards

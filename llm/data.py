@@ -501,6 +501,7 @@ class _Lane:
     doc: int = 0  # the lane's next document in this epoch
     offset: int = 0  # its tokens already used
     carry: int = -1  # concat: the previous row's last token, the next row's first input
+    skipped: int = 0  # bad records the lane has read, each time it reads one (skip_bad_records)
 
 
 def _fill_row(lane: _Lane, current: Callable[[], np.ndarray | None], advance: Callable[[], None], width: int,
@@ -557,8 +558,13 @@ class StreamBatches:
     """Endless batches of a streamed split. Row r of every global batch is lane r, which packs
     documents r, r + B, r + 2B, ... of each epoch's shuffled order (B = batch_size): a host builds only
     its own rows from only their documents, and the global batch is the same for any number of hosts
-    or workers. Each lane's (epoch, document, offset, carry) is all the state there is. (Grain's packing
-    transforms pack one sequential stream per host, which would tie the global batch to the host count.)"""
+    or workers. Each lane's (epoch, document, offset, carry, skipped) is all the state there is. (Grain's
+    packing transforms pack one sequential stream per host, which would tie the global batch to the host count.)
+
+    `skipped` (with skip_bad): the corpus's records dropped while indexing, plus every read of a bad
+    record by this host's lanes; a bad record counts again in each epoch that reads it. Each lane keeps
+    its own count in the state, so merging the hosts' states and resuming on any number of hosts counts
+    every read once."""
 
     CHUNK = 16  # documents per request to a worker
     AHEAD = 8
@@ -572,10 +578,14 @@ class StreamBatches:
                             f"(each row streams its own share of the documents)")
         self.rows = rows or (0, batch_size)
         self.lanes = {r: _Lane() for r in range(*self.rows)}
-        self.skipped = split.corpus.skipped
+        self._indexing_skipped = split.corpus.skipped
         self._reader = Reader({"train": documents(split, tokenizer, add_bos, seed)}, num_workers)
         self._wanted: dict[int, collections.deque] = {r: collections.deque() for r in self.lanes}
         self._docs_seen, self._tokens_seen = 0, 0
+        # A split whose every record is bad would otherwise be read forever with skip_bad. A lane reads
+        # 1/B of each epoch, so a whole split's worth (64 at least) of empty documents in a row is not bad luck.
+        self.max_empty_run = max(64, min(self.num_docs, 10_000))
+        self._empty_run = {r: 0 for r in self.lanes}
         self._schedule()
 
     def _following(self, r: int, epoch: int, doc: int) -> tuple[int, int]:
@@ -602,12 +612,16 @@ class StreamBatches:
             for k, (_, w) in enumerate(chunk):
                 w.request, w.k = request, k
 
-    def _tokens(self, w: _Wanted) -> np.ndarray:
+    @property
+    def skipped(self) -> int:
+        return self._indexing_skipped + sum(lane.skipped for lane in self.lanes.values())
+
+    def _tokens(self, w: _Wanted, lane: _Lane) -> np.ndarray:
         if w.tokens is None:
             tokens, problem = Reader.get(w.request)[w.k]
             if problem:
                 _check((tokens, problem), self.skip_bad)
-                self.skipped += 1
+                lane.skipped += 1  # a bad record has no tokens: the lane moves past it at once, so its position agrees
             w.tokens, w.request = tokens, None
             self._docs_seen, self._tokens_seen = self._docs_seen + 1, self._tokens_seen + len(tokens)
         return w.tokens
@@ -623,10 +637,15 @@ class StreamBatches:
             def current():
                 if not q:
                     self._schedule()
-                return self._tokens(q[0])
+                return self._tokens(q[0], lane)
 
             def advance():
-                q.popleft()
+                left = q.popleft()
+                self._empty_run[r] = self._empty_run[r] + 1 if left.tokens is not None and len(left.tokens) == 0 else 0
+                if self._empty_run[r] >= self.max_empty_run:
+                    raise DataError(f"row {r} of the batch read {self._empty_run[r]} documents in a row without one token "
+                                    f"(bad records skipped by data.skip_bad_records, or empty texts): the training split "
+                                    f"has next to nothing to train on")
                 lane.epoch, lane.doc = self._following(r, lane.epoch, lane.doc)
 
             tokens, segments, _ = _fill_row(lane, current, advance, self.width, self.packing)
@@ -636,23 +655,23 @@ class StreamBatches:
         return _row_batch(np.stack(rows_tokens), np.stack(rows_segments), self.packing)
 
     def get_state(self) -> dict:
-        lanes = [[lane.epoch, lane.doc, lane.offset, lane.carry] for lane in self.lanes.values()]
-        return {"rows": list(self.rows), "lanes": lanes, "skipped": self.skipped}
+        lanes = [[lane.epoch, lane.doc, lane.offset, lane.carry, lane.skipped] for lane in self.lanes.values()]
+        return {"rows": list(self.rows), "lanes": lanes}
 
     @staticmethod
     def merge_states(states: Sequence[dict]) -> dict:
         """One state from every host's: all lanes in row order (any host count can resume from it)."""
         states = sorted(states, key=lambda s: s["rows"][0])
-        return {"rows": [states[0]["rows"][0], states[-1]["rows"][1]], "lanes": [l for s in states for l in s["lanes"]],
-                "skipped": sum(s["skipped"] for s in states)}
+        return {"rows": [states[0]["rows"][0], states[-1]["rows"][1]], "lanes": [l for s in states for l in s["lanes"]]}
 
     def set_state(self, state: dict) -> None:
         if "lanes" not in state:
             raise DataError("the checkpoint's data position is not a streamed one (was the run's data.dataset changed?)")
         first = state["rows"][0]
         for r, lane in self.lanes.items():
-            lane.epoch, lane.doc, lane.offset, lane.carry = (int(v) for v in state["lanes"][r - first])
-        self.skipped = int(state["skipped"])
+            values = [int(v) for v in state["lanes"][r - first]]
+            # A checkpoint written before lanes kept their skip counts has 4 values per lane.
+            lane.epoch, lane.doc, lane.offset, lane.carry, lane.skipped = (values + [0])[:5]
         self._wanted = {r: collections.deque() for r in self.lanes}
         self._schedule()
 

@@ -227,6 +227,11 @@ class Noised:
     def __iter__(self):
         return self
 
+    @property
+    def skipped(self) -> int | None:
+        """The wrapped batches' count of bad records skipped; None for batches that never skip any."""
+        return getattr(self.batches, "skipped", None)
+
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.batches)
         rng = np.random.default_rng([self.seed, self.count, self.first_row, 0x5EED])

@@ -66,7 +66,9 @@ class Corpus:
 
     shards: tuple[Shard, ...]
     text_key: str
-    skipped: int = 0  # bad records dropped while indexing (with skip_bad_records)
+    # Dropped while indexing (skip_bad_records), once per job: a truncated tail, an empty shard, each
+    # row of an unreadable Parquet row group.
+    skipped: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "_starts", np.cumsum([0] + [s.records for s in self.shards]))
@@ -250,7 +252,9 @@ def _last_newline(path: str) -> int:
     return -1
 
 
-def _parquet_to_jsonl(path: str, out: str, text_key: str) -> None:
+def _parquet_to_jsonl(path: str, out: str, text_key: str, skip_bad: bool) -> int:
+    """Writes the text column as JSONL, one row group in memory at a time; returns the rows of row
+    groups that could not be read and were dropped (skip_bad), else 0."""
     import pyarrow.parquet as pq
 
     try:
@@ -260,12 +264,25 @@ def _parquet_to_jsonl(path: str, out: str, text_key: str) -> None:
     names = pf.schema_arrow.names
     if text_key not in names:
         raise DataError(f"{path} has no column {text_key!r} (data.text_key); its columns: {', '.join(names)}")
-    tmp = f"{out}.{os.getpid()}.tmp"
+    tmp, first, dropped = f"{out}.{os.getpid()}.tmp", 0, 0
     with open(tmp, "w", encoding="utf-8") as dst:
-        for g in range(pf.num_row_groups):  # one row group in memory at a time
-            for value in pf.read_row_group(g, columns=[text_key]).column(0).to_pylist():
+        for g in range(pf.num_row_groups):
+            rows = pf.metadata.row_group(g).num_rows
+            try:
+                values = pf.read_row_group(g, columns=[text_key]).column(0).to_pylist()
+            except Exception as e:  # a footer can be intact over a corrupt page: OSError, ArrowInvalid, UnicodeDecodeError
+                if not skip_bad:
+                    os.remove(tmp)
+                    reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+                    raise DataError(f"{path} row group {g} (rows {first}-{first + rows - 1}) is unreadable ({reason}); "
+                                    f"data.skip_bad_records=True skips its rows") from None
+                # Later rows' numbers shift by its rows; only skipping mode, which names no record, gets here.
+                values, dropped = [], dropped + rows
+            for value in values:
                 dst.write(json.dumps({text_key: value}, ensure_ascii=False) + "\n")
+            first += rows
     os.replace(tmp, out)
+    return dropped
 
 
 def _base(kind: str, path: str, data_dir: str, text_key: str, skip_bad: bool) -> str:
@@ -284,7 +301,7 @@ def _build_index(kind: str, path: str, data_dir: str, text_key: str, skip_bad: b
     os.makedirs(os.path.dirname(base), exist_ok=True)
     dropped = 0
     if kind == "parquet":
-        _parquet_to_jsonl(path, copy, text_key)
+        dropped = _parquet_to_jsonl(path, copy, text_key, skip_bad)
     elif copy != path:
         dropped = _decompress(path, copy, skip_bad)
     records = _write_spans(copy, base + ".spans.npy")
@@ -300,7 +317,7 @@ def _shard(kind: str, path: str, data_dir: str, text_key: str, skip_bad: bool) -
     if not meta["records"]:
         if not skip_bad:
             raise DataError(f"{path} is an empty shard (no records); data.skip_bad_records=True skips it")
-        return None, meta["dropped"] + 1
+        return None, meta["dropped"] or 1  # emptied by a drop already counted, or empty to begin with
     shard = Shard(path, _copy_path(kind, path, base), base + ".spans.npy", meta["records"], "row" if kind == "parquet" else "line")
     return shard, meta["dropped"]
 

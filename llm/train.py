@@ -326,8 +326,11 @@ def _train_loop(job: Job, stop: guard.StopSignals, feed: Feed) -> dict:
             if cfg.objective == "lm":
                 metrics["perplexity"] = float(np.exp(min(metrics["loss"], 50.0)))
             metrics.update(tokens_per_s=tokens_per_s, mfu=mfu(flops_per_token, tokens_per_s, peak_tflops * peak_units()))
-            if isinstance(batches, data.StreamBatches):
-                metrics["data_skipped_records"] = batches.skipped  # this host's (bad records skipped, data.skip_bad_records)
+            # Asked of the batches, not their type: an objective's wrapper (denoise.Noised) passes it through.
+            # Host 0's count (data.StreamBatches.skipped): indexing drops, plus its rows' reads of bad records.
+            skipped = getattr(batches, "skipped", None)
+            if skipped is not None:
+                metrics["data_skipped_records"] = skipped
             with _writing("writing metrics.jsonl", workdir):
                 writer.write(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")

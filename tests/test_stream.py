@@ -27,12 +27,13 @@ def corpus(tmp_path_factory):
     return write_shards(root / "plain", docs), docs, root
 
 
-@pytest.mark.parametrize("fmt", ["gz", "zst", "parquet"])
-def test_every_shard_format_reads_the_same_documents_in_the_same_order(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,key", [("gz", "text"), ("zst", "text"), ("parquet", "text"), ("jsonl", "content"), ("parquet", "content")])
+def test_every_shard_format_reads_the_same_documents_in_the_same_order(tmp_path, fmt, key):
     docs = documents(50)
     expected = _all_texts(data.open_split(_config(write_shards(tmp_path / "plain", docs), tmp_path), "all"))
     assert expected == docs
-    assert _all_texts(data.open_split(_config(write_shards(tmp_path / fmt, docs, fmt=fmt), tmp_path), "all")) == docs
+    dataset = write_shards(tmp_path / fmt, docs, fmt=fmt, key=key)
+    assert _all_texts(data.open_split(_config(dataset, tmp_path, text_key=key), "all")) == docs
 
 
 def test_a_corpus_of_more_shards_than_open_files_reads_every_document(corpus, tmp_path, monkeypatch):
@@ -94,12 +95,13 @@ def _same(a, b):
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_batches_are_identical_for_any_number_of_workers(corpus, tmp_path):
+@pytest.mark.parametrize("packing,worker_counts", [("documents", (1, 2)), ("concat", (2,))], ids=["documents", "concat"])
+def test_batches_are_identical_for_any_number_of_workers(corpus, tmp_path, packing, worker_counts):
     dataset, _, _ = corpus
     split = data.open_split(_config(dataset, tmp_path), "train")
-    reference, _ = _take(split, 12, "documents")
-    for workers in (1, 2):
-        _same(_take(split, 12, "documents", num_workers=workers)[0], reference)
+    reference, _ = _take(split, 12, packing)
+    for workers in worker_counts:
+        _same(_take(split, 12, packing, num_workers=workers)[0], reference)
 
 
 @pytest.mark.parametrize("packing", ["concat", "documents"])
@@ -164,8 +166,29 @@ def test_document_rows_never_attend_or_predict_acrossdocuments(corpus, tmp_path)
         assert (w[seg == 0] == 0).all()
 
 
+def _corrupt_parquet(path, docs: list[str], row_group: int) -> None:
+    """A Parquet file whose footer reads but one row group's text pages do not: that column chunk's
+    first page header is overwritten (a corrupt byte inside a page body often decodes silently)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), path, row_group_size=7)
+    chunk = pq.ParquetFile(path).metadata.row_group(row_group).column(1)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start : start + 16] = b"\xff" * 16
+    path.write_bytes(bytes(raw))
+
+
 def _bad_corpus(root, case: str) -> str:
     root.mkdir()
+    if case == "corrupt_parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": documents(40)}), root / "a.parquet")
+        _corrupt_parquet(root / "b.parquet", documents(40, seed=1), row_group=1)
+        return f"parquet:{root}/*.parquet"
     good = "".join(json.dumps({"text": t}) + "\n" for t in documents(40))
     (root / "a.jsonl").write_text(good)
     if case == "malformed":
@@ -187,6 +210,7 @@ BAD = {
     "non_utf8": r"b\.jsonl line 41: not UTF-8",
     "empty_shard": r"b\.jsonl is an empty shard",
     "truncated_gz": r"b\.jsonl\.gz is truncated or corrupt after line \d+",
+    "corrupt_parquet": r"b\.parquet row group 1 \(rows 7-13\) is unreadable \(.+\); data\.skip_bad_records=True skips its rows",
 }
 
 
@@ -207,7 +231,47 @@ def test_a_bad_record_stops_with_its_file_and_record_or_is_skipped_and_counted(t
 
     with pytest.raises(data.DataError, match=BAD[case]):
         read_all(False)
-    assert read_all(True) >= 1
+    assert read_all(True) >= (7 if case == "corrupt_parquet" else 1)  # an unreadable row group counts each of its rows
+
+
+def test_a_split_of_nothing_but_bad_records_stops_with_one_error_instead_of_reading_forever(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "a.jsonl").write_text("".join(json.dumps({"body": f"x{i}"}) + "\n" for i in range(8)))
+    split = data.open_split(_config(f"jsonl:{root}/*.jsonl", tmp_path, validation_fraction=0.0, skip_bad_records=True), "train")
+    batches = data.StreamBatches(split, TOK, 4, 32, seed=0, skip_bad=True)
+    try:
+        with pytest.raises(data.DataError, match=r"row 0 of the batch read 64 documents in a row without one token"):
+            next(batches)
+    finally:
+        batches.close()
+
+
+RECORD_LEVEL = ["malformed", "missing_key", "non_utf8"]  # the others stop (or are dropped) while indexing, before any worker
+
+
+def test_worker_processes_report_every_kind_of_bad_record_as_the_training_process_does(tmp_path):
+    from llm import sources
+
+    def indexed(case):  # in this process: an indexing pool per corpus would cost more than the test
+        corpus = sources.index(_bad_corpus(tmp_path / case, case), str(tmp_path / "index"), "text", workers=1)
+        return sources.split(corpus, "all", 0.0, 0.0)
+
+    splits = {case: indexed(case) for case in RECORD_LEVEL}
+    datasets = {case: data.documents(split, TOK, False, seed=None) for case, split in splits.items()}
+    reader = data.Reader(datasets, num_workers=2)  # one pool for every case: a pool costs about a second
+    try:
+        pending = {case: reader.submit(case, list(range(len(splits[case])))) for case in RECORD_LEVEL}
+        for case in RECORD_LEVEL:
+            results = data.Reader.get(pending[case])
+            assert [p for _, p in results] == [datasets[case][i][1] for i in range(len(results))]  # as read in-process
+            bad = [r for r in results if r[1]]
+            assert len(bad) == 1
+            with pytest.raises(data.DataError, match=BAD[case]):
+                data._check(bad[0], skip_bad=False)
+            assert len(data._check(bad[0], skip_bad=True)) == 0
+    finally:
+        reader.close()
 
 
 def test_a_bad_record_under_the_cli_is_one_error_line_even_from_a_worker_process(tmp_path):
@@ -244,14 +308,86 @@ def test_eval_of_an_out_of_domain_jsonl_glob_scores_every_document(corpus, tmp_p
     assert out["tokens"] == sum(int(b["weights"].sum()) for b in expected)
 
 
+def _every_bad_kind(root) -> str:
+    """A malformed line, a non-UTF-8 record and one without 'text', then 6 good documents of over 65
+    tokens (the last held out by a 0.1 hold-out), and an empty shard: the training split is 8 documents."""
+    root.mkdir()
+    bad = b'{"text": "unterminated\n' + b'{"text": "caf\xe9"}\n' + json.dumps({"body": "x"}).encode() + b"\n"
+    good = "".join(json.dumps({"text": (t + " ") * 12}) + "\n" for t in documents(6))
+    (root / "a.jsonl").write_bytes(bad + good.encode())
+    (root / "b.jsonl").write_text("")
+    return f"jsonl:{root}/*.jsonl"
+
+
 def test_skipped_records_are_counted_in_the_training_metrics(tmp_path):
     from llm import train
 
-    dataset = _bad_corpus(tmp_path / "bad", "empty_shard")  # counted when indexed, so from the first step
+    dataset = _every_bad_kind(tmp_path / "bad")
     cfg = tiny_config(tmp_path / "x.txt", num_train_steps=2, log_every_steps=1, **streamed(dataset, data__skip_bad_records=True))
     train.train(cfg, str(tmp_path / "run"), quiet=True)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["data_skipped_records"] for r in records if "loss" in r] == [1.0, 1.0]
+    logged = [r["data_skipped_records"] for r in records if "loss" in r]
+
+    # The 8 lanes read the 8 training documents of epoch 0, one each, so every bad one is met; a lane that
+    # met one reads its document of the next epoch, and so on, until a good one, which lasts the 2 steps
+    # (65 tokens). The empty shard counts once, when indexed.
+    split = data.open_split(data.DataConfig(dataset, data_dir=cfg.data.data_dir, validation_fraction=0.1, skip_bad_records=True), "train")
+    assert len(split) == cfg.batch_size == 8
+    order = data.documents(split, TOK, False, cfg.seed)
+    expected = 1 + sum(next(e for e in range(100) if not order[e * 8 + r][1]) for r in range(8))
+    assert expected >= 4 and logged[-1] == expected and logged == sorted(logged)
+
+
+def _noise(batch, rng):
+    from llm import denoise
+
+    return denoise.span_corruption(batch, rng, first_sentinel=200, bos_id=TOK.bos_id, eos_id=TOK.eos_id,
+                                   noise_density=0.15, mean_noise_span_length=3.0)
+
+
+def test_a_denoising_objectives_batches_report_the_skipped_records_of_the_stream_they_wrap(tmp_path):
+    from llm import denoise
+
+    split = data.open_split(_config(_every_bad_kind(tmp_path / "bad"), tmp_path, skip_bad_records=True), "train")
+    noised = denoise.Noised(data.StreamBatches(split, TOK, 8, 32, seed=0, skip_bad=True), _noise, seed=0)
+    for _ in range(10):
+        next(noised)
+    assert noised.skipped == noised.batches.skipped > 1 + 3  # the empty shard, and every bad record at least once
+    resumed = denoise.Noised(data.StreamBatches(split, TOK, 8, 32, seed=0, skip_bad=True), _noise, seed=0)
+    resumed.set_state(json.loads(json.dumps(noised.merge_states([noised.get_state()]))))
+    assert resumed.skipped == noised.skipped
+    in_memory = data.TrainBatches(np.arange(1000, dtype=np.int32) % 200, 8, 32, seed=0)
+    assert denoise.Noised(in_memory, _noise, seed=0).skipped is None  # so the train loop logs no count for it
+    for b in (noised, resumed):
+        b.close()
+
+
+def test_the_skipped_count_is_each_read_once_across_merging_the_hosts_states_and_resuming(tmp_path):
+    split = data.open_split(_config(_every_bad_kind(tmp_path / "bad"), tmp_path, skip_bad_records=True), "train")
+    assert split.corpus.skipped == 1  # the empty shard, which every host indexes
+
+    def host(rows, state=None):
+        batches = data.StreamBatches(split, TOK, 8, 32, seed=0, rows=rows, skip_bad=True)
+        if state is not None:
+            batches.set_state(state)
+        return batches
+
+    hosts = [host((0, 4)), host((4, 8))]
+    whole = host(None)
+    for _ in range(30):  # several epochs: each lane meets bad records again
+        for b in (*hosts, whole):
+            next(b)
+    before = [b.skipped for b in hosts]
+    assert sum(before) >= 2 + 3  # the empty shard on each host; the lanes together read all 8 documents of epoch 0
+    # A bad record is read by exactly one lane, so the hosts together read what one host reading every lane does.
+    assert whole.skipped == sum(before) - split.corpus.skipped
+    merged = json.loads(json.dumps(data.StreamBatches.merge_states([b.get_state() for b in hosts])))  # as the checkpoint stores it
+    resumed = [host(rows, merged) for rows in ((0, 4), (4, 8))]
+    assert [b.skipped for b in resumed] == before
+    one_host = host(None, merged)
+    assert one_host.skipped == whole.skipped
+    for b in (*hosts, whole, *resumed, one_host):
+        b.close()
 
 
 def test_a_sweep_estimates_a_streamed_splits_tokens_from_its_first_documents(corpus, tmp_path):
