@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Iterator
+from typing import IO, Iterator
 
 import jax
 import numpy as np
@@ -49,6 +49,18 @@ def _all_processes_ok(ok: bool) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.int32(ok))).astype(bool).reshape(-1)
 
 
+_MESSAGE_BYTES = 1024  # a collective needs the same shape on every process: a message is sent padded to this
+
+
+def _process_0s(message: str | None) -> str | None:
+    """Process 0's message (None: none) on every process (a no-op collective on one process)."""
+    if jax.process_count() == 1:
+        return message
+    row_B = np.frombuffer((message or "").encode()[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0"), np.uint8)
+    text = bytes(np.asarray(multihost_utils.broadcast_one_to_all(row_B))).rstrip(b"\0")
+    return text.decode(errors="ignore") or None
+
+
 def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -62,50 +74,66 @@ def _holder(path: str) -> str:
         return "another process"
 
 
+def _write_problem(workdir: str) -> str | None:
+    """Why this process cannot write into the workdir, or None."""
+    probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        try:
+            with open(probe, "w") as f:
+                f.write("ok")
+        finally:
+            with contextlib.suppress(OSError):  # a probe that could be created but not written is not left behind
+                os.remove(probe)
+    except OSError as e:
+        return f"cannot write to the workdir {workdir}: {e.strerror or e}"
+    return None
+
+
+def _take_lock(workdir: str) -> tuple[IO | None, str | None]:
+    """(the held lock file, None), or (None, why it cannot be taken)."""
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        lock = open(path, "a+")
+    except OSError as e:
+        return None, f"cannot write to the workdir {workdir}: {e.strerror or e}"
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None, f"{workdir} is in use by {_holder(path)}; wait for that run to finish, stop it, or use another --workdir"
+    lock.seek(0)
+    lock.truncate()
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "processes": jax.process_count(),
+               "started": datetime.datetime.now().isoformat(timespec="seconds"),
+               "command": _shorten(" ".join(sys.argv), 160)}, lock)
+    lock.flush()
+    return lock, None
+
+
 @contextlib.contextmanager
 def hold_workdir(workdir: str) -> Iterator[None]:
     """Makes sure the workdir is writable and that this job is its only writer, before any compiling.
 
-    Process 0 takes an exclusive flock on WORKDIR/lock and keeps it while the block runs; the kernel
-    drops it when the process dies, however it dies, so a killed run never leaves a stale lock. The
-    other processes of a multi-host job share the workdir through process 0's lock: when it cannot
-    be taken, every process of the job stops.
+    Every process writes its own checkpoint shards, so every process first checks that it can write;
+    if one cannot, every process stops. Then process 0 takes an exclusive flock on WORKDIR/lock and
+    keeps it while the block runs; the kernel drops it when the process dies, however it dies, so a
+    killed run never leaves a stale lock. The other processes of a multi-host job share the workdir
+    through process 0's lock: when it cannot be taken, every process stops with process 0's message,
+    which names the holder.
     """
-    path = os.path.join(workdir, LOCK_FILE)
-    lock, problem = None, None
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        # Every process writes its own checkpoint shards, so every process checks that it can write.
-        probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-        if jax.process_index() == 0:
-            lock = open(path, "a+")
-    except OSError as e:
-        problem = f"cannot write to the workdir {workdir}: {e.strerror or e}"
-    if lock is not None:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            lock = None
-            problem = (f"{workdir} is in use by {_holder(path)}; wait for that run to finish, stop it, "
-                       f"or use another --workdir")
-        else:
-            lock.seek(0)
-            lock.truncate()
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "processes": jax.process_count(),
-                       "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                       "command": _shorten(" ".join(sys.argv), 160)}, lock)
-            lock.flush()
-    ok = _all_processes_ok(problem is None)
-    if problem is None and not ok.all():
-        problem = (f"process(es) {', '.join(str(i) for i in np.flatnonzero(~ok))} of this job cannot use the "
+    problem = _write_problem(workdir)
+    failed = np.flatnonzero(~_all_processes_ok(problem is None))
+    if problem is None and failed.size:
+        problem = (f"process(es) {', '.join(str(i) for i in failed)} of this job cannot use the "
                    f"workdir {workdir} (their logs say why)")
     if problem:
         raise WorkdirError(problem)
+    lock, problem = _take_lock(workdir) if jax.process_index() == 0 else (None, None)
     try:
+        problem = _process_0s(problem)
+        if problem:
+            raise WorkdirError(problem)
         yield
     finally:
         if lock is not None:
@@ -126,6 +154,7 @@ class StopSignals:
 
     def __init__(self):
         self.received: str | None = None
+        self.stop_step: int | None = None
         self._previous: dict[int, object] = {}
         self._multi = jax.process_count() > 1
 
@@ -164,10 +193,14 @@ class StopSignals:
             signal.raise_signal(signal.SIGTERM)
 
     def requested(self, step: int) -> bool:
-        """Whether the loop stops after `step`; on several processes, called at every step by every process."""
-        if self._multi:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.received is not None
+        """Whether the loop stops after `step` (and writes its checkpoint); on several processes, called
+        at every step by every process."""
+        stop = multihost_utils.reached_preemption_sync_point(step) if self._multi else self.received is not None
+        if stop and self.stop_step is None:
+            self.stop_step = step
+            # Names the step, so a log (or a test) can tell the stop's save from an earlier periodic one.
+            print(f"{self.received or 'SIGTERM'}: writing the checkpoint of step {step}", file=sys.stderr, flush=True)
+        return stop
 
     def cause(self) -> str:
         return self.received or "a preemption notice (SIGTERM) reached this job"

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +63,52 @@ def test_a_second_run_on_a_workdir_in_use_stops_at_once_naming_the_holder_and_a_
     # The kernel dropped the dead holder's lock: the next run takes the workdir without any cleanup.
     with guard.hold_workdir(str(workdir)):
         assert f'"pid": {os.getpid()}' in (workdir / guard.LOCK_FILE).read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start_two_process_job(workdir, corpus, unwritable_on: int | None = None) -> list[subprocess.Popen]:
+    """A 2-process train job on real jax.distributed processes; process `unwritable_on` cannot write any file."""
+    command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *cli_overrides(corpus),
+               f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2", "--distributed_timeout_s=60"]
+    # A file size limit of 0 (Python ignores SIGXFSZ, so every write fails with EFBIG): that process's view of
+    # the workdir is unwritable, as on a host whose local disk is full or mounted read-only.
+    no_writes = ["sh", "-c", 'ulimit -f 0 && exec "$@"', "sh"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return [subprocess.Popen([*(no_writes if i == unwritable_on else []), *command, f"--process_id={i}"], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _results(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
+    try:
+        stderr = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, "", e) for p, e in zip(procs, stderr)]
+
+
+def test_a_multi_process_job_stops_on_every_process_when_its_workdir_is_in_use_or_one_process_cannot_write_it(tmp_path, corpus):
+    workdir, other = tmp_path / "run", tmp_path / "other"
+    # Both jobs at once: each spends its few seconds importing and joining its jax.distributed job.
+    with guard.hold_workdir(str(workdir)):  # this test's process is the other job holding the workdir
+        held, unwritable = _start_two_process_job(workdir, corpus), _start_two_process_job(other, corpus, unwritable_on=1)
+        held = _results(held)
+    for result in held:  # process 1 gets process 0's message: the holder is named on every process
+        _one_clear_error(result, f"{workdir} is in use by process {os.getpid()} on ")
+        assert "model:" not in result.stderr  # it stopped before building or compiling anything
+    assert os.listdir(workdir) == [guard.LOCK_FILE]
+
+    # One process cannot write into the workdir: it says why, and every other process stops with it.
+    writer, cannot = _results(unwritable)
+    _one_clear_error(cannot, f"cannot write to the workdir {other}: File too large")
+    _one_clear_error(writer, f"error: process(es) 1 of this job cannot use the workdir {other} (their logs say why)")
+    assert "model:" not in writer.stderr + cannot.stderr
+    assert os.listdir(other) == []  # no lock taken, no probe left behind
 
 
 def test_an_unwritable_workdir_is_one_error_before_compiling(tmp_path, corpus):
@@ -137,7 +184,7 @@ def small_disk(tmp_path):
 
 def _fill(mount) -> None:
     try:
-        f = open(mount / "filler", "wb")
+        f = open(mount / "filler", "wb", buffering=0)  # unbuffered: closing it has nothing left to flush onto the full disk
     except OSError as e:
         # Seen once on a CI runner: the fresh 16 MB tmpfs refused to create one file while the run's
         # checkpoints held under 2 MB. Then the disk-full path cannot be staged here; say so.
@@ -169,7 +216,9 @@ def test_a_full_disk_stops_the_run_with_the_previous_checkpoint_intact_and_the_r
     assert "No space left on device" in error, error
     kept = checkpoint.latest_step(str(workdir))
     assert kept is not None and kept >= 50 and f"the last committed checkpoint, step {kept}, is intact" in error
-    assert np.isfinite(np.asarray(jax.tree.leaves(llm.load(str(workdir)).params)[0])).all()
+    restored = llm.load(str(workdir))  # the step the message names, not a silent fallback to an older one
+    assert restored.step == kept
+    assert np.isfinite(np.asarray(jax.tree.leaves(restored.params)[0])).all()
 
     os.remove(small_disk / "filler")
     resumed = run_cli("train", f"--workdir={workdir}", *cli_overrides(corpus, num_train_steps=kept + 20, checkpoint_every_steps=50))

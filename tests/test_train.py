@@ -126,27 +126,39 @@ def test_killed_run_resumes_to_bit_identical_params(tmp_path, resumable):
     jax.tree.map(np.testing.assert_array_equal, _final_params(str(interrupted)), reference)
 
 
-def test_sigterm_commits_a_checkpoint_of_the_current_step_a_second_signal_changes_nothing_and_the_rerun_is_bit_identical(tmp_path, resumable):
+def _wait_for_line(path, pattern: str, proc: subprocess.Popen, timeout: float = 60) -> re.Match:
+    deadline = time.time() + timeout
+    while not (found := re.search(pattern, path.read_text())):
+        assert proc.poll() is None and time.time() < deadline, path.read_text()[-2000:]
+        time.sleep(0.001)
+    return found
+
+
+def test_sigint_commits_a_checkpoint_of_the_current_step_a_sigterm_during_that_save_changes_nothing_and_the_rerun_is_bit_identical(tmp_path, resumable):
+    """Ctrl-C (SIGINT) stops the run, and a preemption notice (SIGTERM) lands while the stop's own checkpoint
+    is being written. One handler serves both signals; a SIGTERM that stops a run (and its bit-identical
+    rerun) is tested on two processes in test_sharding.py."""
     command, reference, steps = resumable
     preempted = tmp_path / "preempted"
     stderr = tmp_path / "stderr.txt"
     with open(stderr, "w") as err:
         proc = subprocess.Popen(command(preempted), cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
         _wait_for_checkpoint(preempted, 20, proc)
-        proc.send_signal(signal.SIGTERM)
-        # The second notice lands while the stop's checkpoint is being written (its temporary directory exists).
+        proc.send_signal(signal.SIGINT)
+        # The second signal lands during the stop's own save: the step it names is being written (its
+        # temporary directory exists), not an earlier periodic save that may still be in flight.
+        stop_step = int(_wait_for_line(stderr, r"SIGINT: writing the checkpoint of step (\d+)", proc).group(1))
         deadline = time.time() + 60
-        while not glob.glob(str(preempted / "checkpoints" / "*.orbax-checkpoint-tmp*")) or not (
-                "stopping after this step" in stderr.read_text()):
+        while not glob.glob(str(preempted / "checkpoints" / f"{stop_step}.orbax-checkpoint-tmp*")):
             assert proc.poll() is None and time.time() < deadline, stderr.read_text()[-2000:]
             time.sleep(0.001)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     log = stderr.read_text()
     assert proc.returncode == guard.EXIT_INTERRUPTED, log[-2000:]
-    assert "already stopping; the checkpoint is being written" in log
-    stopped_at = int(re.search(r"interrupted: SIGTERM: stopped at step (\d+) after writing its checkpoint", log).group(1))
-    assert 20 < stopped_at < steps and checkpoint.latest_step(str(preempted)) == stopped_at
+    assert "SIGTERM: already stopping; the checkpoint is being written" in log
+    stopped_at = int(re.search(r"interrupted: SIGINT: stopped at step (\d+) after writing its checkpoint", log).group(1))
+    assert stopped_at == stop_step and 20 < stopped_at < steps and checkpoint.latest_step(str(preempted)) == stopped_at
 
     result = subprocess.run(command(preempted), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,13 +1,14 @@
 """Training next to CPU-burning processes: every run must finish, with the idle run's final loss.
 
-    python experiments/reliability/stress.py train [--runs=5] [--burners=N] [-- --config.KEY=V ...]
-    python experiments/reliability/stress.py bench [--burners=N] [-- bench flags ...]
+    python experiments/reliability/stress.py train [--runs=5] [--burners=N] [--name=stress_train] [-- --config.KEY=V ...]
+    python experiments/reliability/stress.py bench [--runs=3] [--burners=N] [--name=stress_bench] [-- bench flags ...]
 
 `train` runs `./run.sh train` (the default config unless flags say otherwise) once on an idle machine,
 then `--runs` times next to N busy-looping processes (default: 2 x the cores), and writes
-stress_train.json: exit code, wall time, median step time and final losses of each run
+OUT/NAME.json (stress_train.json): exit code, wall time, median step time and final losses of each run
 (`--log_dir=DIR` keeps the runs there, so an interrupted invocation continues where it stopped).
-`bench` runs `./run.sh bench train` idle and loaded and writes stress_bench.json.
+`bench` runs `./run.sh bench train` `--runs` times idle and `--runs` times loaded and writes
+OUT/NAME.json (stress_bench.json).
 """
 
 import argparse
@@ -84,12 +85,16 @@ def bench_once(flags: list[str], burners: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["train", "bench"])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, help="loaded runs (train: 5, the issue's count) or runs of each kind (bench: 3)")
     parser.add_argument("--burners", type=int, default=2 * len(os.sched_getaffinity(0)))
     parser.add_argument("--out", default=HERE)
+    parser.add_argument("--name", help="the results file is OUT/NAME.json (default: stress_train or stress_bench)")
     parser.add_argument("--log_dir", help="train: keep runs here; runs already finished in it are not repeated")
     args, extra = parser.parse_known_args()
     args.flags = [a for a in extra if a != "--"]  # everything else goes to ./run.sh
+    if args.runs is None:
+        args.runs = {"train": 5, "bench": 3}[args.kind]
+    path = os.path.join(args.out, f"{args.name or 'stress_' + args.kind}.json")
     machine = {"cores": len(os.sched_getaffinity(0)), "burners": args.burners, "date": time.strftime("%Y-%m-%d")}
 
     if args.kind == "bench":
@@ -98,7 +103,6 @@ def main() -> None:
         summary = {f"{'idle' if b == 0 else 'loaded'}_step_ms_median": statistics.median(
             r["step_ms_median"] for r in results if r["burners"] == b and r["exit_code"] == 0) for b in (0, args.burners)}
         report = {"machine": machine, "flags": flags, "summary": summary, "runs": results}
-        path = os.path.join(args.out, "stress_bench.json")
     else:
         flags = ["--config.sample_tokens=0", *args.flags]
         log_dir = args.log_dir or tempfile.mkdtemp(prefix="stress-")
@@ -109,7 +113,6 @@ def main() -> None:
         summary = {"finished": sum(r["exit_code"] == 0 for r in loaded), "runs": len(loaded),
                    "same_final_loss_as_idle": sum(same), "idle_final": {k: idle.get(k) for k in ("loss", "eval_loss")}}
         report = {"machine": machine, "flags": flags, "summary": summary, "idle": idle, "loaded": loaded}
-        path = os.path.join(args.out, "stress_train.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report["summary"]))
