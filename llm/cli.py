@@ -21,7 +21,7 @@ except (AttributeError, KeyError) as e:
 flags.DEFINE_string("workdir", "", "Run directory (default: runs/<config name>).")
 flags.DEFINE_string("split", "validation", "eval: split to score; inspect neurons: split to search.")
 flags.DEFINE_string("dataset", "", "eval: a dataset other than the run's (out-of-domain perplexity).")
-flags.DEFINE_integer("step", None, "eval/sample: checkpoint step (default: the latest).")
+flags.DEFINE_integer("step", None, "eval/sample/export: checkpoint step (default: the latest).")
 flags.DEFINE_integer("batch_size", 0, "eval: rows per batch (default: the run's eval_batch_size; 16 with --tasks).")
 flags.DEFINE_string("tasks", "", "eval: comma-separated lm_eval tasks (llm/harness_tasks/ and --task_dir) instead of a split.")
 flags.DEFINE_multi_string("task_dir", [], "eval --tasks: a folder of lm_eval task YAMLs (repeatable).")

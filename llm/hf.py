@@ -43,9 +43,14 @@ def llama_problems(mc: ModelConfig) -> list[str]:
     if mc.pos_encoding != "rope":
         problems.append(f"model.pos_encoding={mc.pos_encoding!r} (Llama has rotary positions only)")
     if mc.norm != "rmsnorm":
-        problems.append(f"model.norm={mc.norm!r} (Llama normalises with RMSNorm)")
+        bias = " with model.norm_bias=True" if mc.norm == "layernorm" and mc.norm_bias else ""
+        problems.append(f"model.norm={mc.norm!r}{bias} (Llama normalises with RMSNorm, which has no bias)")
     if mc.mlp != "swiglu":
         problems.append(f"model.mlp={mc.mlp!r} (Llama's MLP is SwiGLU)")
+    if mc.F == 0:
+        problems.append("model.d_ff=0 (blocks without an MLP sublayer, which every Llama layer has)")
+    if mc.arch != "decoder":
+        problems.append(f"model.arch={mc.arch!r} (a Llama model is a decoder)")
     return problems
 
 
@@ -150,11 +155,28 @@ def _hf_tokenizer(tok: tokenizer_lib.Tokenizer):
     return hf, dict(SPECIAL_PIECES)
 
 
+def _generation_config(tok: tokenizer_lib.Tokenizer, V: int):
+    """Greedy by default, as ours; the rows past the tokenizer's ids (vocab_multiple's padding, or a chat
+    template's role markers, which the exported tokenizer has no text for) are suppressed, as our
+    sampler never emits them, so a plain `generate` gives our tokens."""
+    return _transformers().GenerationConfig(
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, do_sample=False,
+        suppress_tokens=list(range(tok.vocab_size, V)) or None)
+
+
 def _write_tokenizer(tok: tokenizer_lib.Tokenizer, out: str) -> None:
     transformers = _transformers()
     hf, specials = _hf_tokenizer(tok)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=hf, **{f"{name}_token": piece for name, piece in specials.items()}, clean_up_tokenization_spaces=False)
+    options = {f"{name}_token": piece for name, piece in specials.items()} | {"clean_up_tokenization_spaces": False}
+    if isinstance(tok, tokenizer_lib.SentencePieceTokenizer):
+        # A Llama tokenizer (transformers 5 saves the class as "LlamaTokenizer", which 4.x reads as
+        # LlamaTokenizerFast). add_prefix_space=False keeps our pipeline: Llama's default prepends "▁"
+        # to every text, which our SentencePiece models (no dummy prefix) do not. No bos is added,
+        # as our encode adds none.
+        fast = transformers.LlamaTokenizerFast(tokenizer_object=hf, legacy=False, add_prefix_space=False, add_bos_token=False,
+                                               add_eos_token=False, **options)
+    else:  # char and byte vocabularies are not SentencePiece models: a generic tokenizer.json
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf, **options)
     fast.save_pretrained(out)
     if isinstance(tok, tokenizer_lib.SentencePieceTokenizer):
         with open(os.path.join(out, tok.MODEL_FILENAME), "wb") as f:  # for tools that read SentencePiece directly
@@ -195,8 +217,6 @@ def export(workdir: str, out: str, step: int | None = None, max_shard_bytes: int
     run = api.load(workdir, step)
     mc = run.model_config
     problems = llama_problems(mc)
-    if mc.arch != "decoder":
-        problems.append(f"model.arch={mc.arch!r} (a Llama model is a decoder)")
     if run.config.objective == "reward":
         problems.append("objective='reward' (a scalar head, not a causal LM: LlamaForCausalLM has no place for it)")
     if problems:
@@ -213,7 +233,7 @@ def export(workdir: str, out: str, step: int | None = None, max_shard_bytes: int
         architectures=["LlamaForCausalLM"], dtype=mc.param_dtype,
     )
     hf_config.save_pretrained(out)
-    transformers.GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id).save_pretrained(out)
+    _generation_config(tok, mc.V).save_pretrained(out)
     files = _write_safetensors(to_llama(run.params, mc), out, max_shard_bytes)
     _write_tokenizer(tok, out)
     return {"workdir": workdir, "step": int(run.step), "out": out, "files": files, "tokenizer": tok.kind}

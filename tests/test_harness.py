@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli, tiny_config, write_corpus
 
 import llm
-from llm import harness, model, train
+from llm import evaluate, harness, model, train
 
 pytest.importorskip("lm_eval", reason="the harness extra (pip install -e '.[harness]') is not installed")
 
@@ -72,6 +72,25 @@ def test_rolling_loglikelihood_scores_every_token_once_with_the_longest_context_
 
     [got] = harness.adapter(run, batch_size=4).loglikelihood_rolling([Request()])
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_rolling_loglikelihood_is_minus_our_evals_summed_loss_on_the_same_tokens(run):
+    L, eos = run.context, run.tokenizer.eos_id
+    text = run.tokenizer.decode(run.tokenizer.encode("The queen hath a crown and a sword, my lord; the king hath thee. " * 2)[:2 * L])
+    tokens = run.tokenizer.encode(text).tolist()
+    assert len(tokens) == 2 * L
+    # Two full windows: the eval's rows of L inputs and the L tokens after them, each token a target
+    # once, are exactly the harness's disjoint windows after its eos prefix.
+    stream = np.asarray([eos] + tokens, np.int32)
+    batch = {"inputs": stream[:-1].reshape(2, L), "targets": stream[1:].reshape(2, L), "weights": np.ones((2, L), np.float32)}
+    loss_sum, num_tokens = jax.jit(evaluate.make_eval_step(run.model_config))(run.params, batch)
+    assert int(num_tokens) == 2 * L
+
+    class Request:
+        args = (text,)
+
+    [got] = harness.adapter(run, batch_size=4).loglikelihood_rolling([Request()])
+    np.testing.assert_allclose(got, -float(loss_sum), rtol=1e-4)
 
 
 def test_eval_tasks_reports_the_accuracy_a_direct_scoring_of_the_choices_gives(run):

@@ -5,6 +5,7 @@ is refused by name."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from conftest import cli_overrides, run_cli, tiny_config, write_corpus
 
 import llm
 from configs import default
-from llm import hf, model, sample, tokenizer as tokenizer_lib, train
+from llm import checkpoint, config as config_lib, hf, model, optim, sample, tokenizer as tokenizer_lib, train
 
 torch = pytest.importorskip("torch", reason="the hf extra (pip install -e '.[hf]') is not installed")
 transformers = pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
@@ -78,6 +79,12 @@ def test_an_imported_run_evaluates_samples_and_fine_tunes_like_any_run(tmp_path,
     imported = llm.load(str(tmp_path / "run"))
     assert imported.evaluate(dataset=f"text:{corpus}")["step"] == 0
     assert isinstance(imported.generate("the king", max_new_tokens=5, temperature=0.0)[0], str)
+    # inspect and chat through the API their commands call: the last lens layer is the model's own output,
+    # and the imported vocabulary (320 rows, 300 pieces) leaves the chat template room for its role ids.
+    logits_BxLxV, activations = imported.trace("the king hath", names="block_*/attn_probs*")
+    assert sorted(activations) == ["block_0/attn_probs_BxHxLxS", "block_1/attn_probs_BxHxLxS"]
+    assert imported.lens("the king hath", k=3)[-1]["top_ids"][0] == int(np.argmax(logits_BxLxV[0, -1]))
+    assert isinstance(imported.chat([{"role": "user", "content": "good night"}], max_new_tokens=2), str)
     fine = run_cli("train", f"--workdir={tmp_path / 'fine'}", *cli_overrides(
         corpus, init_from=str(tmp_path / "run"), data__tokenizer="sentencepiece", num_train_steps=2, seq_len=32,
         model__d_model=64, model__num_layers=2, model__num_heads=4, model__num_kv_heads=2, model__d_ff=128,
@@ -88,12 +95,12 @@ def test_an_imported_run_evaluates_samples_and_fine_tunes_like_any_run(tmp_path,
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three small runs of Llama's architecture: char tokenizer with a tied head, byte tokenizer with an
-    untied one, SentencePiece with scanned layers."""
+    """Three small runs of Llama's architecture: char tokenizer with a tied head (checkpoints at steps 5
+    and 10), byte tokenizer with an untied one, SentencePiece with scanned layers."""
     root = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(root / "corpus.txt", 20_000)
     runs = {}
-    for kind, extra in (("char", {}), ("byte", {"model__tie_embeddings": False}),
+    for kind, extra in (("char", {"checkpoint_every_steps": 5}), ("byte", {"model__tie_embeddings": False}),
                         ("sentencepiece", {"data__vocab_size": 300, "model__scan_layers": True})):
         workdir = root / kind
         train.train(tiny_config(corpus, num_train_steps=10, data__tokenizer=kind, opt__learning_rate=1e-2, **extra), str(workdir), quiet=True)
@@ -114,23 +121,43 @@ def test_an_exported_run_gives_our_logits_greedy_tokens_and_token_ids_in_transfo
     np.testing.assert_allclose(torch_logits(llama, tokens), expected, atol=1e-4, rtol=0)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert isinstance(tokenizer, transformers.LlamaTokenizerFast) == (kind == "sentencepiece")
     text = "Good night, sweet lord;\n  the crown hath hearts!" + (" 12 é ü 😀" if kind != "char" else "")  # char: the corpus's characters
     ids = run.tokenizer.encode(text).tolist()
     assert tokenizer.encode(text, add_special_tokens=False) == ids
     assert tokenizer.decode(ids) == text
 
-    # Greedy, never stopping at eos, and never choosing the vocabulary's padding ids (ours never samples them).
+    # A plain greedy generate with the saved generation_config.json: it stops at our eos and never
+    # chooses the vocabulary's padding ids, as ours never does.
+    assert llama.generation_config.suppress_tokens == list(range(run.tokenizer.vocab_size, run.model_config.V))
     for text in ("The king ", "Good night", "Sweet lady, my "):
         prompt = run.tokenizer.encode(text).tolist()
-        ours = sample.generate(run.model_config, run.params, [prompt], max_new_tokens=12, eos_id=-1, pad_id=run.tokenizer.pad_id,
-                               vocab_limit=run.tokenizer.vocab_size, temperature=0.0)[0]
-        theirs = llama.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                suppress_tokens=list(range(run.tokenizer.vocab_size, run.model_config.V)))
+        ours = sample.generate(run.model_config, run.params, [prompt], max_new_tokens=12, eos_id=run.tokenizer.eos_id,
+                               pad_id=run.tokenizer.pad_id, vocab_limit=run.tokenizer.vocab_size, temperature=0.0)[0]
+        theirs = llama.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
         assert theirs[0, len(prompt):].tolist() == list(ours)
 
     reimported = tmp_path / "back"
     hf.import_run(str(out), str(reimported), default.get_config())
     jax.tree.map(np.testing.assert_array_equal, llm.load(str(reimported)).params, _unscanned(run))
+
+
+def test_export_through_the_cli_writes_the_chosen_step_as_one_safetensors_file(tmp_path, trained):
+    out = tmp_path / "hf"
+    result = run_cli("export", f"--workdir={trained['char']}", f"--out={out}", "--step=5")  # 10 is the latest
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["files"] == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()
+    from safetensors.numpy import load_file
+
+    written = load_file(out / "model.safetensors")
+    step5, latest = llm.load(str(trained["char"]), 5), llm.load(str(trained["char"]))
+    assert step5.step == 5 and latest.step == 10
+    want = hf.to_llama(step5.params, step5.model_config)
+    assert written.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(written[name], want[name])
+    assert not np.array_equal(written["model.embed_tokens.weight"], np.asarray(latest.params["embed"]))
 
 
 def _unscanned(run):
@@ -151,6 +178,51 @@ def test_what_llama_cannot_express_is_refused_by_name_and_nothing_is_written(tmp
     assert "cannot be written as a Llama model: " in last
     for named in ("model.pos_encoding='learned'", "model.norm='layernorm'", "model.mlp='gelu'"):
         assert named in last
+    assert not (tmp_path / "hf").exists()
+
+
+def _config_accepts(**overrides) -> bool:
+    try:
+        config_lib.validate(tiny_config("corpus.txt", **overrides))
+        return True
+    except config_lib.ConfigError:
+        return False
+
+
+def untrained_run(workdir, corpus, **overrides):
+    """A run directory as train writes one (config.json, tokenizer, checkpoint) for `overrides`, its
+    params and optimizer state zeros of their true shapes: export reads and refuses it as a trained
+    one, and no init (seconds of eager ops per architecture) or train step runs."""
+    cfg = tiny_config(corpus, data__tokenizer="byte", model__vocab_size=512, **overrides)  # room for any reserved ids
+    config_lib.validate(cfg)
+    tok = tokenizer_lib.train("byte", [])
+    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
+    zeros = lambda tree: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
+    params = zeros(jax.eval_shape(lambda: nn.unbox(train.init_params(mc, jax.random.key(0), cfg.objective))))
+    opt_state = zeros(jax.eval_shape(optim.make(config_lib.opt_config(cfg)).init, params))
+    os.makedirs(workdir)
+    tokenizer_lib.save(tok, str(workdir))
+    (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    mngr = checkpoint.manager(str(workdir), 1, async_save=False)
+    checkpoint.save(mngr, 0, params, opt_state, {"step": 0, "data": {"epoch": 0, "batch_in_epoch": 0}})
+    mngr.close()
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (dict(model__pos_encoding="sinusoidal"), "model.pos_encoding='sinusoidal'"),
+    (dict(model__norm="layernorm", model__norm_bias=True), "model.norm='layernorm' with model.norm_bias=True"),
+    (dict(model__arch="encoder"), "model.arch='encoder'"),
+    (dict(model__arch="encoder_decoder"), "model.arch='encoder_decoder'"),
+    (dict(objective="reward", data__dataset="preference:/nowhere/*.jsonl", init_from="/nowhere/run"), "objective='reward'"),
+    pytest.param(dict(model__d_ff=0), "model.d_ff=0", marks=pytest.mark.skipif(
+        not _config_accepts(model__d_ff=0), reason="this config does not accept model.d_ff=0 (attention-only blocks) yet")),
+])
+def test_each_setting_llama_cannot_express_is_refused_alone_by_name(tmp_path, corpus, overrides, named):
+    untrained_run(tmp_path / "run", corpus, **overrides)
+    with pytest.raises(hf.HFError, match="cannot be written as a Llama model") as refused:
+        hf.export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    problems = str(refused.value).split("cannot be written as a Llama model: ", 1)[1].split("; ")
+    assert len(problems) == 1 and problems[0].startswith(named), problems
     assert not (tmp_path / "hf").exists()
 
 
