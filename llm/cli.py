@@ -344,7 +344,7 @@ def cmd_inspect(kind: str) -> None:
             raise InspectError(f"--prompt must be one token for neighbours, and {FLAGS.prompt!r} is {len(tokens)}")
         result = {"token": FLAGS.prompt}
         for table in ("embed", "unembed") if not run.model_config.tie_embeddings else ("embed",):
-            near = run.neighbours(int(tokens[0]), FLAGS.k + 1, table)[1:]
+            near = [n for n in run.neighbours(int(tokens[0]), FLAGS.k + 1, table) if n[0] != tokens[0]][: FLAGS.k]  # not itself
             print(f"{table}: " + "  ".join(f"{show([i])} {c:.3f}" for i, c in near))
             result[table] = [{"token": run.tokenizer.decode([i]), "id": i, "cosine": c} for i, c in near]
     if written:

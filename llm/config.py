@@ -60,8 +60,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
     for key in ("batch_size", "seq_len", "num_train_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size"):
         need(cfg[key] > 0, f"{key} must be positive, got {cfg[key]}")
-    for key in ("d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+    for key in ("d_model", "num_layers", "num_heads", "num_kv_heads"):
         need(m[key] > 0, f"model.{key} must be positive, got {m[key]}")
+    need(m.d_ff >= 0, f"model.d_ff must be >= 0 (0: attention-only blocks), got {m.d_ff}")
+    need(m.d_ff != 0 or m.arch == "decoder", f"model.d_ff=0 (attention-only blocks) is for model.arch='decoder' only, not {m.arch!r}")
     need(cfg.eval_every_steps >= 0, "eval_every_steps must be >= 0 (0 disables eval during training)")
     if m.num_heads > 0 and m.d_model % m.num_heads:
         problems.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")

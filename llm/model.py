@@ -27,7 +27,7 @@ from llm.tap import tap
 class ModelConfig:
     V: int  # vocabulary (padded)
     D: int  # model width
-    F: int  # feed-forward width
+    F: int  # feed-forward width; 0: attention-only blocks, no MLP sublayer
     N: int  # layers
     H: int  # query heads
     G: int  # key/value heads (H // G query heads share one)
@@ -130,8 +130,9 @@ class Block(nn.Module):
             x_BxLxD = x_BxLxD + c_BxLxD
         if cfg.trace:
             x_BxLxD = tap(self, "resid_mid_BxLxD", x_BxLxD)
-        h_BxLxD = norm("mlp_norm")(x_BxLxD)
-        x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, cfg.trace, name="mlp")(h_BxLxD)
+        if cfg.F:  # F = 0: an attention-only block (Elhage et al. 2021's toy models), no MLP params at all
+            h_BxLxD = norm("mlp_norm")(x_BxLxD)
+            x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, cfg.trace, name="mlp")(h_BxLxD)
         if cfg.trace:
             x_BxLxD = tap(self, "resid_post_BxLxD", x_BxLxD)
         return (x_BxLxD, kv, cross_kv), None
@@ -310,15 +311,23 @@ def unembed(cfg: ModelConfig, params, x_BxLxD: jax.Array) -> jax.Array:
     return _unembed(cfg, lambda x: final_norm.apply({"params": params["final_norm"]}, x), out_weight, x_BxLxD)
 
 
+def _mlp_sublayer_params(cfg: ModelConfig) -> int:
+    """A block's MLP and the norm before it; none in an attention-only block (F = 0)."""
+    if not cfg.F:
+        return 0
+    norm = cfg.D * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
+    return norm + cfg.D * cfg.F * (3 if cfg.mlp == "swiglu" else 2)
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Exact counts; non-embedding excludes the token and position embeddings and an untied head."""
     norm = cfg.D * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
     attn = cfg.D * cfg.K * (2 * cfg.H + 2 * cfg.G)
-    mlp = cfg.D * cfg.F * (3 if cfg.mlp == "swiglu" else 2)
-    non_embedding = cfg.N * (2 * norm + attn + mlp) + norm
+    mlp = _mlp_sublayer_params(cfg)
+    non_embedding = cfg.N * (norm + attn + mlp) + norm
     positions = cfg.L
     if cfg.arch == "encoder_decoder":
-        non_embedding += cfg.N * (norm + attn) + cfg.E * (2 * norm + attn + mlp) + norm  # cross-attention; the encoder
+        non_embedding += cfg.N * (norm + attn) + cfg.E * (norm + attn + mlp) + norm  # cross-attention; the encoder
         positions += cfg.T
     embedding = cfg.V * cfg.D
     embedding += positions * cfg.D if cfg.pos_encoding == "learned" else 0
@@ -339,10 +348,10 @@ def flops_per_token(cfg: ModelConfig) -> int:
         return 6 * matmul_params + 12 * cfg.N * cfg.H * cfg.K * cfg.L
     norm = cfg.D * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
     q_o, k_v = 2 * cfg.D * cfg.H * cfg.K, 2 * cfg.D * cfg.G * cfg.K
-    mlp = cfg.D * cfg.F * (3 if cfg.mlp == "swiglu" else 2)
+    mlp = _mlp_sublayer_params(cfg)
     # Cross-attention's keys and values are projections of the encoder's tokens, its queries the decoder's.
-    per_encoder_token = cfg.E * (2 * norm + q_o + k_v + mlp) + norm + cfg.N * k_v
-    per_decoder_token = cfg.N * (3 * norm + 2 * q_o + k_v + mlp) + norm + cfg.D * cfg.V
+    per_encoder_token = cfg.E * (norm + q_o + k_v + mlp) + norm + cfg.N * k_v
+    per_decoder_token = cfg.N * (2 * norm + 2 * q_o + k_v + mlp) + norm + cfg.D * cfg.V
     scores = 12 * cfg.H * cfg.K * (cfg.E * cfg.L * cfg.L + cfg.N * cfg.T * cfg.T + cfg.N * cfg.T * cfg.L)
     return round((6 * (per_encoder_token * cfg.L + per_decoder_token * cfg.T) + scores) / cfg.L)
 

@@ -120,7 +120,7 @@ def test_cross_attention_is_the_attention_module_fed_with_another_sequences_keys
     np.testing.assert_allclose(np.asarray(out)[real], expected[real], rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("variant", FEW)
+@pytest.mark.parametrize("variant", FEW[:1])  # the masks are the variants' shared code; cached decoding covers both
 def test_the_encoder_decoders_decoder_is_causal_and_its_encoder_bidirectional(variant):
     cfg = make("encoder_decoder", **variant)
     params = params_of(cfg)
@@ -138,7 +138,7 @@ def test_the_encoder_decoders_decoder_is_causal_and_its_encoder_bidirectional(va
     assert not np.allclose(logits(last_input, dec)[:, 0], base[:, 0])
 
 
-@pytest.mark.parametrize("variant", FEW)
+@pytest.mark.parametrize("variant", FEW[1:])
 def test_an_encoder_sees_both_ways(variant):
     cfg = make("encoder", **variant)
     params = params_of(cfg)
@@ -149,7 +149,7 @@ def test_an_encoder_sees_both_ways(variant):
     assert not np.allclose(np.asarray(forward(later))[:, 0], base[:, 0])
 
 
-@pytest.mark.parametrize("variant", FEW)
+@pytest.mark.parametrize("variant", FEW[1:])
 def test_packed_examples_never_see_each_other_in_either_stack(variant):
     cfg = make("encoder_decoder", **variant)
     params = params_of(cfg)
@@ -170,7 +170,7 @@ def test_packed_examples_never_see_each_other_in_either_stack(variant):
     np.testing.assert_allclose(other_a[0, 4:9], base[0, 4:9], rtol=1e-5, atol=1e-5)
     assert not np.allclose(other_a[0, :4], base[0, :4])
     # Example 2 alone, unpacked, computes the same.
-    alone = np.asarray(model.apply(cfg, params, dec[:, 4:9], encoder=(enc[:, 5:11], None, None))[0])
+    alone = np.asarray(jax.jit(lambda e, d: model.apply(cfg, params, d, encoder=(e, None, None))[0])(enc[:, 5:11], dec[:, 4:9]))
     np.testing.assert_allclose(alone[0], base[0, 4:9], rtol=1e-4, atol=1e-4)
 
 
@@ -180,10 +180,11 @@ def test_packed_examples_never_see_each_other_in_an_encoder():
     seg = jnp.asarray([[1] * 5 + [2] * 7])
     pos = jnp.asarray([list(range(5)) + list(range(7))])
     x = tokens((1, cfg.L), 6)
-    base = np.asarray(model.apply(cfg, params, x, seg, pos)[0])
-    changed = np.asarray(model.apply(cfg, params, x.at[0, :5].set((x[0, :5] + 7) % cfg.V), seg, pos)[0])
+    forward = jax.jit(lambda x, seg, pos: model.apply(cfg, params, x, seg, pos)[0])
+    base = np.asarray(forward(x, seg, pos))
+    changed = np.asarray(forward(x.at[0, :5].set((x[0, :5] + 7) % cfg.V), seg, pos))
     np.testing.assert_allclose(changed[0, 5:], base[0, 5:], rtol=1e-5, atol=1e-5)
-    alone = np.asarray(model.apply(cfg, params, x[:, 5:])[0])
+    alone = np.asarray(jax.jit(lambda x: model.apply(cfg, params, x)[0])(x[:, 5:]))
     np.testing.assert_allclose(alone[0], base[0, 5:], rtol=1e-4, atol=1e-4)
 
 
@@ -217,11 +218,11 @@ def test_the_sampler_writes_the_cross_attention_cache_once_and_decodes_from_it()
 
     cache = KVCache.zeros(cfg.N, 1, cfg.T, cfg.G, cfg.K, jnp.float32, encoder_len=cfg.L)
     enc = tokens((1, cfg.L), 7)
-    _, cache = model.apply(cfg, params, jnp.asarray([[1]]), cache=cache, encoder=(enc, None, None))
+    _, cache = jax.jit(lambda c, e: model.apply(cfg, params, jnp.asarray([[1]]), cache=c, encoder=(e, None, None)))(cache, enc)
     assert bool(jnp.all(cache.cross_segment_BxE == 1))
     assert bool(jnp.all(jnp.any(cache.cross_k_NxBxExGxK != 0, axis=(1, 2, 3, 4))))  # every layer's keys were written
     written = cache.cross_k_NxBxExGxK
-    _, cache = model.apply(cfg, params, jnp.asarray([[9]]), cache=cache)  # no encoder input: the cached keys are used as they are
+    _, cache = jax.jit(lambda c: model.apply(cfg, params, jnp.asarray([[9]]), cache=c))(cache)  # no encoder input: the cached keys are used as they are
     np.testing.assert_array_equal(np.asarray(cache.cross_k_NxBxExGxK), np.asarray(written))
 
 

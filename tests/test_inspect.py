@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -11,8 +12,9 @@ import pytest
 from conftest import run_cli, tiny_config, write_corpus
 
 import llm
-from llm import config as config_lib, data, evaluate as evaluate_lib, model, train
-from llm.inspect import InspectError, embeddings, induction, lens
+from llm import attention as attention_lib, checkpoint, config as config_lib, data, evaluate as evaluate_lib, model, optim, sharding
+from llm import tokenizer as tokenizer_lib, train
+from llm.inspect import InspectError, embeddings, induction, intervene, lens, neurons
 from llm.inspect import trace as trace_lib
 from llm.inspect.trace import all_names
 
@@ -28,8 +30,28 @@ def run(tmp_path_factory):
     return llm.load(str(root / "run"))
 
 
+@pytest.fixture(scope="module")
+def scanned_run(run, tmp_path_factory):
+    """The trained run saved again as model.scan_layers=True writes it (blocks stacked on a layer axis),
+    through the library's own checkpoint writer: a scanned checkpoint without a second training run."""
+    workdir = tmp_path_factory.mktemp("scanned")
+    config = run.config.copy_and_resolve_references()
+    config.model.scan_layers = True
+    params = dict(run.params)
+    blocks = [params.pop(f"block_{i}") for i in range(run.model_config.N)]
+    params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    tokenizer_lib.save(run.tokenizer, str(workdir))
+    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
+    mngr = checkpoint.manager(str(workdir), async_save=False)
+    opt_state = optim.make(config_lib.opt_config(config)).init(params)
+    checkpoint.save(mngr, int(run.step), params, opt_state, {"step": int(run.step), "data": {"epoch": 0, "batch_in_epoch": 0}})
+    mngr.wait_until_finished()
+    mngr.close()
+    return llm.load(str(workdir))  # restores onto the scanned model's own param shapes, or raises
+
+
 def tiny_model(**overrides) -> tuple[model.ModelConfig, dict]:
-    cfg = model.ModelConfig(V=64, D=32, F=64, N=2, H=4, G=2, L=32, **overrides)
+    cfg = model.ModelConfig(**{**dict(V=64, D=32, F=64, N=2, H=4, G=2, L=32), **overrides})
     return cfg, nn.unbox(model.init(cfg, jax.random.key(0)))
 
 
@@ -103,6 +125,23 @@ def test_scanned_and_unscanned_models_trace_the_same_arrays():
     np.testing.assert_allclose(logits_a, logits_b, atol=1e-6)
 
 
+def test_a_scanned_checkpoint_traces_and_ablates_as_its_unscanned_twin(run, scanned_run):
+    assert scanned_run.model_config.scan_layers and "blocks" in scanned_run.params and "block_0" not in scanned_run.params
+    logits, cache = run.trace(PROMPT)
+    scanned_logits, scanned_cache = scanned_run.trace(PROMPT)
+    assert list(scanned_cache) == list(cache)
+    for name in cache:
+        np.testing.assert_allclose(scanned_cache[name], cache[name], atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(scanned_logits, logits, atol=1e-5)
+    ablate = {"block_1/heads": [0, 2], "block_0/neurons": [3, 7]}
+    ablated, _ = run.trace(PROMPT, names=[], ablate=ablate)
+    scanned_ablated, _ = scanned_run.trace(PROMPT, names=[], ablate=ablate)
+    assert not np.allclose(ablated, logits, atol=1e-3)  # the ablation does something, and the same on both
+    np.testing.assert_allclose(scanned_ablated, ablated, atol=1e-5)
+    effect, scanned_effect = run.intervention_effect(PROMPT, ablate=ablate), scanned_run.intervention_effect(PROMPT, ablate=ablate)
+    assert scanned_effect["loss_change"] == pytest.approx(effect["loss_change"], abs=1e-5)
+
+
 def test_patching_a_run_with_its_own_activations_changes_nothing(run):
     logits, cache = run.trace(PROMPT)
     for name in ("block_1/resid_mid_BxLxD", "block_0/head_out_BxLxHxK", "block_1/mlp_hidden_BxLxF", "block_0/attn_probs_BxHxLxS"):
@@ -143,10 +182,16 @@ def test_ablating_some_heads_and_neurons_touches_only_those(run):
     head_out, mlp = cache["block_0/head_out_BxLxHxK"], cache["block_0/mlp_hidden_BxLxF"]
     assert np.all(head_out[:, :, [1, 3]] == 0) and np.all(mlp[..., 5] == 0)
     np.testing.assert_array_equal(head_out[:, :, [0, 2]], clean["block_0/head_out_BxLxHxK"][:, :, [0, 2]])
-    _, mean_cache = run.trace(PROMPT, ablate={"block_0/heads": [2]}, mean_over="Thou lord, the queen hath my")
-    _, donor = run.trace("Thou lord, the queen hath my", names="block_0/head_out_BxLxHxK")
+    donor_text = "Thou lord, the queen hath my"
+    _, mean_cache = run.trace(PROMPT, ablate={"block_0/heads": [2], "block_1/neurons": [4, 9]}, mean_over=donor_text)
+    _, donor = run.trace(donor_text, names=["block_0/head_out_BxLxHxK", "block_1/mlp_hidden_BxLxF"])
     mean_K = donor["block_0/head_out_BxLxHxK"][:, :, 2].mean(axis=(0, 1))
     np.testing.assert_allclose(mean_cache["block_0/head_out_BxLxHxK"][0, :, 2], np.broadcast_to(mean_K, (len(PROMPT), mean_K.size)), atol=1e-6)
+    mean_2 = donor["block_1/mlp_hidden_BxLxF"][..., [4, 9]].mean(axis=(0, 1))
+    assert not np.allclose(mean_2, 0, atol=1e-3)  # a mean, not a zero-ablation in disguise
+    np.testing.assert_allclose(mean_cache["block_1/mlp_hidden_BxLxF"][0][:, [4, 9]], np.broadcast_to(mean_2, (len(PROMPT), 2)), atol=1e-6)
+    others = [f for f in range(run.model_config.F) if f not in (4, 9)]
+    assert not np.allclose(mean_cache["block_1/mlp_hidden_BxLxF"][0][:, others], mean_cache["block_1/mlp_hidden_BxLxF"][0][:1, others])
     with pytest.raises(InspectError):
         run.trace(PROMPT, ablate={"block_0/heads": [run.model_config.H]})
 
@@ -164,26 +209,39 @@ def test_attention_probabilities_sum_to_one_are_causal_and_stay_in_their_documen
         assert np.all(probs_BxHxLxS[0, :, 10, 10] == 1.0)  # a document's first token sees only itself
 
 
+def _train_step_hlo(cfg, mc: model.ModelConfig) -> str:
+    """The StableHLO of train.setup's jitted train step, the one train() runs, lowered on shapes only."""
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    built = train.setup(mc, config_lib.opt_config(cfg), mesh, sharding.rules_from_config(cfg.mesh.rules))
+    state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), built.abstract_params, built.abstract_opt)
+    rows = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
+    batch = {"inputs": rows, "targets": rows, "weights": jax.ShapeDtypeStruct(rows.shape, jnp.float32)}
+    return built.train_step.lower(state, batch).as_text()
+
+
+class _Tapped(Exception):
+    pass
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_tracing_off_leaves_the_forward_hlo_unchanged(scan_layers):
-    cfg, params = tiny_model(scan_layers=scan_layers)
-    tokens = jax.ShapeDtypeStruct((2, 32), jnp.int32)
-    assert not cfg.trace
+def test_tracing_off_leaves_the_train_step_hlo_unchanged(scan_layers, monkeypatch, tmp_path):
+    cfg = tiny_config(tmp_path / "unread.txt", model__scan_layers=scan_layers)
+    mc = config_lib.model_config(cfg, 64)  # as train() builds it: nothing in a run's config turns trace on
+    assert not mc.trace
+    plain = _train_step_hlo(cfg, mc)
 
-    def forward(params, tokens_BxL):
-        return model.apply(cfg, params, tokens_BxL)[0]
+    def absent(module, name, x):
+        raise _Tapped(name)
 
-    plain = jax.jit(forward).lower(params, tokens).as_text()
-
-    def forward(params, tokens_BxL):  # noqa: F811  (same name: the HLO module is named after it)
-        # Collecting intermediates with tracing off: nothing is sown, so nothing is computed or returned.
-        (logits, _), state = model.Transformer(cfg).apply({"params": params}, tokens_BxL, mutable=["intermediates"])
-        assert not jax.tree.leaves(state)
-        return logits
-
-    assert jax.jit(forward).lower(params, tokens).as_text() == plain
-    traced = dataclasses.replace(cfg, trace=True)
-    assert jax.jit(lambda p, t: model.apply(traced, p, t)[0]).lower(params, tokens).as_text() != plain
+    # The program without tapping: any tap the train step reached would raise here.
+    monkeypatch.setattr(model, "tap", absent)
+    monkeypatch.setattr(attention_lib, "tap", absent)
+    assert _train_step_hlo(cfg, mc) == plain
+    traced = dataclasses.replace(mc, trace=True)
+    with pytest.raises(_Tapped):  # the tripwire sits where the modules call tap
+        _train_step_hlo(cfg, traced)
+    monkeypatch.undo()
+    assert _train_step_hlo(cfg, traced) != plain  # a train step that traced would show in its HLO
 
 
 def _induction_model(T: int) -> tuple[model.ModelConfig, dict]:
@@ -242,13 +300,47 @@ def test_neighbours_of_a_token_start_with_itself_and_skip_padding(run):
     assert run.model_config.V > vocab  # padded
     for table in ("embed", "unembed"):
         for token in (5, vocab - 1):
-            near = run.neighbours(token, k=5, table=table)
-            assert near[0] == (token, 1.0) and len(near) == 5
-            assert all(i < vocab for i, _ in near)
-            assert [c for _, c in near[1:]] == sorted((c for _, c in near[1:]), reverse=True)
+            near = run.neighbours(token, k=5, table=table)  # every id ranked by cosine, the token's own among them
+            assert near[0][0] == token and near[0][1] == pytest.approx(1.0, abs=1e-12) and len(near) == 5
+            assert all(i < vocab for i, _ in near) and len({i for i, _ in near}) == 5
+            assert [c for _, c in near] == sorted((c for _, c in near), reverse=True)
     table_VxD = embeddings.tables(run.model_config, run.params)["embed"]
     best = embeddings.analogy(table_VxD, 5, 6, 7, k=3, vocab_size=vocab)
     assert len(best) == 3 and not {5, 6, 7} & {i for i, _ in best}
+
+
+def test_analogy_finds_the_known_answer_of_a_hand_made_table():
+    # king - man + woman = queen exactly; "crown" is near king, "girl" near woman, "lad" near man.
+    words = ["king", "man", "woman", "queen", "crown", "girl", "lad", "padding"]
+    table_VxD = np.asarray([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 1, 0],
+                            [1, 0.9, 0, 0.2], [0, 0, 1, 0.3], [1, 0, 0, 0.3], [0, 1, 1, 0]], np.float32)
+    best = embeddings.analogy(table_VxD, words.index("king"), words.index("man"), words.index("woman"), k=3, vocab_size=7)
+    assert best[0][0] == words.index("queen") and best[0][1] == pytest.approx(1.0)
+    assert words.index("padding") not in {i for i, _ in best}  # its row equals queen's, but it is not a token
+    # a - b + c lands on c's own row when a == b; c is left out, so its nearest other row answers
+    best = embeddings.analogy(table_VxD, 0, 0, words.index("woman"), k=1, vocab_size=7)
+    assert best[0][0] == words.index("girl")
+    # neighbours rank the token itself, not put it first by construction: queen's identical row ties
+    # with padding's own and, the lower id, comes first
+    near = embeddings.neighbours(table_VxD, words.index("padding"), k=3, vocab_size=8)
+    assert [i for i, _ in near] == [words.index("queen"), words.index("padding"), words.index("woman")]
+
+
+def test_attention_only_models_trace_without_mlp_and_refuse_neuron_ablation():
+    cfg, params = tiny_model(F=0)
+    tokens_BxL = jax.random.randint(jax.random.key(3), (2, 32), 0, 64)
+    logits_BxLxV, cache = trace_lib.trace(cfg, params, tokens_BxL)
+    assert sorted(cache) == sorted(all_names(cfg)) and not [n for n in cache if "mlp" in n]
+    for i in range(cfg.N):  # residual = x + attention, nothing after it
+        np.testing.assert_array_equal(cache[f"block_{i}/resid_post_BxLxD"], cache[f"block_{i}/resid_mid_BxLxD"])
+    heads = intervene.ablation(cfg, {"block_1/heads": [0]}, intervene.means(cfg, params, tokens_BxL))
+    assert not np.allclose(trace_lib.trace(cfg, params, tokens_BxL, names=[], interventions=heads)[0], logits_BxLxV)
+    with pytest.raises(InspectError, match="attention-only"):
+        intervene.ablation(cfg, {"block_0/neurons": [1]})
+    with pytest.raises(InspectError, match="attention-only"):
+        neurons.check_neuron(cfg, 0, 0)
+    with pytest.raises(InspectError, match="mlp_hidden"):
+        trace_lib.trace(cfg, params, tokens_BxL, names="block_0/mlp_hidden_BxLxF")
 
 
 def test_inspect_cli_prints_a_table_then_json_and_refuses_bad_input_in_one_line(run):
@@ -259,6 +351,16 @@ def test_inspect_cli_prints_a_table_then_json_and_refuses_bad_input_in_one_line(
     rows, expected = json.loads(last)["lens"], run.lens(PROMPT, k=3)
     assert [(r["layer"], r["top_ids"]) for r in rows] == [(r["layer"], r["top_ids"]) for r in expected]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in expected], abs=1e-6)
+    token = int(run.tokenizer.encode("k")[0])
+    out = run_cli("inspect", "neighbours", f"--workdir={run.workdir}", "--prompt=k", "--k=3")
+    assert out.returncode == 0, out.stderr
+    *table, last = out.stdout.strip().splitlines()
+    listed = json.loads(last)
+    for line, name in zip(table, ("embed", "unembed"), strict=True):  # untied: both tables
+        near = [(i, c) for i, c in run.neighbours(token, 4, name) if i != token][:3]
+        assert [n["id"] for n in listed[name]] == [i for i, _ in near]
+        assert [n["cosine"] for n in listed[name]] == pytest.approx([c for _, c in near], abs=1e-6)
+        assert line == f"{name}: " + "  ".join(f"{run.tokenizer.decode([i])!r} {c:.3f}" for i, c in near)
     bad = run_cli("inspect", "neighbours", f"--workdir={run.workdir}", "--prompt=two tokens")
     assert bad.returncode != 0 and bad.stdout == ""
     assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
@@ -322,8 +424,38 @@ def test_inspect_out_writes_a_readable_png_and_lists_it(run, kind, tmp_path):
 
     out = run_cli("inspect", kind, f"--workdir={run.workdir}", f"--prompt={PROMPT}", f"--out={tmp_path / 'plots'}")
     assert out.returncode == 0, out.stderr
-    plots = json.loads(out.stdout.strip().splitlines()[-1])["plots"]
+    *table, last = out.stdout.strip().splitlines()
+    if kind != "lens":  # the lens table is checked above
+        _check_table(kind, run, table, json.loads(last))
+    plots = json.loads(last)["plots"]
     assert plots == [str(tmp_path / "plots" / f"{kind}.png")]
     pixels_HxWxC = image.imread(plots[0])
     assert pixels_HxWxC.shape[0] > 100 and pixels_HxWxC.shape[1] > 100
     assert pixels_HxWxC[..., :3].std() > 0  # something is drawn, not a blank canvas
+
+
+def _check_table(kind: str, run, table: list[str], result: dict) -> None:
+    """inspect attention / heads printed what the library computes in this process."""
+    cfg = run.model_config
+    if kind == "attention":
+        assert table[0] == "where the last token ('.') attends, per layer and head"
+        _, cache = run.trace(PROMPT, names="block_*/attn_probs_BxHxLxS")
+        assert len(table[1:]) == len(result["attention"]) == cfg.N * cfg.H
+        for line, row in zip(table[1:], result["attention"]):
+            assert line.split()[:3] == [row["layer"], "head", str(row["head"])]
+            printed = re.findall(r"(\d+):('(?:[^'\\]|\\.)*'|\"[^\"]*\") (\d\.\d\d)", line)
+            assert [int(i) for i, _, _ in printed] == row["positions"] and len(printed) == 5
+            assert [text for _, text, _ in printed] == [repr(PROMPT[i]) for i in row["positions"]]
+            probs_S = cache[f"{row['layer']}/attn_probs_BxHxLxS"][0, row["head"], -1]
+            # the listed positions are the k most attended (in an order that near-ties may swap)
+            assert sorted(probs_S[row["positions"]]) == pytest.approx(sorted(probs_S)[-5:], abs=1e-6)
+            assert [float(p) for _, _, p in printed] == pytest.approx(probs_S[row["positions"]], abs=0.0051)
+    else:
+        assert table[0] == "prompt loss change when one head is zero-ablated"
+        assert table[1].split() == [w for h in range(cfg.H) for w in ("head", str(h))]
+        assert [line.split()[0] for line in table[2:]] == [f"block_{i}" for i in range(cfg.N)]
+        printed_NxH = [[float(c) for c in line.split()[1:]] for line in table[2:]]
+        change_NxH = result["head_ablation_loss_change"]
+        assert np.asarray(printed_NxH) == pytest.approx(np.asarray(change_NxH), abs=5.1e-5)
+        expected = run.intervention_effect(PROMPT, ablate={"block_1/heads": [2]})
+        assert change_NxH[1][2] == pytest.approx(expected["loss_change"], abs=1e-6) and expected["loss_change"] != 0

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import model
+from configs import default
+from llm import config as config_lib, model
 from llm.loss import cross_entropy_sums
 from llm.model import ModelConfig
 
@@ -120,3 +121,30 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     logits, _ = model.apply(cfg, params, jnp.zeros((1, 16), jnp.int32))
     assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_attention_only_blocks_have_no_mlp_and_exact_param_and_flop_counts(scan_layers):
+    cfg = make(F=0, D=64, H=4, G=4, V=256, L=32, fused_qkv=False, scan_layers=scan_layers)
+    params = nn.unbox(jax.eval_shape(lambda: model.init(cfg, jax.random.key(0))))
+    block = params["blocks"] if scan_layers else params["block_0"]
+    assert sorted(block) == ["attn", "attn_norm"]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(x.size for _, x in leaves)
+    assert model.param_counts(cfg) == {"total": total, "non_embedding": total - cfg.V * cfg.D}
+    if not scan_layers:  # XLA's cost analysis counts a scanned loop's body once, not once per layer
+        # XLA's FLOPs of the forward, x3 for training; the formula leaves out only elementwise work.
+        batch = {"inputs": jnp.zeros((2, cfg.L), jnp.int32)}
+        cost = jax.jit(lambda p, b: model.forward(cfg, p, b)).lower(params, batch).compile().cost_analysis()
+        measured = 3 * float((cost[0] if isinstance(cost, list) else cost)["flops"]) / (2 * cfg.L)
+        assert 0.85 < model.flops_per_token(cfg) / measured <= 1.0
+    # config: 0 is allowed for the decoder only, below 0 never
+    c = default.get_config()
+    c.model.d_ff = 0
+    config_lib.validate(c)
+    c.model.arch = "encoder_decoder"
+    with pytest.raises(config_lib.ConfigError, match="d_ff=0 .* is for model.arch='decoder' only"):
+        config_lib.validate(c)
+    c.model.arch, c.model.d_ff = "decoder", -1
+    with pytest.raises(config_lib.ConfigError, match="d_ff must be >= 0"):
+        config_lib.validate(c)

@@ -93,7 +93,7 @@ def neighbour_rows(run: api.Run, counts_V: np.ndarray, k: int) -> tuple[list[dic
             skipped.append(word)
             continue
         form, token = found
-        near = run.neighbours(token, k + 1)[1:]  # the first is the word itself
+        near = [n for n in run.neighbours(token, k + 1) if n[0] != token][:k]  # the word itself left out
         rows.append({"word": word, "form": form, "id": token, "train_count": int(counts_V[token]),
                      "neighbours": [{"token": show(run, i), "id": i, "cosine": c} for i, c in near]})
     return rows, skipped

@@ -7,7 +7,10 @@ llm/inspect/induction.py (Olsson et al. 2022):
   - the in-context-learning score on held-out text: loss at a late position minus at an early one.
 
 usage: python experiments/interpretability/induction.py [--steps=3000] [--every=100] [--workdir=runs/induction] [--measure_only]
-Writes induction.json (the curves) and induction.png (them against the step) beside this file.
+       [--attention_only [--d_model=128 --num_heads=8 --batch_size=16 --learning_rate=3e-3]]
+Writes induction.json (the curves) and induction.png (them against the step) beside this file;
+--attention_only (model.d_ff=0: no MLP sublayers, the models Olsson et al. study first) writes
+induction_attention_only.json and .png instead.
 """
 
 import argparse
@@ -32,9 +35,16 @@ HALF = 50  # random tokens per copy: distinct characters, so at most the alphabe
 EARLY, LATE = 10, 200  # in-context score positions (Olsson et al. use 50 and 500 on longer contexts)
 
 
-def get_config(steps: int, every: int) -> ml_collections.ConfigDict:
+# The attention-only variant's defaults: wider, with more and smaller heads than the MLP model, so that
+# a previous-token head and an induction head have room beside the heads that read local context.
+ATTENTION_ONLY = {"d_model": 128, "num_heads": 8, "batch_size": 16, "learning_rate": 3e-3}
+
+
+def get_config(steps: int, every: int, attention_only: bool = False, d_model: int = 0, num_heads: int = 0,
+               batch_size: int = 0, learning_rate: float = 0.0) -> ml_collections.ConfigDict:
+    """The run's config; 0 for d_model, num_heads, batch_size or learning_rate: the variant's default."""
     c = default.get_config()
-    c.name = "induction"
+    c.name = "induction_attention_only" if attention_only else "induction"
     c.seq_len = 256
     c.batch_size = 16
     c.num_train_steps = steps
@@ -49,6 +59,12 @@ def get_config(steps: int, every: int) -> ml_collections.ConfigDict:
     c.model.num_kv_heads = 4
     c.model.d_ff = 256
     c.opt.warmup_steps = 100
+    if attention_only:
+        c.model.d_ff = 0
+        c.model.d_model = d_model or ATTENTION_ONLY["d_model"]
+        c.model.num_heads = c.model.num_kv_heads = num_heads or ATTENTION_ONLY["num_heads"]
+        c.batch_size = batch_size or ATTENTION_ONLY["batch_size"]
+        c.opt.learning_rate = learning_rate or ATTENTION_ONLY["learning_rate"]
     return c
 
 
@@ -107,9 +123,13 @@ def main():
     ap.add_argument("--workdir", default="runs/induction")
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--measure_only", action="store_true", help="measure the checkpoints already in --workdir")
+    ap.add_argument("--attention_only", action="store_true", help="model.d_ff=0: blocks without MLPs")
+    for name, kind in (("d_model", int), ("num_heads", int), ("batch_size", int), ("learning_rate", float)):
+        ap.add_argument(f"--{name}", type=kind, default=0, help=f"--attention_only: default {ATTENTION_ONLY[name]}")
     args = ap.parse_args()
 
-    cfg = get_config(args.steps, args.every)
+    cfg = get_config(args.steps, args.every, args.attention_only, args.d_model, args.num_heads, args.batch_size, args.learning_rate)
+    name = cfg.name  # induction or induction_attention_only: the json and png are named after it
     started = time.time()
     if not args.measure_only:
         train.train(cfg, args.workdir)  # resumes if the workdir holds a run already
@@ -131,11 +151,11 @@ def main():
                                                      "prefix_matching_max", "in_context_score")}), flush=True)
     result = {"config": {"steps": args.steps, "every": args.every, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                          "d_model": cfg.model.d_model, "num_layers": cfg.model.num_layers, "num_heads": cfg.model.num_heads,
-                         "d_ff": cfg.model.d_ff, "half": HALF, "early": EARLY, "late": LATE},
-              "train_seconds": train_seconds, "points": points}
-    with open(os.path.join(args.out, "induction.json"), "w") as f:
+                         "d_ff": cfg.model.d_ff, "learning_rate": cfg.opt.learning_rate, "half": HALF, "early": EARLY, "late": LATE},
+              "train_seconds": train_seconds, "measure_seconds": time.time() - started - (train_seconds or 0), "points": points}
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(points, os.path.join(args.out, "induction.png"))
+    plot(points, os.path.join(args.out, f"{name}.png"))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ def tables(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
 
 
 def _nearest(table_VxD: np.ndarray, query_D: np.ndarray, k: int, vocab_size: int, exclude=()) -> list[tuple[int, float]]:
-    table_VxD = table_VxD[:vocab_size]
+    # float64: a row's cosine with itself is 1 to within 1e-15, so only a parallel row can tie with it.
+    table_VxD, query_D = np.asarray(table_VxD[:vocab_size], np.float64), np.asarray(query_D, np.float64)
     unit_VxD = table_VxD / np.maximum(np.linalg.norm(table_VxD, axis=-1, keepdims=True), 1e-12)
     cos_V = unit_VxD @ (query_D / max(float(np.linalg.norm(query_D)), 1e-12))
     cos_V[list(exclude)] = -np.inf
@@ -25,8 +26,9 @@ def _nearest(table_VxD: np.ndarray, query_D: np.ndarray, k: int, vocab_size: int
 
 
 def neighbours(table_VxD: np.ndarray, token: int, k: int, vocab_size: int) -> list[tuple[int, float]]:
-    """The k ids most similar to `token`, itself first (a duplicate row must not push it to second)."""
-    return [(int(token), 1.0)] + _nearest(table_VxD, table_VxD[token], k - 1, vocab_size, exclude=(token,))
+    """The k ids most similar to `token` by cosine, every id ranked, `token` among them: it comes first
+    unless another row points the same way (a tie, broken by the lower id)."""
+    return _nearest(table_VxD, table_VxD[token], k, vocab_size)
 
 
 def analogy(table_VxD: np.ndarray, a: int, b: int, c: int, k: int, vocab_size: int) -> list[tuple[int, float]]:

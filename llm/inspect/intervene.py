@@ -24,6 +24,8 @@ def _units(cfg: ModelConfig, key: str, units) -> tuple[int, str, np.ndarray]:
     if not match or int(match.group(1)) >= cfg.N:
         raise InspectError(f"ablate key {key!r} is not block_I/heads or block_I/neurons with I < {cfg.N}")
     layer, kind = int(match.group(1)), match.group(2)
+    if kind == "neurons" and not cfg.F:
+        raise InspectError(f"{key}: this model is attention-only (model.d_ff=0): it has no MLP neurons to ablate")
     size = cfg.H if kind == "heads" else cfg.F
     units = np.asarray(sorted(set(int(u) for u in units)), np.int64)
     if units.size and (units.min() < 0 or units.max() >= size):
@@ -33,7 +35,8 @@ def _units(cfg: ModelConfig, key: str, units) -> tuple[int, str, np.ndarray]:
 
 def means(cfg: ModelConfig, params, tokens_BxL, segment_ids_BxL=None) -> dict[str, jax.Array]:
     """Every head's output [H, K] and every neuron's activation [F] averaged over a batch: mean-ablation values."""
-    _, cache = trace(cfg, params, tokens_BxL, segment_ids_BxL, names=["block_*/head_out_BxLxHxK", "block_*/mlp_hidden_BxLxF"])
+    names = ["block_*/head_out_BxLxHxK"] + (["block_*/mlp_hidden_BxLxF"] if cfg.F else [])
+    _, cache = trace(cfg, params, tokens_BxL, segment_ids_BxL, names=names)
     return {name: x.mean(axis=(0, 1)) for name, x in cache.items()}
 
 

@@ -18,6 +18,8 @@ from llm.model import ModelConfig
 def check_neuron(cfg: ModelConfig, layer: int, neuron: int) -> None:
     if not 0 <= layer < cfg.N:
         raise InspectError(f"layer must lie in 0..{cfg.N - 1}, not {layer}")
+    if not cfg.F:
+        raise InspectError("this model is attention-only (model.d_ff=0): it has no MLP neurons")
     if not 0 <= neuron < cfg.F:
         raise InspectError(f"neuron must lie in 0..{cfg.F - 1} (the MLP's hidden width), not {neuron}")
 

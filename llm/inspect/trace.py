@@ -29,7 +29,10 @@ Names = None | str | Iterable[str] | Callable[[str], bool]
 
 
 def all_names(cfg: ModelConfig) -> list[str]:
-    return [f"block_{i}/{leaf}" for i in range(cfg.N) for leaf in BLOCK_LEAVES] + [FINAL]
+    """Every activation a trace returns; an attention-only model (F = 0) has no mlp_hidden (its
+    resid_post equals resid_mid)."""
+    leaves = [leaf for leaf in BLOCK_LEAVES if cfg.F or leaf != "mlp_hidden_BxLxF"]
+    return [f"block_{i}/{leaf}" for i in range(cfg.N) for leaf in leaves] + [FINAL]
 
 
 def select(cfg: ModelConfig, names: Names) -> tuple[str, ...]:
