@@ -1,5 +1,5 @@
 """Do induction heads form in a small 2-layer model on the built-in Shakespeare corpus, and when?
-Trains one (char tokenizer, checkpoints kept along the way), then at every checkpoint measures with
+Trains one (char tokenizer, or --tokenizer=bpe; checkpoints kept along the way), then at every checkpoint measures with
 llm/inspect/induction.py (Olsson et al. 2022):
 
   - the loss on a random token sequence and on its exact repeat (an induction head makes the second low),
@@ -7,10 +7,10 @@ llm/inspect/induction.py (Olsson et al. 2022):
   - the in-context-learning score on held-out text: loss at a late position minus at an early one.
 
 usage: python experiments/interpretability/induction.py [--steps=3000] [--every=100] [--workdir=runs/induction] [--measure_only]
-       [--attention_only [--d_model=128 --num_heads=8 --batch_size=16 --learning_rate=3e-3]]
+       [--attention_only [--d_model=128 --num_heads=8 --batch_size=16 --learning_rate=3e-3]] [--tokenizer=char|bpe]
 Writes induction.json (the curves) and induction.png (them against the step) beside this file;
---attention_only (model.d_ff=0: no MLP sublayers, the models Olsson et al. study first) writes
-induction_attention_only.json and .png instead.
+--attention_only (model.d_ff=0: no MLP sublayers, the models Olsson et al. study first) and
+--tokenizer=bpe add _attention_only and _bpe to those names.
 """
 
 import argparse
@@ -26,12 +26,12 @@ from matplotlib.figure import Figure
 
 import llm
 from configs import default
-from llm import api, checkpoint, config as config_lib, data, model, train
+from llm import api, checkpoint, config as config_lib, data, model, tokenizer, train
 from llm.inspect import induction, lens
 from llm.inspect.trace import trace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HALF = 50  # random tokens per copy: distinct characters, so at most the alphabet's size
+HALF = 50  # random tokens per copy, all distinct: so at most the char alphabet's size
 EARLY, LATE = 10, 200  # in-context score positions (Olsson et al. use 50 and 500 on longer contexts)
 
 
@@ -41,10 +41,12 @@ ATTENTION_ONLY = {"d_model": 128, "num_heads": 8, "batch_size": 16, "learning_ra
 
 
 def get_config(steps: int, every: int, attention_only: bool = False, d_model: int = 0, num_heads: int = 0,
-               batch_size: int = 0, learning_rate: float = 0.0) -> ml_collections.ConfigDict:
+               batch_size: int = 0, learning_rate: float = 0.0, tokenizer: str = "char") -> ml_collections.ConfigDict:
     """The run's config; 0 for d_model, num_heads, batch_size or learning_rate: the variant's default."""
     c = default.get_config()
-    c.name = "induction_attention_only" if attention_only else "induction"
+    c.name = "induction" + ("_attention_only" if attention_only else "") + ("_bpe" if tokenizer == "bpe" else "")
+    if tokenizer == "bpe":  # configs/shakespeare_bpe.py's vocabulary: a token is a word or a piece of one
+        c.data.tokenizer, c.data.spm_model_type, c.data.vocab_size = "sentencepiece", "bpe", 4096
     c.seq_len = 256
     c.batch_size = 16
     c.num_train_steps = steps
@@ -116,6 +118,14 @@ def plot(points: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def first_text_id(tok) -> int:
+    """The random sequences' lowest id: past the special tokens (and SentencePiece's unk and 256 byte
+    pieces, which text rarely uses), so that they are made of the tokens text is made of."""
+    if isinstance(tok, tokenizer.CharTokenizer):
+        return tok.vocab_size - len(tok.chars)
+    return tokenizer.NUM_SPECIAL + 1 + 256  # llm/tokenizer.py's models: unk at 3, then the byte fallback
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3000)
@@ -126,10 +136,12 @@ def main():
     ap.add_argument("--attention_only", action="store_true", help="model.d_ff=0: blocks without MLPs")
     for name, kind in (("d_model", int), ("num_heads", int), ("batch_size", int), ("learning_rate", float)):
         ap.add_argument(f"--{name}", type=kind, default=0, help=f"--attention_only: default {ATTENTION_ONLY[name]}")
+    ap.add_argument("--tokenizer", choices=["char", "bpe"], default="char")
     args = ap.parse_args()
 
-    cfg = get_config(args.steps, args.every, args.attention_only, args.d_model, args.num_heads, args.batch_size, args.learning_rate)
-    name = cfg.name  # induction or induction_attention_only: the json and png are named after it
+    cfg = get_config(args.steps, args.every, args.attention_only, args.d_model, args.num_heads, args.batch_size, args.learning_rate,
+                     args.tokenizer)
+    name = cfg.name  # induction[_attention_only][_bpe]: the json and png are named after it
     started = time.time()
     if not args.measure_only:
         train.train(cfg, args.workdir)  # resumes if the workdir holds a run already
@@ -137,8 +149,7 @@ def main():
 
     run = llm.load(args.workdir)
     mc = run.model_config
-    first_char = run.tokenizer.vocab_size - len(run.tokenizer.chars)  # ids below are the special tokens
-    repeated_Bx2T = induction.repeated_tokens(seed=0, batch=64, half=HALF, low=first_char, high=run.tokenizer.vocab_size)
+    repeated_Bx2T = induction.repeated_tokens(seed=0, batch=64, half=HALF, low=first_text_id(run.tokenizer), high=run.tokenizer.vocab_size)
     text_BxL = held_out_rows(run, 256)
     reader = checkpoint.reader(args.workdir)
     steps = sorted(reader.all_steps())
@@ -151,7 +162,7 @@ def main():
                                                      "prefix_matching_max", "in_context_score")}), flush=True)
     result = {"config": {"steps": args.steps, "every": args.every, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                          "d_model": cfg.model.d_model, "num_layers": cfg.model.num_layers, "num_heads": cfg.model.num_heads,
-                         "d_ff": cfg.model.d_ff, "learning_rate": cfg.opt.learning_rate, "half": HALF, "early": EARLY, "late": LATE},
+                         "d_ff": cfg.model.d_ff, "tokenizer": args.tokenizer, "learning_rate": cfg.opt.learning_rate, "half": HALF, "early": EARLY, "late": LATE},
               "train_seconds": train_seconds, "measure_seconds": time.time() - started - (train_seconds or 0), "points": points}
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
