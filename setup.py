@@ -23,7 +23,7 @@ setup(
         "fsspec",  # shard globs on gs://, s3://, ... (llm/sources.py)
         "pyarrow",  # parquet: shards
         "zstandard",  # .jsonl.zst shards
-        "tensorboardX",
+        "tensorboard",  # metrics.jsonl's scalars as event files (llm/training/metrics.py)
         "tqdm",
         "scipy",
         "matplotlib",
@@ -36,5 +36,5 @@ setup(
         # ./run.sh eval --tasks (llm/harness.py)
         "harness": ["lm_eval>=0.4.9", "datasets"],  # datasets: the local task files are read with it
     },
-    package_data={"llm": ["harness_tasks/*/*"]},
+    package_data={"llm.interop": ["harness_tasks/*/*"]},
 )

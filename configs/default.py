@@ -3,7 +3,6 @@
 import ml_collections
 
 from configs import sizes
-from llm import sharding
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # another run's workdir: start from its params (fine-tuning; the frozen reference of dpo/grpo)
     # 'lm': next-token (pretraining; SFT with data.dataset='sft:GLOB'); 'reward': a scalar head with the
     # Bradley-Terry loss on 'preference:GLOB'; 'dpo' on 'preference:GLOB'; 'grpo' on 'prompts:GLOB'
-    # (llm/objectives.py, llm/rl.py). reward, dpo and grpo start from init_from.
+    # (llm/training/objectives.py, llm/training/rl.py). reward, dpo and grpo start from init_from.
     c.objective = "lm"
     c.peak_tflops = 0.0  # for MFU, per device (on CPU per host); 0: measure a large matmul at start
     c.sample_prompt = "ROMEO:\n"
@@ -39,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.skip_bad_records = False  # streamed: skip (and count, data_skipped_records) bad records instead of stopping
     c.data.data_dir = ""  # TFDS data dir ('' : ~/tensorflow_datasets); token caches live beside each dataset
     c.data.manual_dir = ""  # TFDS manual_dir (files TFDS would otherwise download)
-    c.data.validation_fraction = 0.1  # 'text:': the tail of each file; streamed: whole documents (llm/sources.py)
+    c.data.validation_fraction = 0.1  # 'text:': the tail of each file; streamed: whole documents (llm/data/sources.py)
     c.data.test_fraction = 0.0
     c.data.tokenizer = "char"  # 'char' | 'byte' | 'sentencepiece'
     c.data.tokenizer_path = ""  # sentencepiece: an existing .model file instead of training one
@@ -78,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # 'none' | 'block' | 'dots'
     c.model.scan_layers = False
-    # 'auto' | 'xla' | 'dot_product' | 'cudnn' (llm/attention.py). auto: cuDNN's flash attention on an
+    # 'auto' | 'xla' | 'dot_product' | 'cudnn' (llm/model/attention.py). auto: cuDNN's flash attention on an
     # NVIDIA GPU with bf16/fp16 compute and a head dim it takes, the XLA einsum everywhere else.
     c.model.attention = "auto"
 
@@ -119,7 +118,19 @@ def get_config() -> ml_collections.ConfigDict:
     # data-parallel mesh uses every core; -1: one per core (reduced to divide the batches; default mesh
     # only); 0: JAX's one CPU device. XLA_FLAGS=--xla_force_host_platform_device_count=N wins.
     c.mesh.cpu_devices = -1
-    # logical axis -> mesh axes (None: replicated); llm/sharding.py lists the defaults. Dimensions a mesh
-    # axis does not divide evenly (e.g. a vocabulary of 65) are replicated.
-    c.mesh.rules = sharding.DEFAULT_RULES
+    # logical axis -> mesh axes (None: replicated): the model names logical axes only, and
+    # llm/training/sharding.py maps them with these rules. Dimensions a mesh axis does not divide evenly
+    # (e.g. a vocabulary of 65) are replicated.
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("kv", None),
+        ("layers", None),
+        ("norm", None),
+        ("pos", None),
+    )
     return c

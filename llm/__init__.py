@@ -4,6 +4,6 @@
 def load(workdir: str, step: int | None = None):
     """Loads a trained run: `.config`, `.tokenizer`, `.logits(tokens)`, `.generate(prompts)`, `.evaluate(split)`,
     `.trace(text)` and the rest of llm/inspect (`.lens`, `.intervention_effect`, `.neighbours`, `.top_contexts`)."""
-    from llm.api import load as _load
+    from llm.run.api import load as _load
 
     return _load(workdir, step)

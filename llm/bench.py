@@ -16,21 +16,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from llm import config as config_lib, model, sample, sharding, train
-from llm.attention import NEG_INF
-from llm.metrics import measure_peak_tflops, peak_units
-from llm.model import ModelConfig
-from llm.tokenizer import NUM_SPECIAL
+from llm import model, spec
+from llm.data.tokenizer import NUM_SPECIAL
+from llm.model import ModelConfig, sample
+from llm.model.attention import NEG_INF
+from llm.spec import RunSpec
+from llm.training import sharding, state
+from llm.training.metrics import measure_peak_tflops, peak_units
 
 # Vocabulary sizes of the tokenizers, so a benchmark needs no corpus: the char tokenizer of the
 # Shakespeare corpus has 84 characters + 3 specials; the byte tokenizer 256 + 3.
 CHAR_VOCAB, BYTE_VOCAB = 87, NUM_SPECIAL + 256
 
 
-def _tokenizer_vocab(cfg: ml_collections.ConfigDict) -> int:
-    if cfg.data.tokenizer == "sentencepiece":
-        return cfg.data.vocab_size
-    return BYTE_VOCAB if cfg.data.tokenizer == "byte" else CHAR_VOCAB
+def _tokenizer_vocab(run: RunSpec) -> int:
+    if run.data.tokenizer == "sentencepiece":
+        return run.data.vocab_size
+    return BYTE_VOCAB if run.data.tokenizer == "byte" else CHAR_VOCAB
 
 
 def _median_seconds(compiled: Callable, *args, repeats: int = 5, budget_s: float = 30.0) -> float:
@@ -44,54 +46,54 @@ def _median_seconds(compiled: Callable, *args, repeats: int = 5, budget_s: float
 
 
 def bench_train(cfg: ml_collections.ConfigDict, steps: int = 20, peak_tflops: float = 0.0) -> dict:
-    """Times `steps` train steps after 2 warm-up steps of the step train.train runs (train.setup).
+    """Times `steps` train steps after 2 warm-up steps of the step the train loop runs (state.setup).
 
     peak_tflops is per device (per host on CPU); 0 measures a large matmul. mfu = achieved / (peak x peak_units()).
     """
-    config_lib.validate(cfg)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    rules = sharding.rules_from_config(cfg.mesh.rules)
-    m = cfg.model
-    sharding.check_divisible(mesh, cfg.batch_size // cfg.opt.grad_accum_steps, m.num_heads, m.num_kv_heads, m.d_ff, m.d_model)
-    vocab = _tokenizer_vocab(cfg)
-    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, vocab + config_lib.reserved_ids(cfg)))
-    oc = config_lib.opt_config(cfg)
-    # train.setup: the state, shardings and jitted step that train() runs.
-    built = train.setup(mc, oc, mesh, rules)
-    state = built.init_state(jax.random.key(cfg.seed))
+    run = spec.from_config(cfg)
+    mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    m = run.model
+    sharding.check_divisible(mesh, run.batch_size // run.opt.grad_accum_steps, m.H, m.G, m.F, m.D)
+    vocab = _tokenizer_vocab(run)
+    run = spec.resolve(run, vocab)  # the vocabulary by training's rule, from the tokenizer's size alone
+    mc = run.model
+    # state.setup: the state, shardings and jitted step that the train loop runs (an lm objective's).
+    built = state.setup(mc, run.opt, mesh, run.mesh.rules)
+    train_state = built.init_state(jax.random.key(run.seed))
     p_train_step = built.train_step
 
-    lo, hi = sharding.host_rows(mesh, cfg.batch_size)
-    rng = np.random.default_rng(cfg.seed)
-    target_len = mc.T or cfg.seq_len
+    lo, hi = sharding.host_rows(mesh, run.batch_size)
+    rng = np.random.default_rng(run.seed)
+    target_len = mc.T or run.seq_len
     tokens = rng.integers(NUM_SPECIAL, vocab, (hi - lo, target_len + 1), dtype=np.int32)
     host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((hi - lo, target_len), np.float32)}
     if mc.arch == "encoder_decoder":  # the decoder's T tokens above, the encoder's L here
-        host_batch["encoder_inputs"] = rng.integers(NUM_SPECIAL, vocab, (hi - lo, cfg.seq_len), dtype=np.int32)
-    batch = sharding.global_batch(host_batch, mesh, cfg.batch_size)
+        host_batch["encoder_inputs"] = rng.integers(NUM_SPECIAL, vocab, (hi - lo, run.seq_len), dtype=np.int32)
+    batch = sharding.global_batch(host_batch, mesh, run.batch_size)
 
     start = time.perf_counter()
-    compiled = p_train_step.lower(state, batch).compile()
+    compiled = p_train_step.lower(train_state, batch).compile()
     compile_s = time.perf_counter() - start
     for _ in range(2):
-        state, metrics = compiled(state, batch)
+        train_state, metrics = compiled(train_state, batch)
     jax.block_until_ready(metrics)
     step_s = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        train_state, metrics = compiled(train_state, batch)
         jax.block_until_ready(metrics)
         step_s.append(time.perf_counter() - start)
 
     devices = jax.device_count()
-    peak = peak_tflops if peak_tflops > 0 else measure_peak_tflops(jnp.dtype(cfg.model.dtype))
+    peak = peak_tflops if peak_tflops > 0 else measure_peak_tflops(jnp.dtype(mc.dtype))
     median_s = float(np.median(step_s))
-    tokens_per_s = cfg.batch_size * cfg.seq_len / median_s
+    tokens_per_s = run.tokens_per_step / median_s
     flops_per_token = model.flops_per_token(mc)
     achieved_tflops = flops_per_token * tokens_per_s / 1e12
     return {
-        "config": cfg.name,
+        "config": run.name,
         "devices": devices,
+        "vocab_size": mc.V,
         "step_ms_median": 1e3 * median_s,
         "step_ms_p90": 1e3 * float(np.percentile(step_s, 90)),
         "tokens_per_s": tokens_per_s,
@@ -132,14 +134,15 @@ def bench_sample(cfg: ml_collections.ConfigDict, new_tokens: int = 256, prompt_l
     seq_len (128) is shorter than a prompt plus 256 new tokens; with rope or sinusoidal positions the
     parameter count is unchanged.
     """
-    if cfg.model.arch != "decoder":
-        raise config_lib.ConfigError(f"bench sample times the decoder's prompt continuation; model.arch={cfg.model.arch!r} has none")
+    run = spec.from_config(cfg)
+    if run.model.arch != "decoder":
+        raise spec.ConfigError(f"bench sample times the decoder's prompt continuation; model.arch={run.model.arch!r} has none")
     context = max(512, prompt_len + new_tokens)
-    vocab = _tokenizer_vocab(cfg)
-    mc = dataclasses.replace(config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, vocab)), L=context)
+    vocab = _tokenizer_vocab(run)
+    mc = dataclasses.replace(spec.resolve(run, vocab).model, L=context)
     params = nn.unbox(jax.jit(lambda rng: model.init(mc, rng))(jax.random.key(0)))
     recompute = _recompute_generate(mc, prompt_len, new_tokens, vocab)
-    result = {"config": cfg.name, "context": context, "prompt_len": prompt_len, "new_tokens": new_tokens}
+    result = {"config": run.name, "context": context, "prompt_len": prompt_len, "new_tokens": new_tokens}
     for B in batches:
         prompts_BxP = jax.random.randint(jax.random.key(B), (B, prompt_len), NUM_SPECIAL, vocab, jnp.int32)
         # Both sample at temperature 1; eos_id=-1 is never sampled, so every row generates all new_tokens.

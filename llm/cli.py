@@ -63,15 +63,19 @@ FLAGS = flags.FLAGS
 
 
 def _user_errors() -> tuple[type, ...]:
-    from llm import attention, checkpoint, config, data, guard, harness, hf, inspect, rl, sample, sharding, template, tokenizer, train
+    from llm import inspect, spec
+    from llm.data import DataError, template, tokenizer
+    from llm.interop import harness, hf
+    from llm.model import attention, sample
+    from llm.training import checkpoint, guard, loop, rl, sharding
 
-    return (config.ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError, rl.RewardError, template.TemplateError,
-            sample.SampleError, sharding.MeshError, sharding.DistributedError, train.NonFiniteLossError,
+    return (spec.ConfigError, DataError, tokenizer.TokenizerError, checkpoint.CheckpointError, rl.RewardError, template.TemplateError,
+            sample.SampleError, sharding.MeshError, sharding.DistributedError, loop.NonFiniteLossError,
             guard.WorkdirError, attention.AttentionError, hf.HFError, harness.HarnessError, inspect.InspectError)
 
 
 def _join_distributed_job() -> None:
-    from llm import sharding
+    from llm.training import sharding
 
     on_tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if FLAGS.coordinator_address or on_tpu_pod:
@@ -79,51 +83,47 @@ def _join_distributed_job() -> None:
                                         FLAGS.distributed_timeout_s, FLAGS.heartbeat_timeout_s)
 
 
-def _split_host_cpu(cfg) -> None:
-    """Before JAX starts: a CPU host's cores become mesh.cpu_devices devices (see llm/sharding.py)."""
-    from llm import sharding
+def _split_host_cpu(run) -> None:
+    """Before JAX starts: a CPU host's cores become mesh.cpu_devices devices (see llm/training/sharding.py)."""
+    from llm.training import sharding
 
-    rows = [cfg.batch_size // cfg.opt.grad_accum_steps] + ([cfg.eval_batch_size] if cfg.eval_every_steps else [])
+    rows = [run.batch_size // run.opt.grad_accum_steps] + ([run.loop.eval_batch_size] if run.loop.eval_every_steps else [])
     rows = [r // FLAGS.num_processes if r % FLAGS.num_processes == 0 else 1 for r in rows]  # each process's share
-    default_mesh = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (-1, 1, 1)
-    sharding.split_host_cpu(cfg.mesh.cpu_devices, rows, default_mesh)
+    default_mesh = (run.mesh.data, run.mesh.fsdp, run.mesh.tensor) == (-1, 1, 1)
+    sharding.split_host_cpu(run.mesh.cpu_devices, rows, default_mesh)
 
 
 def cmd_train() -> None:
-    from llm import api, config as config_lib, train
+    from llm import spec
+    from llm.run import api
+    from llm.training import loop, rl
 
-    cfg = _CONFIG.value
-    config_lib.validate(cfg)
-    _split_host_cpu(cfg)
+    run = spec.from_config(_CONFIG.value)
+    _split_host_cpu(run)
     _join_distributed_job()
     import jax
 
-    workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
-    if cfg.objective == "grpo":
-        from llm import rl
-
-        summary = rl.train_grpo(cfg, workdir)
-    else:
-        summary = train.train(cfg, workdir)
+    workdir = FLAGS.workdir or os.path.join("runs", run.name)
+    summary = rl.train_grpo(run, workdir) if run.objective.name == "grpo" else loop.train(run, workdir)
     if jax.process_index() != 0:
         return
     print(json.dumps({k: v for k, v in summary.items()}), file=sys.stderr)
-    if cfg.objective != "lm" or cfg.data.dataset.startswith(("sft:", "seq2seq:")) or cfg.model.arch != "decoder":
+    if run.objective.name != "lm" or run.data.kind in ("sft", "seq2seq") or run.model.arch != "decoder":
         # A sample of raw text says nothing about a post-trained model (./run.sh chat does), a seq2seq
         # model (./run.sh sample --input) or a denoiser.
         return
-    if cfg.sample_tokens and jax.process_count() > 1:
+    prompt, tokens = run.loop.sample_prompt, run.loop.sample_tokens
+    if tokens and jax.process_count() > 1:
         print(f"(multi-process run: sample afterwards with ./run.sh sample --workdir={workdir})", file=sys.stderr)
-    elif cfg.sample_tokens:
-        run = api.load(workdir)
-        budget = min(cfg.sample_tokens, cfg.seq_len - len(run.encode_prompt(cfg.sample_prompt)))
+    elif tokens:
+        trained = api.load(workdir)
+        budget = min(tokens, run.seq_len - len(trained.encode_prompt(prompt)))
         if budget < 1:
-            print(f"(no sample: sample_prompt fills the {cfg.seq_len}-token context)", file=sys.stderr)
+            print(f"(no sample: sample_prompt fills the {run.seq_len}-token context)", file=sys.stderr)
             return
-        print(f"\n--- sample (step {run.step}, temperature 0.8) ---")
-        print(cfg.sample_prompt, end="", flush=True)
-        run.generate(cfg.sample_prompt, max_new_tokens=budget, temperature=0.8, seed=cfg.seed,
-                     stream=lambda s: print(s, end="", flush=True))
+        print(f"\n--- sample (step {trained.step}, temperature 0.8) ---")
+        print(prompt, end="", flush=True)
+        trained.generate(prompt, max_new_tokens=budget, temperature=0.8, seed=run.seed, stream=lambda s: print(s, end="", flush=True))
         print()
 
 
@@ -134,10 +134,10 @@ def _need_workdir() -> str:
 
 
 def cmd_eval() -> None:
-    from llm import api
+    from llm.run import api
 
     if FLAGS.tasks:
-        from llm import harness
+        from llm.interop import harness
 
         tasks = [t for t in FLAGS.tasks.split(",") if t]
         manager = harness.find_tasks(tasks, FLAGS.task_dir)  # before the checkpoint is read
@@ -151,7 +151,8 @@ def cmd_eval() -> None:
 
 
 def cmd_sample() -> None:
-    from llm import api, sample
+    from llm.model import sample
+    from llm.run import api
 
     sample.check_options(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.max_new_tokens)
     if FLAGS.input:
@@ -185,14 +186,13 @@ def cmd_sample() -> None:
 
 
 def cmd_sweep() -> None:
-    from llm import config as config_lib
+    from llm import spec
     from llm.scaling import sweep
 
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     if "base" in _CONFIG.value:
-        config_lib.validate(_CONFIG.value.base)
-        _split_host_cpu(_CONFIG.value.base)  # points that change the batch must still divide the split
+        _split_host_cpu(spec.from_config(_CONFIG.value.base))  # points that change the batch must still divide the split
     sweep.run(_CONFIG.value, FLAGS.workdir, dry_run=FLAGS.dry_run, shard=FLAGS.shard)
 
 
@@ -217,11 +217,10 @@ def cmd_fit() -> None:
 
 
 def cmd_bench(kind: str) -> None:
-    from llm import bench, config as config_lib
+    from llm import bench, spec
 
     if kind == "train":
-        config_lib.validate(_CONFIG.value)
-        _split_host_cpu(_CONFIG.value)
+        _split_host_cpu(spec.from_config(_CONFIG.value))
         result = bench.bench_train(_CONFIG.value, steps=FLAGS.steps, peak_tflops=FLAGS.peak_tflops)
     elif kind == "sample":
         result = bench.bench_sample(_CONFIG.value)
@@ -230,17 +229,8 @@ def cmd_bench(kind: str) -> None:
     print(json.dumps(result))
 
 
-def _one_line_orbax_errors(record) -> bool:
-    """Orbax logs each failed background write with its traceback, and a full disk fails dozens; the
-    run reports the failure once, so each of these keeps its first line only."""
-    if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
-        record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], None
-        record.exc_info = record.exc_text = None
-    return True
-
-
 def cmd_export() -> None:
-    from llm import hf
+    from llm.interop import hf
 
     if not FLAGS.out:
         raise app.UsageError("--out is required: the Hugging Face directory to write")
@@ -248,11 +238,11 @@ def cmd_export() -> None:
 
 
 def cmd_import() -> None:
-    from llm import hf
+    from llm.interop import hf
 
     if not FLAGS.hf:
         raise app.UsageError("--hf is required: the Hugging Face model directory to read")
-    print(json.dumps(hf.import_run(FLAGS.hf, _need_workdir(), _CONFIG.value, FLAGS.tokenizer)))
+    print(json.dumps(hf.import_run(FLAGS.hf, _need_workdir(), _CONFIG.value.to_dict(), FLAGS.tokenizer)))
 
 
 INSPECT = ("lens", "attention", "heads", "neurons", "neighbours")
@@ -278,8 +268,8 @@ def cmd_inspect(kind: str) -> None:
     """A short table on stdout, then one JSON line; the flags and prompt are checked before anything compiles."""
     import numpy as np
 
-    from llm import api
     from llm.inspect import InspectError, neurons, plots
+    from llm.run import api
 
     if kind not in INSPECT:
         raise app.UsageError(INSPECT_USAGE)
@@ -353,14 +343,15 @@ def cmd_inspect(kind: str) -> None:
 
 
 def cmd_chat() -> None:
-    from llm import api, chat
+    from llm.run import api, chat
 
     chat.interactive(api.load(_need_workdir(), FLAGS.step), system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens,
                      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
 
 
 def cmd_score() -> None:
-    from llm import api, examples
+    from llm.data import DataError, examples
+    from llm.run import api
 
     run = api.load(_need_workdir(), FLAGS.step)
     if FLAGS.pairs:
@@ -368,7 +359,7 @@ def cmd_score() -> None:
         for r in records:
             missing = [k for k in ("prompt", "response") if not isinstance(r.value.get(k), str)]
             if missing:
-                raise examples.DataError(f"{r.where}: missing the string field(s) {', '.join(map(repr, missing))} (a line is {{'prompt', 'response'}})")
+                raise DataError(f"{r.where}: missing the string field(s) {', '.join(map(repr, missing))} (a line is {{'prompt', 'response'}})")
         prompts, responses = [r.value["prompt"] for r in records], [r.value["response"] for r in records]
     elif FLAGS.prompt and FLAGS.response:
         prompts, responses = [FLAGS.prompt], [FLAGS.response]
@@ -397,8 +388,10 @@ def main(argv: list[str]) -> None:
     elif positional:
         raise app.UsageError(f"unexpected arguments: {' '.join(positional)}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    logging.get_absl_handler().addFilter(_one_line_orbax_errors)
-    from llm import guard
+    from llm import upstream
+    from llm.training import guard
+
+    upstream.one_line_orbax_errors()
 
     try:
         COMMANDS[argv[1]](*positional)
@@ -407,10 +400,7 @@ def main(argv: list[str]) -> None:
         sys.exit(guard.EXIT_ERROR)
     except guard.WriteFailed as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # The workdir cannot be written: the exit handlers of tensorboardX and Orbax would only retry the
-        # writes that just failed, each with a traceback. The committed checkpoints need nothing more.
-        os._exit(guard.EXIT_WRITE_FAILED)
+        upstream.exit_now(guard.EXIT_WRITE_FAILED)  # the workdir cannot be written; see upstream.py
     except guard.Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(guard.EXIT_INTERRUPTED)

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from llm.guard import EXIT_INTERRUPTED
+from llm.training.guard import EXIT_INTERRUPTED
 
 
 def _free_port() -> int:
@@ -75,6 +75,7 @@ def main(argv: list[str]) -> int:
                     print(f"--- last lines of {logs[i].name} ---\n" + "".join(f.readlines()[-15:]), file=sys.stderr)
             return codes[i] if codes[i] > 0 else 1
         time.sleep(0.2)
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

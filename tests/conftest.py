@@ -118,7 +118,7 @@ def kill_at_checkpoint_and_resume(command: list[str], workdir: Path, step: int =
     import signal
     import time
 
-    from llm import checkpoint
+    from llm.training import checkpoint
 
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -130,3 +130,10 @@ def kill_at_checkpoint_and_resume(command: list[str], workdir: Path, step: int =
     killed_at = checkpoint.latest_step(str(workdir))
     return killed_at, subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
+
+def train_run(cfg: ml_collections.ConfigDict, workdir, quiet: bool = False, **kwargs) -> dict:
+    """What `./run.sh train` does with a config: its spec (checked), then the train loop."""
+    from llm import spec
+    from llm.training import loop
+
+    return loop.train(spec.from_config(cfg), str(workdir), quiet, **kwargs)

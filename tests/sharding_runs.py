@@ -9,9 +9,9 @@ import sys
 sys.path[:0] = [".", "tests"]
 
 import jax  # noqa: E402
-from conftest import streamed, tiny_config  # noqa: E402
+from conftest import streamed, tiny_config, train_run  # noqa: E402
 
-from llm import sharding, train  # noqa: E402
+from llm.training import sharding  # noqa: E402
 
 STEPS = 10
 MULTI_STEPS = 20
@@ -28,7 +28,7 @@ def losses(workdir: str) -> list[float]:
 def run(corpus, workdir, mesh=(-1, 1, 1), steps=STEPS, **data) -> list[float]:
     cfg = tiny_config(corpus, num_train_steps=steps, log_every_steps=1, checkpoint_every_steps=STEPS // 2, **MODEL,
                       mesh__data=mesh[0], mesh__fsdp=mesh[1], mesh__tensor=mesh[2], **data)
-    train.train(cfg, workdir, quiet=True)
+    train_run(cfg, workdir, quiet=True)
     return losses(workdir)
 
 
@@ -45,7 +45,7 @@ def main(kind: str, corpus: str, root: str) -> None:
         run(corpus, f"{root}/to_one_device", (8, 1, 1), steps=STEPS // 2)  # resumed by the one-device process
         try:
             cfg = tiny_config(corpus, model__num_heads=4, model__num_kv_heads=4, mesh__data=1, mesh__tensor=8)
-            train.train(cfg, f"{root}/bad", quiet=True)
+            train_run(cfg, f"{root}/bad", quiet=True)
         except sharding.MeshError as e:
             out["bad_heads_error"] = str(e)
     else:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import cli_overrides, run_cli
 
-from llm import attention, model, sample
-from llm.attention import KVCache, Mask
-from llm.model import ModelConfig
+from llm import model
+from llm.model import ModelConfig, attention, sample
+from llm.model.attention import KVCache, Mask
 
 ON_GPU = jax.default_backend() == "gpu"
 IMPLEMENTATIONS = ["xla", "dot_product", pytest.param("cudnn", marks=pytest.mark.skipif(

@@ -5,7 +5,7 @@ import subprocess
 
 from conftest import REPO, cli_overrides, run_cli
 
-from llm import sharding
+from llm.training import sharding
 
 
 def test_run_sh_train_end_to_end_prints_a_sample(tmp_path, corpus):

@@ -3,7 +3,7 @@ import collections
 import numpy as np
 import pytest
 
-from llm import denoise
+from llm.data import denoise
 
 BOS, EOS, SENTINEL, NUM_SENTINELS = 1, 2, 1000, 512
 IDS = denoise.MlmIds(cls=3, sep=4, mask=5)

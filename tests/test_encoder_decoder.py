@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, cli_overrides, kill_at_checkpoint_and_resume, run_cli, tiny_config, train_run
 
 import llm
-from conftest import REPO, cli_overrides, kill_at_checkpoint_and_resume, run_cli, tiny_config
-from llm import config as config_lib, model, sample, train
-from llm.config import ConfigError
-from llm.model import ModelConfig
+from llm import model, spec as config_lib
+from llm.model import ModelConfig, sample
+from llm.spec import ConfigError
 
 VARIANTS = [
     dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=True, G=2),
@@ -104,7 +104,7 @@ def _reference_cross_attention(attn_params, x_BxTxD, memory_BxExD, q_segment_BxT
 
 
 def test_cross_attention_is_the_attention_module_fed_with_another_sequences_keys_and_values():
-    from llm.attention import Attention, Mask
+    from llm.model.attention import Attention, Mask
 
     H, G, K, D = 4, 2, 8, 32
     attn = Attention(H, G, K, "rope", 10000.0, jnp.float32, jnp.float32, 0.02, cross=True)
@@ -214,7 +214,7 @@ def test_cached_seq2seq_decoding_equals_recomputing_the_whole_target(variant):
 def test_the_sampler_writes_the_cross_attention_cache_once_and_decodes_from_it():
     cfg = make("encoder_decoder")
     params = params_of(cfg)
-    from llm.attention import KVCache
+    from llm.model.attention import KVCache
 
     cache = KVCache.zeros(cfg.N, 1, cfg.T, cfg.G, cfg.K, jnp.float32, encoder_len=cfg.L)
     enc = tokens((1, cfg.L), 7)
@@ -257,7 +257,7 @@ def _seq2seq_file(tmp_path) -> str:
 
 def _check_span_corruption_run(run, cfg, summary):
     """Sentinels take the ids after the tokenizer's; the decoder's length is derived from seq_len."""
-    raw, target_len, sentinels = config_lib.span_lengths(cfg)
+    raw, target_len, sentinels = config_lib.span_lengths(cfg.seq_len, cfg.data.noise_density, cfg.data.mean_noise_span_length)
     assert run.model_config.T == target_len and run.model_config.E == cfg.model.num_layers
     assert run.model_config.V >= run.tokenizer.vocab_size + sentinels
     assert np.isfinite(summary["eval_loss"]) and summary["flops_per_token"] == model.flops_per_token(run.model_config)
@@ -272,7 +272,7 @@ def test_a_sigkilled_run_of_each_arch_resumes_to_the_params_and_losses_of_an_uni
     overrides = dict(num_train_steps=steps, checkpoint_every_steps=3, log_every_steps=1, opt__schedule="constant")
     overrides.update(model__arch=arch)  # seq2seq batches resume exactly too: tests/test_seq2seq.py
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    summary = train.train(tiny_config(corpus, eval_every_steps=steps, **overrides), str(straight), quiet=True)  # an eval changes no params
+    summary = train_run(tiny_config(corpus, eval_every_steps=steps, **overrides), str(straight), quiet=True)  # an eval changes no params
     command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={killed}", *cli_overrides(corpus, mesh__cpu_devices=0, **overrides)]
     killed_at, result = kill_at_checkpoint_and_resume(command, killed)
     assert 3 <= killed_at < steps
@@ -305,7 +305,7 @@ def test_seq2seq_runs_report_exact_match_and_answer_from_the_cli(corpus, tmp_pat
     workdir = tmp_path / arch
     cfg = tiny_config(corpus, model__arch=arch, data__dataset=_seq2seq_file(tmp_path), num_train_steps=20, eval_every_steps=20,
                       checkpoint_every_steps=20, seq_len=40, target_len=20 if arch == "encoder_decoder" else 0)
-    _check_seq2seq_run(workdir, train.train(cfg, str(workdir), quiet=True), 30)
+    _check_seq2seq_run(workdir, train_run(cfg, str(workdir), quiet=True), 30)
 
 
 def test_an_arch_sweep_repeats_every_point_per_arch_with_its_own_flops(tmp_path):
@@ -318,8 +318,7 @@ def test_an_arch_sweep_repeats_every_point_per_arch_with_its_own_flops(tmp_path)
     for arch, chosen in by_arch.items():
         for p in chosen:
             assert p.config.model.arch == arch and p.config.name.endswith(p.name)
-            mc = config_lib.model_config(p.config, config_lib.padded_vocab_size(
-                p.config, sweep.sweep_tokenizer(p.config).vocab_size + config_lib.reserved_ids(p.config)))
+            mc = config_lib.resolve(config_lib.from_config(p.config), sweep.sweep_tokenizer(p.config)).model
             assert p.flops_per_token == model.flops_per_token(mc) and p.params == model.param_counts(mc)["total"]
             assert abs(p.flops / p.budget - 1) < 0.05  # each arch spends the budget on its own FLOPs
     # fit --arch reads one arch's rows of a mixed results.csv.

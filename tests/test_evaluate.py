@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, run_cli, tiny_config, train_run, write_corpus
 from scipy import special
 
-from conftest import REPO, run_cli, tiny_config, write_corpus
-
 import llm
-from llm import bench, config as config_lib, data, evaluate, model, tokenizer as tokenizer_lib, train
+from llm import bench, model, spec
+from llm.data import text as text_lib, tokenizer as tokenizer_lib
 from llm.model import ModelConfig
+from llm.training import evaluate, state as state_lib
 
 KEYS = {"split", "step", "tokens", "bytes", "loss", "perplexity", "bits_per_byte"}
 
@@ -30,7 +31,7 @@ def byte_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("byte_run")
     corpus = write_corpus(root / "corpus.txt", num_chars=6000)
     cfg = tiny_config(corpus, data__tokenizer="byte", num_train_steps=6, checkpoint_every_steps=3, eval_every_steps=6)
-    train.train(cfg, str(root / "run"), quiet=True)
+    train_run(cfg, str(root / "run"), quiet=True)
     return root
 
 
@@ -55,7 +56,7 @@ def test_eval_scores_every_target_of_the_split_once(byte_run):
 def test_eval_loss_equals_loss_recomputed_from_logits(byte_run):
     run = llm.load(str(byte_run / "run"))
     result = run.evaluate("validation", batch_size=4)
-    stream = data.token_stream(config_lib.data_config(run.config), "validation", run.tokenizer)
+    stream = text_lib.token_stream(run.spec.data, "validation", run.tokenizer)
     L, nats = run.config.seq_len, []
     for start in range(0, len(stream) - 1, L):
         row = np.asarray(stream[start : start + L + 1])
@@ -112,9 +113,9 @@ def test_multibyte_characters_count_their_utf8_bytes():
     tok = tokenizer_lib.CharTokenizer(text)
     cfg = ModelConfig(V=tok.vocab_size, D=32, F=64, N=1, H=2, G=2, L=16)
     params = nn.unbox(jax.jit(functools.partial(model.init, cfg))(jax.random.key(0)))
-    stream = data.tokenize(tok, [text])
+    stream = text_lib.tokenize(tok, [text])
     put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
-    result = evaluate.evaluate(jax.jit(evaluate.make_eval_step(cfg)), params, data.eval_batches(stream, 4, 16), tok.token_bytes(), put)
+    result = evaluate.evaluate(jax.jit(evaluate.make_eval_step(cfg)), params, text_lib.eval_batches(stream, 4, 16), tok.token_bytes(), put)
     # Targets are every char after the first, then eos (one byte).
     assert result["tokens"] == len(text)
     assert result["bytes"] == len(text[1:].encode("utf-8")) + 1
@@ -143,23 +144,29 @@ def test_sample_command_prints_every_sample(byte_run):
     assert "--- sample 0 ---" in proc.stdout and "--- sample 1 ---" in proc.stdout
 
 
-def test_bench_train_reports_positive_numbers(tmp_path):
+def test_bench_train_reports_the_configs_flops_at_its_measured_step_time(tmp_path):
+    """Each number follows from independent ones: the config's model FLOPs (counted from its shapes), its
+    tokens per step and the measured median step time; MFU divides by the peak given (one CPU host)."""
     cfg = tiny_config(write_corpus(tmp_path / "corpus.txt", num_chars=2000), batch_size=4, seq_len=16)
     result = bench.bench_train(cfg, steps=2, peak_tflops=1.0)
-    assert set(result) == {"config", "devices", "step_ms_median", "step_ms_p90", "tokens_per_s", "model_flops_per_token",
-                           "achieved_tflops", "peak_tflops", "mfu", "compile_s"}
+    assert set(result) == {"config", "devices", "vocab_size", "step_ms_median", "step_ms_p90", "tokens_per_s",
+                           "model_flops_per_token", "achieved_tflops", "peak_tflops", "mfu", "compile_s"}
     assert result["peak_tflops"] == 1.0 and result["devices"] == jax.device_count()
-    for key in ("step_ms_median", "step_ms_p90", "tokens_per_s", "model_flops_per_token", "achieved_tflops", "mfu", "compile_s"):
-        assert result[key] > 0, key
-    assert result["mfu"] == pytest.approx(result["achieved_tflops"] / result["devices"])
+    assert result["step_ms_p90"] >= result["step_ms_median"] > 0 and result["compile_s"] > 0
+    run = spec.resolve(spec.from_config(cfg), bench.CHAR_VOCAB)
+    assert result["model_flops_per_token"] == model.flops_per_token(run.model)
+    assert result["tokens_per_s"] == pytest.approx(4 * 16 / (result["step_ms_median"] / 1e3), rel=1e-9)
+    achieved = result["model_flops_per_token"] * result["tokens_per_s"]
+    assert result["achieved_tflops"] == pytest.approx(achieved / 1e12, rel=1e-9)
+    assert result["mfu"] == pytest.approx(achieved / 1e12, rel=1e-9)  # a 1 TFLOP/s peak on one host
 
 
 def test_the_benchmark_times_the_step_that_training_builds(tmp_path, monkeypatch):
-    calls, build = [], train.setup
-    monkeypatch.setattr(train, "setup", lambda *args, **kw: calls.append(args[:4]) or build(*args, **kw))  # records, then builds for real
+    calls, build = [], state_lib.setup
+    monkeypatch.setattr(state_lib, "setup", lambda *args, **kw: calls.append(args[:4]) or build(*args, **kw))  # records, then builds for real
     cfg = tiny_config(write_corpus(tmp_path / "corpus.txt", num_chars=2000), batch_size=4, seq_len=16, num_train_steps=2)
     bench.bench_train(cfg, steps=1, peak_tflops=1.0)
-    train.train(cfg, str(tmp_path / "run"), quiet=True)
+    train_run(cfg, str(tmp_path / "run"), quiet=True)
     (bench_model, bench_opt, bench_mesh, bench_rules), (train_model, train_opt, train_mesh, train_rules) = calls
     assert bench_model == train_model and bench_opt == train_opt and bench_rules == train_rules
     assert bench_mesh.shape == train_mesh.shape and list(bench_mesh.devices.flat) == list(train_mesh.devices.flat)
@@ -168,8 +175,9 @@ def test_the_benchmark_times_the_step_that_training_builds(tmp_path, monkeypatch
 LONG_EVAL_ON_TWO_CPU_DEVICES = """
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from llm import evaluate, model
+from llm import model
 from llm.model import ModelConfig
+from llm.training import evaluate
 import flax.linen as nn
 
 cfg = ModelConfig(V=256, D=128, F=512, N=2, H=4, G=4, L=64)

@@ -79,7 +79,14 @@ def test_approach2_recovers_allocation_exponent():
     a_true = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
     assert result["a"] == pytest.approx(a_true, abs=0.02)
     assert result["a"] + result["b"] == pytest.approx(1.0)
-    assert result["a_se"] is not None and result["a_se"] >= 0
+
+
+def test_approach2_standard_error_matches_the_spread_over_noise_seeds():
+    """The allocation exponent's standard error says how far it moves when the losses are measured
+    again: over 12 noise draws its spread is within a factor of two of the mean reported error."""
+    fits = [fit.approach2(synthetic_isoflops(seed=s, sigma=0.01)) for s in range(12)]
+    spread = np.std([f["a"] for f in fits], ddof=1)
+    assert 0.5 < spread / np.mean([f["a_se"] for f in fits]) < 2.0
 
 
 def test_budget_groups_merge_flops_within_ten_percent():

@@ -15,10 +15,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, run_cli, tiny_config
+from conftest import REPO, cli_overrides, run_cli, tiny_config, train_run
 
 import llm
-from llm import checkpoint, guard, train
+from llm.training import checkpoint, guard
 
 
 def _one_clear_error(result: subprocess.CompletedProcess, message: str, code: int = guard.EXIT_ERROR) -> None:
@@ -138,7 +138,7 @@ def _damage(step_dir) -> str:
 def test_a_damaged_latest_checkpoint_is_skipped_and_reported_and_the_run_resumes_from_the_one_before(tmp_path, corpus, capsys):
     cfg = lambda steps: tiny_config(corpus, num_train_steps=steps, checkpoint_every_steps=10, opt__schedule="constant")
     workdir = tmp_path / "run"
-    train.train(cfg(20), str(workdir), quiet=True)
+    train_run(cfg(20), str(workdir), quiet=True)
     _damage(workdir / "checkpoints" / "20")
     capsys.readouterr()
 
@@ -149,7 +149,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_reported_and_the_run_resumes
         llm.load(str(workdir), step=20)
 
     # Training: step 20 is moved aside (kept, not deleted) and the run goes on from step 10.
-    train.train(cfg(30), str(workdir), quiet=False)
+    train_run(cfg(30), str(workdir), quiet=False)
     err = capsys.readouterr().err
     assert "cannot read the checkpoint of step 20" in err and "trying an older one" in err
     assert f"resuming {workdir} from step 10" in err
@@ -160,7 +160,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_reported_and_the_run_resumes
 
 def test_when_no_checkpoint_can_be_read_the_run_refuses_to_start_from_scratch(tmp_path, corpus):
     workdir = tmp_path / "run"
-    train.train(tiny_config(corpus, num_train_steps=20, checkpoint_every_steps=10), str(workdir), quiet=True)
+    train_run(tiny_config(corpus, num_train_steps=20, checkpoint_every_steps=10), str(workdir), quiet=True)
     for step in (10, 20):
         _damage(workdir / "checkpoints" / str(step))
     result = run_cli("train", f"--workdir={workdir}", *cli_overrides(corpus, num_train_steps=30))
@@ -228,7 +228,7 @@ def test_a_full_disk_stops_the_run_with_the_previous_checkpoint_intact_and_the_r
 
 
 def test_a_half_written_metrics_record_is_dropped_before_a_resumed_run_appends(tmp_path):
-    from llm.metrics import Writer
+    from llm.training.metrics import Writer
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 2.5}\n{"step": 20, "lo')
     writer = Writer(str(tmp_path))

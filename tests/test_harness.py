@@ -7,10 +7,12 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config, write_corpus
+from conftest import run_cli, tiny_config, train_run, write_corpus
 
 import llm
-from llm import evaluate, harness, model, train
+from llm import model
+from llm.interop import harness
+from llm.training import evaluate
 
 pytest.importorskip("lm_eval", reason="the harness extra (pip install -e '.[harness]') is not installed")
 
@@ -22,7 +24,7 @@ def run(tmp_path_factory):
     """A byte-tokenizer run with a 32-token context, so that most documents must be cut to fit."""
     root = tmp_path_factory.mktemp("harness")
     workdir = root / "run"
-    train.train(tiny_config(write_corpus(root / "corpus.txt", 20_000), num_train_steps=30, data__tokenizer="byte",
+    train_run(tiny_config(write_corpus(root / "corpus.txt", 20_000), num_train_steps=30, data__tokenizer="byte",
                             opt__learning_rate=1e-2), str(workdir), quiet=True)
     return llm.load(str(workdir))
 

@@ -9,11 +9,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from conftest import cli_overrides, run_cli, tiny_config, write_corpus
+from conftest import cli_overrides, run_cli, tiny_config, train_run, write_corpus
 
 import llm
 from configs import default
-from llm import checkpoint, config as config_lib, hf, model, optim, sample, tokenizer as tokenizer_lib, train
+from llm import model, spec as config_lib
+from llm.data import tokenizer as tokenizer_lib
+from llm.interop import hf
+from llm.model import heads, sample
+from llm.training import checkpoint, optimizer as optim
 
 torch = pytest.importorskip("torch", reason="the hf extra (pip install -e '.[hf]') is not installed")
 transformers = pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
@@ -103,7 +107,7 @@ def trained(tmp_path_factory):
     for kind, extra in (("char", {"checkpoint_every_steps": 5}), ("byte", {"model__tie_embeddings": False}),
                         ("sentencepiece", {"data__vocab_size": 300, "model__scan_layers": True})):
         workdir = root / kind
-        train.train(tiny_config(corpus, num_train_steps=10, data__tokenizer=kind, opt__learning_rate=1e-2, **extra), str(workdir), quiet=True)
+        train_run(tiny_config(corpus, num_train_steps=10, data__tokenizer=kind, opt__learning_rate=1e-2, **extra), str(workdir), quiet=True)
         runs[kind] = workdir
     return runs
 
@@ -170,7 +174,7 @@ def _unscanned(run):
 
 
 def test_what_llama_cannot_express_is_refused_by_name_and_nothing_is_written(tmp_path, corpus):
-    train.train(tiny_config(corpus, num_train_steps=2, model__pos_encoding="learned", model__norm="layernorm", model__mlp="gelu"),
+    train_run(tiny_config(corpus, num_train_steps=2, model__pos_encoding="learned", model__norm="layernorm", model__mlp="gelu"),
                 str(tmp_path / "run"), quiet=True)
     result = run_cli("export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -181,25 +185,17 @@ def test_what_llama_cannot_express_is_refused_by_name_and_nothing_is_written(tmp
     assert not (tmp_path / "hf").exists()
 
 
-def _config_accepts(**overrides) -> bool:
-    try:
-        config_lib.validate(tiny_config("corpus.txt", **overrides))
-        return True
-    except config_lib.ConfigError:
-        return False
-
-
 def untrained_run(workdir, corpus, **overrides):
     """A run directory as train writes one (config.json, tokenizer, checkpoint) for `overrides`, its
     params and optimizer state zeros of their true shapes: export reads and refuses it as a trained
     one, and no init (seconds of eager ops per architecture) or train step runs."""
     cfg = tiny_config(corpus, data__tokenizer="byte", model__vocab_size=512, **overrides)  # room for any reserved ids
-    config_lib.validate(cfg)
     tok = tokenizer_lib.train("byte", [])
-    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
+    run = config_lib.resolve(config_lib.from_config(cfg), tok)
+    mc = run.model
     zeros = lambda tree: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
-    params = zeros(jax.eval_shape(lambda: nn.unbox(train.init_params(mc, jax.random.key(0), cfg.objective))))
-    opt_state = zeros(jax.eval_shape(optim.make(config_lib.opt_config(cfg)).init, params))
+    params = zeros(jax.eval_shape(lambda: nn.unbox(heads.init_params(mc, jax.random.key(0), cfg.objective == "reward"))))
+    opt_state = zeros(jax.eval_shape(optim.make(run.opt).init, params))
     os.makedirs(workdir)
     tokenizer_lib.save(tok, str(workdir))
     (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -214,8 +210,7 @@ def untrained_run(workdir, corpus, **overrides):
     (dict(model__arch="encoder"), "model.arch='encoder'"),
     (dict(model__arch="encoder_decoder"), "model.arch='encoder_decoder'"),
     (dict(objective="reward", data__dataset="preference:/nowhere/*.jsonl", init_from="/nowhere/run"), "objective='reward'"),
-    pytest.param(dict(model__d_ff=0), "model.d_ff=0", marks=pytest.mark.skipif(
-        not _config_accepts(model__d_ff=0), reason="this config does not accept model.d_ff=0 (attention-only blocks) yet")),
+    (dict(model__d_ff=0), "model.d_ff=0"),
 ])
 def test_each_setting_llama_cannot_express_is_refused_alone_by_name(tmp_path, corpus, overrides, named):
     untrained_run(tmp_path / "run", corpus, **overrides)

@@ -9,14 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config, write_corpus
+from conftest import run_cli, tiny_config, train_run, write_corpus
 
 import llm
-from llm import attention as attention_lib, checkpoint, config as config_lib, data, evaluate as evaluate_lib, model, optim, sharding
-from llm import tokenizer as tokenizer_lib, train
-from llm.inspect import InspectError, embeddings, induction, intervene, lens, neurons
-from llm.inspect import trace as trace_lib
+from llm import model, spec as config_lib
+from llm.data import text as text_lib, tokenizer as tokenizer_lib
+from llm.inspect import InspectError, embeddings, induction, intervene, lens, neurons, trace as trace_lib
 from llm.inspect.trace import all_names
+from llm.model import attention as attention_lib
+from llm.training import checkpoint, evaluate as evaluate_lib, optimizer as optim, sharding, state as state_lib
 
 PROMPT = "The king hath thou sweet love."
 
@@ -26,7 +27,7 @@ def run(tmp_path_factory):
     """A tiny trained char model with an untied head (so both embedding tables exist)."""
     root = tmp_path_factory.mktemp("inspect")
     corpus = write_corpus(root / "corpus.txt", 20_000)
-    train.train(tiny_config(corpus, num_train_steps=20, model__tie_embeddings=False), str(root / "run"), quiet=True)
+    train_run(tiny_config(corpus, num_train_steps=20, model__tie_embeddings=False), str(root / "run"), quiet=True)
     return llm.load(str(root / "run"))
 
 
@@ -43,7 +44,7 @@ def scanned_run(run, tmp_path_factory):
     tokenizer_lib.save(run.tokenizer, str(workdir))
     (workdir / "config.json").write_text(json.dumps(config.to_dict()))
     mngr = checkpoint.manager(str(workdir), async_save=False)
-    opt_state = optim.make(config_lib.opt_config(config)).init(params)
+    opt_state = optim.make(config_lib.from_config(config).opt).init(params)
     checkpoint.save(mngr, int(run.step), params, opt_state, {"step": int(run.step), "data": {"epoch": 0, "batch_in_epoch": 0}})
     mngr.wait_until_finished()
     mngr.close()
@@ -107,9 +108,9 @@ def test_logit_lens_over_a_split_ends_at_the_evaluated_loss(run):
 
 
 def _batches(run, batch_size):
-    dc = config_lib.data_config(run.config, None)
-    stream = data.token_stream(dc, "validation", run.tokenizer)
-    return data.eval_batches(stream, batch_size, run.config.seq_len, dc.packing, run.tokenizer.eos_id)
+    dc = run.spec.data
+    stream = text_lib.token_stream(dc, "validation", run.tokenizer)
+    return text_lib.eval_batches(stream, batch_size, run.config.seq_len, dc.packing, run.tokenizer.eos_id)
 
 
 def test_scanned_and_unscanned_models_trace_the_same_arrays():
@@ -210,10 +211,11 @@ def test_attention_probabilities_sum_to_one_are_causal_and_stay_in_their_documen
 
 
 def _train_step_hlo(cfg, mc: model.ModelConfig) -> str:
-    """The StableHLO of train.setup's jitted train step, the one train() runs, lowered on shapes only."""
+    """The StableHLO of state_lib.setup's jitted train step, the one train() runs, lowered on shapes only."""
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    built = train.setup(mc, config_lib.opt_config(cfg), mesh, sharding.rules_from_config(cfg.mesh.rules))
-    state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), built.abstract_params, built.abstract_opt)
+    run = config_lib.from_config(cfg)
+    built = state_lib.setup(mc, run.opt, mesh, run.mesh.rules)
+    state = state_lib.TrainState(jax.ShapeDtypeStruct((), jnp.int32), built.abstract_params, built.abstract_opt)
     rows = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32)
     batch = {"inputs": rows, "targets": rows, "weights": jax.ShapeDtypeStruct(rows.shape, jnp.float32)}
     return built.train_step.lower(state, batch).as_text()
@@ -226,7 +228,7 @@ class _Tapped(Exception):
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_tracing_off_leaves_the_train_step_hlo_unchanged(scan_layers, monkeypatch, tmp_path):
     cfg = tiny_config(tmp_path / "unread.txt", model__scan_layers=scan_layers)
-    mc = config_lib.model_config(cfg, 64)  # as train() builds it: nothing in a run's config turns trace on
+    mc = config_lib.resolve(config_lib.from_config(cfg), 64).model  # as train() builds it: nothing in a run's config turns trace on
     assert not mc.trace
     plain = _train_step_hlo(cfg, mc)
 

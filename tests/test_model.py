@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from llm import config as config_lib, model
-from llm.loss import cross_entropy_sums
-from llm.model import ModelConfig
+from llm import model, spec as config_lib
+from llm.model import ModelConfig, transformer
+from llm.training.loss import cross_entropy_sums
 
 VARIANTS = [
     dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=True, G=2),
@@ -73,7 +73,7 @@ def test_sinusoidal_encoding_matches_the_formula():
             angle = i / 10000 ** (2 * k / D)
             expected[i, 2 * k] = math.sin(angle)
             expected[i, 2 * k + 1] = math.cos(angle)
-    got = np.asarray(model.sinusoidal(jnp.asarray(positions)[None], D))[0]
+    got = np.asarray(transformer.sinusoidal(jnp.asarray(positions)[None], D))[0]
     np.testing.assert_allclose(got, expected, atol=2e-5)
 
 

@@ -7,16 +7,17 @@ import optax
 import pytest
 
 from configs import default
-from llm import config, optim
+from llm import spec as config
+from llm.training import optimizer as optim
 
 
-def opt_config(**kw) -> optim.OptConfig:
+def opt_config(**kw) -> config.OptConfig:
     cfg = default.get_config()
     cfg.num_train_steps = 1000
     cfg.opt.warmup_steps = 100
     for k, v in kw.items():
         cfg.opt[k] = v
-    return config.opt_config(cfg)
+    return config.from_config(cfg).opt
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "wsd"])
@@ -97,9 +98,9 @@ def test_shipped_run_configs_are_valid(name):
 def test_vocab_is_padded():
     cfg = default.get_config()
     cfg.model.vocab_multiple = 128
-    assert config.padded_vocab_size(cfg, 87) == 128
+    assert config.vocabulary(config.from_config(cfg), 87).size == 128
     cfg.model.vocab_size = 100
-    assert config.padded_vocab_size(cfg, 87) == 100
+    assert config.vocabulary(config.from_config(cfg), 87).size == 100
 
 
 def test_a_saved_config_from_before_a_new_key_loads_with_the_old_behaviour():
@@ -109,4 +110,4 @@ def test_a_saved_config_from_before_a_new_key_loads_with_the_old_behaviour():
     cfg = config.from_saved(saved)
     config.validate(cfg)
     assert cfg.model.d_model == 96 and cfg.model.norm_bias is True and cfg.mesh.cpu_devices == -1
-    assert config.model_config(cfg, 128).norm_bias
+    assert config.resolve(config.from_config(cfg), 128).model.norm_bias

@@ -12,8 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from llm import loss as loss_lib, model
+from llm import model
 from llm.model import ModelConfig
+from llm.training import loss as loss_lib
 
 
 def _norm(x, p, kind):

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, kill_at_checkpoint_and_resume, run_cli, tiny_config, write_corpus
+from conftest import REPO, cli_overrides, kill_at_checkpoint_and_resume, run_cli, tiny_config, train_run, write_corpus
 
 import llm
-from llm import checkpoint, examples, model, objectives, rl, template, tokenizer as tokenizer_lib, train
-from llm.sources import DataError
+from llm import model
+from llm.model import heads, sample
+from llm.data import DataError, examples, template, tokenizer as tokenizer_lib
+from llm.training import checkpoint, evaluate, objectives, rl
 
 
 def _problem(rng: random.Random) -> tuple[str, str]:
@@ -40,7 +42,7 @@ def sets(tmp_path_factory) -> dict:
     lines = [f"{p}={a}" for p, a in (_problem(rng) for _ in range(1500))]
     corpus = root / "pre.txt"
     corpus.write_text("\n".join(lines) + "\n")
-    train.train(tiny_config(corpus, num_train_steps=20), str(root / "pre"), quiet=True)
+    train_run(tiny_config(corpus, num_train_steps=20), str(root / "pre"), quiet=True)
     sft = _write_jsonl(root / "sft.jsonl", [dict(zip(("prompt", "response"), _problem(rng))) for _ in range(120)])
     pref = []
     for _ in range(120):
@@ -115,14 +117,14 @@ def test_only_response_tokens_carry_loss_and_examples_do_not_attend_across_each_
 def test_sft_from_a_pretrained_run_lowers_the_held_out_response_loss_and_eval_reports_it(sets):
     workdir = str(sets["root"] / "sft_run")
     cfg = _cfg(sets, data__dataset=f"sft:{sets['sft']}", num_train_steps=30, eval_every_steps=30, checkpoint_every_steps=30)
-    summary = train.train(cfg, workdir, quiet=True)
+    summary = train_run(cfg, workdir, quiet=True)
     before = llm.load(sets["pre"])
     run = llm.load(workdir)
     assert run.evaluate()["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
     # The pretrained model, scored on the same held-out responses, does worse.
     tok, roles = before.tokenizer, before.roles
     found, _ = examples.load_sft(cfg.data.dataset, "validation", tok, roles, cfg.seq_len, 0.1, 0.0)
-    step = jax.jit(llm.evaluate.make_eval_step(before.model_config))
+    step = jax.jit(evaluate.make_eval_step(before.model_config))
     loss_sum, n = 0.0, 0.0
     for b in examples.sft_eval_batches(found, 16, cfg.seq_len):
         s, t = step(before.params, {k: jnp.asarray(v) for k, v in b.items()})
@@ -135,13 +137,13 @@ def test_sft_from_a_pretrained_run_lowers_the_held_out_response_loss_and_eval_re
 
 def test_sft_on_a_sentencepiece_run_with_no_spare_rows_grows_the_vocabulary_for_the_template(sets, tmp_path):
     pre = str(tmp_path / "spm")
-    train.train(tiny_config(sets["corpus"], num_train_steps=2, data__tokenizer="sentencepiece", data__vocab_size=273,
+    train_run(tiny_config(sets["corpus"], num_train_steps=2, data__tokenizer="sentencepiece", data__vocab_size=273,
                                   model__vocab_multiple=1), pre, quiet=True)
     assert llm.load(pre).model_config.V == 273  # exactly the tokenizer's: no row for a role marker
     with pytest.raises(template.TemplateError, match="fine-tune it on 'sft:' data first"):
         llm.load(pre).roles
     sft = str(tmp_path / "sft")
-    train.train(_cfg(sets, init_from=pre, data__dataset=f"sft:{sets['sft']}", num_train_steps=2, model__vocab_multiple=1), sft, quiet=True)
+    train_run(_cfg(sets, init_from=pre, data__dataset=f"sft:{sets['sft']}", num_train_steps=2, model__vocab_multiple=1), sft, quiet=True)
     run, before = llm.load(sft), llm.load(pre)
     assert run.model_config.V == 277 and run.roles.end == 276
     assert run.config.model.vocab_size == 277  # recorded, so every later stage and load sees the same shape
@@ -190,7 +192,7 @@ def _objective_overrides(sets, objective: str, steps: int) -> dict:
     if objective in ("reward", "dpo"):
         return dict(data__dataset=f"preference:{sets['pref']}", **common)
     return dict(data__dataset=f"prompts:{sets['prompts']}", batch_size=4, grpo__group_size=4, grpo__max_new_tokens=4,
-                grpo__reward_fn="llm.rl:exact_match_reward", **common)
+                grpo__reward_fn="llm.training.rl:exact_match_reward", **common)
 
 
 def _objective_cfg(sets, objective: str, steps: int, eval_every_steps: int = 0):
@@ -198,7 +200,7 @@ def _objective_cfg(sets, objective: str, steps: int, eval_every_steps: int = 0):
 
 
 def _train(cfg, workdir):
-    return (rl.train_grpo if cfg.objective == "grpo" else train.train)(cfg, workdir, quiet=True)
+    return train_run(cfg, workdir, quiet=True, feed=rl.make_feed if cfg.objective == "grpo" else None)
 
 
 def _logged(workdir) -> dict[int, dict]:
@@ -228,7 +230,7 @@ def test_a_sigkilled_run_of_each_objective_resumes_to_the_params_and_losses_of_a
               "grpo": {"kl", "entropy", "answer_length", "reward", "reward_std", "eval_reward", "eval_answer_length"}}[objective]
     assert logged <= set(summary)
     if objective == "reward":
-        assert objectives.REWARD_HEAD in a.params
+        assert heads.REWARD_HEAD in a.params
         assert set(a.evaluate()) >= {"accuracy", "pairs", "loss"}
 
 
@@ -250,17 +252,25 @@ def test_grpo_across_two_processes_samples_the_one_process_answers_and_trains_to
 def test_the_reward_model_reports_held_out_pairwise_accuracy_scores_from_the_cli_and_rewards_grpo(sets, tmp_path):
     cfg = _cfg(sets, data__dataset=f"preference:{sets['pref']}", objective="reward", num_train_steps=30, eval_every_steps=30,
                checkpoint_every_steps=30, opt__learning_rate=1e-2)
-    summary = train.train(cfg, str(tmp_path / "rm"), quiet=True)
+    summary = train_run(cfg, str(tmp_path / "rm"), quiet=True)
     assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["loss"] < math.log(2)
     result = run_cli("score", f"--workdir={tmp_path / 'rm'}", "--prompt=1+1", "--response=2")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(json.loads(result.stdout.strip().splitlines()[-1])["scores"]) == 1
-    # The reward model as GRPO's reward: its scores of the sampled answers are what is logged.
+    rm = llm.load(str(tmp_path / "rm"))
+    assert json.loads(result.stdout.strip().splitlines()[-1])["scores"] == pytest.approx(rm.score(["1+1"], ["2"]), abs=1e-6)
+    # The reward model as GRPO's reward: its scores of the answers are what is logged. The held-out eval
+    # answers greedily with the params of the last step, which a reload reproduces through chat.
     cfg = _objective_cfg(sets, "grpo", 2)
     cfg.grpo.reward_fn, cfg.grpo.reward_run = "", str(tmp_path / "rm")
     cfg.eval_every_steps, cfg.grpo.eval_prompts = 2, 4
-    summary = rl.train_grpo(cfg, str(tmp_path / "grpo_rm"), quiet=True)
-    assert np.isfinite(summary["reward"]) and summary["reward"] != 0.0 and np.isfinite(summary["eval_reward"])
+    summary = train_run(cfg, str(tmp_path / "grpo_rm"), quiet=True, feed=rl.make_feed)
+    policy = llm.load(str(tmp_path / "grpo_rm"))
+    held = examples.held_out(examples.read(f"prompts:{sets['prompts']}"), "validation", cfg.data.validation_fraction,
+                             cfg.data.test_fraction)[: cfg.grpo.eval_prompts]
+    prompts = [r.value["prompt"] for r in held]
+    answers = [policy.chat([{"role": "user", "content": p}], max_new_tokens=cfg.grpo.max_new_tokens) for p in prompts]
+    assert summary["eval_reward"] == pytest.approx(np.mean(rm.score(prompts, answers)), abs=1e-5)
+    assert np.isfinite(summary["reward"])
 
 
 # Bad input: one clear message naming the file and line, or the step.
@@ -296,7 +306,7 @@ def test_a_reward_function_returning_nan_stops_grpo_naming_the_step_and_nothing_
     cfg.grpo.reward_fn = "test_posttrain:nan_reward"
     workdir = str(tmp_path / "nan")
     with pytest.raises(rl.RewardError, match=r"step 1: the reward of \d+ answer\(s\) is not finite .*last checkpoint is intact"):
-        rl.train_grpo(cfg, workdir, quiet=True)
+        train_run(cfg, workdir, quiet=True, feed=rl.make_feed)
     assert checkpoint.latest_step(workdir) is None
 
 
@@ -304,7 +314,7 @@ def test_a_reward_function_returning_nan_stops_grpo_naming_the_step_and_nothing_
 
 
 def test_chat_keeps_the_system_message_and_drops_the_oldest_turns_to_fit_the_context(sets):
-    from llm import chat
+    from llm.run import chat
 
     run = llm.load(sets["pre"])  # a 32-token context
     turns = [{"role": r, "content": "12+34"} for r in ("user", "assistant") * 4] + [{"role": "user", "content": "5+6"}]
@@ -314,7 +324,7 @@ def test_chat_keeps_the_system_message_and_drops_the_oldest_turns_to_fit_the_con
     assert 1 < len(kept) < len(history) and len(tokens) <= run.context - 4
     one_more = [history[0]] + turns[len(turns) - len(kept):]
     assert len(template.render(run.tokenizer, run.roles, one_more, add_generation_prompt=True)[0]) > run.context - 4
-    with pytest.raises(llm.sample.SampleError, match="the last message alone"):
+    with pytest.raises(sample.SampleError, match="the last message alone"):
         chat.fit(run, [{"role": "user", "content": "1+1" * 20}], max_new_tokens=4)
 
 
@@ -350,7 +360,7 @@ def test_chat_streams_an_answer_and_ctrl_c_stops_that_answer_not_the_program(tmp
     # A pretrained model never saw <|end|>: a few steps push its logit below the corpus's characters, and
     # top-k keeps it out, so the answer runs to max_new_tokens, long enough to interrupt (at init every
     # id has ~1/V, and an answer could end after a handful of tokens).
-    train.train(tiny_config(corpus, num_train_steps=20, seq_len=1024, batch_size=2), str(workdir), quiet=True)
+    train_run(tiny_config(corpus, num_train_steps=20, seq_len=1024, batch_size=2), str(workdir), quiet=True)
     term = _Terminal([sys.executable, "-m", "llm.cli", "chat", f"--workdir={workdir}", "--max_new_tokens=1000", "--temperature=1.0",
                       "--top_k=10"])
     try:

@@ -9,14 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config, train_run, write_corpus
 from scipy import stats
 
-from conftest import tiny_config, write_corpus
-
 import llm
-from llm import checkpoint, model, sample, tokenizer as tokenizer_lib, train
-from llm.attention import KVCache
-from llm.model import ModelConfig
+from llm import model
+from llm.data import tokenizer as tokenizer_lib
+from llm.model import ModelConfig, sample
+from llm.model.attention import KVCache
+from llm.training import checkpoint
 
 V, VOCAB_LIMIT, EOS = 24, 21, 2  # the last 3 ids stand in for vocabulary padding
 
@@ -240,7 +241,7 @@ def char_run(tmp_path_factory):
     """A char-level run trained for 2 steps: just enough for a checkpoint, a tokenizer and a config."""
     root = tmp_path_factory.mktemp("char_run")
     cfg = tiny_config(write_corpus(root / "corpus.txt", num_chars=3000), num_train_steps=2, checkpoint_every_steps=2)
-    train.train(cfg, str(root / "run"), quiet=True)
+    train_run(cfg, str(root / "run"), quiet=True)
     return llm.load(str(root / "run"))
 
 

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from experiments.encoder_decoder import task
-from llm import examples, seq2seq, tokenizer
-from llm.sources import DataError
-from llm.tokenizer import BOS_ID, EOS_ID
+from llm.data import DataError, examples, seq2seq, tokenizer
+from llm.data.tokenizer import BOS_ID, EOS_ID
 
 TOK = tokenizer.train("char", [string.ascii_lowercase])
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from conftest import REPO, cli_overrides, run_cli, streamed
 
-from llm import guard, model, sharding, train
+from llm import model
 from llm.model import ModelConfig
+from llm.training import guard, sharding, state as state_lib
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 
@@ -116,7 +117,7 @@ def test_a_preemption_notice_to_one_process_stops_the_job_at_one_step_and_the_re
     procs = start_job()
     stderr = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], stderr[0][-2000:] + stderr[1][-2000:]
-    from llm import api
+    from llm.run import api
 
     jax.tree.map(np.testing.assert_array_equal, api.load(str(workdir)).params, api.load(str(two_process_run)).params)
 
@@ -136,15 +137,15 @@ def _compile_seconds_and_hlo_size(num_layers: int) -> tuple[float, int]:
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from llm import optim
+    from llm.training import optimizer as optim
 
     oc = optim.OptConfig(10, 1e-3, 0, "constant", 1.0, 0.2, 0.9, 0.99, 1e-8, 0.0, False, 1.0, 1, 0.0)
     tx = optim.make(oc)
     params = nn.unbox(jax.eval_shape(lambda: model.init(cfg, jax.random.key(0))))
-    state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+    state = state_lib.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
     batch = {k: jax.ShapeDtypeStruct((4, 32), jnp.int32) for k in ("inputs", "targets")}
     batch["weights"] = jax.ShapeDtypeStruct((4, 32), jnp.float32)
-    lowered = jax.jit(train.make_train_step(cfg, tx, oc)).lower(state, batch)
+    lowered = jax.jit(state_lib.make_train_step(cfg, tx, oc)).lower(state, batch)
     jax.config.update("jax_enable_compilation_cache", False)  # a compile time, not a cache read (conftest)
     try:
         start = time.perf_counter()

@@ -13,8 +13,8 @@ import pytest
 
 from configs import default
 from configs.sweeps import grid_example, isoflop_cpu
-from llm import checkpoint
 from llm.scaling import fit, sweep
+from llm.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_COLUMNS = ["name", "params", "non_embedding_params", "tokens", "flops", "train_loss", "eval_loss",

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from llm import data, tokenizer
+from llm import data
+from llm.data import corpus as corpus_lib, text as text_lib, tokenizer
 
 
 @pytest.mark.parametrize("kind", ["char", "byte"])
@@ -32,9 +33,9 @@ def test_char_tokenizer_names_characters_it_cannot_encode():
 
 def test_shakespeare_splits_are_disjoint_whole_works(tmp_path):
     dc = data.DataConfig(dataset="shakespeare", data_dir=str(tmp_path))
-    train = data.load_documents(dc, "train")
-    validation = data.load_documents(dc, "validation")
-    test = data.load_documents(dc, "test")
+    train = corpus_lib.load_documents(dc, "train")
+    validation = corpus_lib.load_documents(dc, "validation")
+    test = corpus_lib.load_documents(dc, "test")
     assert len(train) == 36 and len(validation) == 3 and len(test) == 3
     assert not set(validation) & set(train) and not set(test) & set(train)
     assert any(doc.startswith("JULIUS CAESAR") or "JULIUS CAESAR" in doc[:200] for doc in validation)
@@ -43,8 +44,8 @@ def test_shakespeare_splits_are_disjoint_whole_works(tmp_path):
 def test_text_dataset_splits_each_file_by_position(tmp_path):
     (tmp_path / "a.txt").write_text("0123456789" * 10)
     dc = data.DataConfig(dataset=f"text:{tmp_path}/*.txt", data_dir=str(tmp_path / "tfds"), validation_fraction=0.1)
-    train = data.load_documents(dc, "train")
-    validation = data.load_documents(dc, "validation")
+    train = corpus_lib.load_documents(dc, "train")
+    validation = corpus_lib.load_documents(dc, "validation")
     assert train[0] + validation[0] == "0123456789" * 10 and len(validation[0]) == 10
 
 
@@ -56,17 +57,17 @@ def test_bad_files_get_one_clear_message(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
     with pytest.raises(data.DataError, match=message):
-        data.load_documents(data.DataConfig(dataset=f"text:{path}", data_dir=str(tmp_path / "tfds")), "train")
+        corpus_lib.load_documents(data.DataConfig(dataset=f"text:{path}", data_dir=str(tmp_path / "tfds")), "train")
 
 
 def test_glob_matching_nothing_and_unknown_dataset_are_named(tmp_path):
     dd = str(tmp_path / "tfds")
     with pytest.raises(data.DataError, match="matches no files"):
-        data.load_documents(data.DataConfig(dataset=f"text:{tmp_path}/*.nope", data_dir=dd), "train")
+        corpus_lib.load_documents(data.DataConfig(dataset=f"text:{tmp_path}/*.nope", data_dir=dd), "train")
     with pytest.raises(data.DataError, match="unknown dataset 'wikitext'"):
-        data.load_documents(data.DataConfig(dataset="wikitext", data_dir=dd), "train")
+        corpus_lib.load_documents(data.DataConfig(dataset="wikitext", data_dir=dd), "train")
     with pytest.raises(data.DataError, match="unknown split 'dev'"):
-        data.load_documents(data.DataConfig(dataset="shakespeare", data_dir=dd), "dev")
+        corpus_lib.load_documents(data.DataConfig(dataset="shakespeare", data_dir=dd), "dev")
 
 
 def _stream(n=5000):
@@ -74,13 +75,13 @@ def _stream(n=5000):
 
 
 def test_batches_are_deterministic_and_resume_exactly():
-    a = data.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
+    a = text_lib.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
     first = [next(a) for _ in range(200)]  # crosses several epochs
-    b = data.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
+    b = text_lib.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
     for _ in range(57):
         next(b)
     state = b.get_state()
-    c = data.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
+    c = text_lib.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=3)
     c.set_state(state)
     for expected in first[57:]:
         got = next(c)
@@ -89,7 +90,7 @@ def test_batches_are_deterministic_and_resume_exactly():
 
 
 def test_rows_are_shifted_next_token_pairs_and_epochs_reshuffle():
-    batches = data.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=0)
+    batches = text_lib.TrainBatches(_stream(), batch_size=4, seq_len=16, seed=0)
     batch = next(batches)
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     per_epoch = (5000 - 1) // 16 // 4 - 1
@@ -99,14 +100,14 @@ def test_rows_are_shifted_next_token_pairs_and_epochs_reshuffle():
 
 
 def test_hosts_get_disjoint_slices_whose_union_is_the_global_batch():
-    whole = next(data.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=1))
-    parts = [next(data.TrainBatches(_stream(), 8, 16, 1, rows=rows)) for rows in [(0, 4), (4, 8)]]
+    whole = next(text_lib.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=1))
+    parts = [next(text_lib.TrainBatches(_stream(), 8, 16, 1, rows=rows)) for rows in [(0, 4), (4, 8)]]
     np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]), whole["inputs"])
 
 
 def test_eval_batches_score_every_token_once_with_padding_masked():
     stream = _stream(1001)
-    batches = list(data.eval_batches(stream, batch_size=8, seq_len=16))
+    batches = list(text_lib.eval_batches(stream, batch_size=8, seq_len=16))
     weights = np.concatenate([b["weights"] for b in batches])
     targets = np.concatenate([b["targets"] for b in batches])
     assert weights.sum() == len(stream) - 1
@@ -115,11 +116,11 @@ def test_eval_batches_score_every_token_once_with_padding_masked():
 
 
 def test_window_sampling_resumes_exactly_and_splits_across_hosts():
-    a = data.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=2, sampling="windows")
+    a = text_lib.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=2, sampling="windows")
     expected = [next(a) for _ in range(10)]
-    b = data.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=2, sampling="windows")
+    b = text_lib.TrainBatches(_stream(), batch_size=8, seq_len=16, seed=2, sampling="windows")
     b.set_state({"epoch": 0, "batch_in_epoch": 6})
     np.testing.assert_array_equal(next(b)["inputs"], expected[6]["inputs"])
-    halves = [data.TrainBatches(_stream(), 8, 16, 2, rows=r, sampling="windows") for r in [(0, 4), (4, 8)]]
+    halves = [text_lib.TrainBatches(_stream(), 8, 16, 2, rows=r, sampling="windows") for r in [(0, 4), (4, 8)]]
     np.testing.assert_array_equal(np.concatenate([next(h)["inputs"] for h in halves]), expected[0]["inputs"])
     assert not np.array_equal(expected[0]["inputs"], expected[1]["inputs"])

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, documents, streamed, tiny_config, write_shards
+from conftest import REPO, cli_overrides, documents, streamed, tiny_config, train_run, write_shards
 
-from llm import checkpoint, guard, model, optim, train
+from llm import model
 from llm.model import ModelConfig
+from llm.training import checkpoint, guard, loop, optimizer as optim, state as state_lib
 
 
 def _step_fn(cfg: ModelConfig, **opt):
@@ -25,8 +26,8 @@ def _step_fn(cfg: ModelConfig, **opt):
     oc = optim.OptConfig(**{**base, **opt})
     tx = optim.make(oc)
     params = nn.unbox(model.init(cfg, jax.random.key(0)))
-    state = train.TrainState(jnp.int32(0), params, tx.init(params))
-    return state, jax.jit(train.make_train_step(cfg, tx, oc))
+    state = state_lib.TrainState(jnp.int32(0), params, tx.init(params))
+    return state, jax.jit(state_lib.make_train_step(cfg, tx, oc))
 
 
 def _batch(B, L, V, seed=0, weights=None):
@@ -79,7 +80,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 
 def _final_params(workdir):
-    from llm import api
+    from llm.run import api
 
     return api.load(workdir).params
 
@@ -169,12 +170,12 @@ def test_sigint_commits_a_checkpoint_of_the_current_step_a_sigterm_during_that_s
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
     cfg = tiny_config(corpus, num_train_steps=20, checkpoint_every_steps=1, opt__learning_rate=1e30, opt__warmup_steps=0,
                       opt__schedule="constant", opt__clip_norm=0.0)
-    with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as err:
-        train.train(cfg, str(tmp_path), quiet=True)
+    with pytest.raises(loop.NonFiniteLossError, match=r"at step (\d+)") as err:
+        train_run(cfg, str(tmp_path), quiet=True)
     bad_step = int(err.value.args[0].split("at step ")[1].split(";")[0])
     good = checkpoint.latest_step(str(tmp_path))
     assert good == bad_step - 1
-    from llm import api
+    from llm.run import api
 
     params = api.load(str(tmp_path)).params
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
@@ -182,7 +183,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_metrics_tensorboard_and_workdir_contents(tmp_path, corpus):
     cfg = tiny_config(corpus, num_train_steps=12, log_every_steps=5, eval_every_steps=5, checkpoint_every_steps=6)
-    summary = train.train(cfg, str(tmp_path), quiet=True)
+    summary = train_run(cfg, str(tmp_path), quiet=True)
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train_records = [r for r in records if "loss" in r]
     eval_records = [r for r in records if "eval_loss" in r]
@@ -201,12 +202,12 @@ def test_metrics_tensorboard_and_workdir_contents(tmp_path, corpus):
 
 def test_init_from_fine_tunes_from_another_runs_params(tmp_path, corpus):
     pre = tmp_path / "pre"
-    train.train(tiny_config(corpus, num_train_steps=10), str(pre), quiet=True)
+    train_run(tiny_config(corpus, num_train_steps=10), str(pre), quiet=True)
     fine = tmp_path / "fine"
     cfg = tiny_config(corpus, num_train_steps=1, init_from=str(pre), opt__learning_rate=1e-12, opt__warmup_steps=0,
                       opt__schedule="constant", opt__weight_decay=0.0)
-    train.train(cfg, str(fine), quiet=True)
-    from llm import api
+    train_run(cfg, str(fine), quiet=True)
+    from llm.run import api
 
     a, b = api.load(str(pre)).params, api.load(str(fine)).params
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-9), a, b)
@@ -214,11 +215,16 @@ def test_init_from_fine_tunes_from_another_runs_params(tmp_path, corpus):
 
 
 def test_bfloat16_compute_trains_evaluates_and_samples(tmp_path, corpus):
-    cfg = tiny_config(corpus, num_train_steps=10, eval_every_steps=10, model__dtype="bfloat16")
-    summary = train.train(cfg, str(tmp_path), quiet=True)
-    assert np.isfinite(summary["loss"]) and np.isfinite(summary["eval_loss"])
-    from llm import api
+    """bf16 compute (params, softmax and loss in float32) follows the float32 run, learns, and its greedy
+    sample is the argmax of its own logits."""
+    runs = {dtype: train_run(tiny_config(corpus, num_train_steps=10, eval_every_steps=10, model__dtype=dtype),
+                             str(tmp_path / dtype), quiet=True) for dtype in ("bfloat16", "float32")}
+    from llm.run import api
 
-    run = api.load(str(tmp_path))
+    run = api.load(str(tmp_path / "bfloat16"))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(run.params))
-    assert isinstance(run.generate("The ", max_new_tokens=5, temperature=0.0)[0], str)
+    assert runs["bfloat16"]["eval_loss"] == pytest.approx(runs["float32"]["eval_loss"], abs=0.05)
+    assert runs["bfloat16"]["eval_loss"] < np.log(run.model_config.V) - 0.3  # below the uniform guess it starts from
+    prompt = run.tokenizer.encode("The ")
+    first = run.generate("The ", max_new_tokens=1, temperature=0.0)[0]
+    assert run.tokenizer.encode(first).tolist() == [int(np.argmax(run.logits(prompt)[-1]))]

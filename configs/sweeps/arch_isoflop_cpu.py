@@ -1,6 +1,6 @@
 """Decoder-only vs encoder-decoder at equal compute: the same IsoFLOP budgets and parameter targets for
 each arch on the built-in Shakespeare corpus (next-token prediction vs T5's span corruption), 2 archs x
-2 budgets x 3 sizes: 9.3 minutes on 2 CPU cores (results: README.md, "Three architectures").
+2 budgets x 3 sizes: 9.3 minutes on 2 CPU cores (results: docs/model.md, "Three architectures").
 
 ./run.sh sweep --config=configs/sweeps/arch_isoflop_cpu.py --workdir=runs/arch_isoflop [--dry_run]
 ./run.sh fit --workdir=runs/arch_isoflop --arch=decoder          # and --arch=encoder_decoder

@@ -16,6 +16,8 @@ import time
 
 from absl import app, flags
 
+from llm.data import stream as stream_lib
+
 flags.DEFINE_string("root", "/tmp/llm_stream_bench", "where the corpus, indexes and runs go")
 flags.DEFINE_list("sizes_gb", ["0.2", "1", "2"], "corpus sizes to start a run on")
 flags.DEFINE_integer("batches", 1500, "batches drawn per throughput measurement")
@@ -26,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def write_corpus(root: str, total_bytes: int) -> list[str]:
-    from llm.datasets.shakespeare import works
+    from llm.data.datasets.shakespeare import works
 
     lines = [line for path in works().values() for line in open(path, encoding="utf-8").read().split("\n")]
     os.makedirs(root, exist_ok=True)
@@ -85,12 +87,13 @@ def start_run(dataset: str, tokenizer_path: str, workdir: str, data_dir: str) ->
 
 
 def pipeline_throughput(dataset: str, tokenizer_path: str, data_dir: str, workers: int, batches: int) -> dict:
-    from llm import data, tokenizer
+    from llm import data
+    from llm.data import tokenizer
 
     with open(tokenizer_path, "rb") as f:
         tok = tokenizer.SentencePieceTokenizer(f.read())
-    split = data.open_split(data.DataConfig(dataset=dataset, data_dir=data_dir), "train")
-    stream = data.StreamBatches(split, tok, 16, 128, seed=0, num_workers=workers)  # the default config's batch
+    split = stream_lib.open_split(data.DataConfig(dataset=dataset, data_dir=data_dir), "train")
+    stream = stream_lib.StreamBatches(split, tok, 16, 128, seed=0, num_workers=workers)  # the default config's batch
     for _ in range(20):
         next(stream)
     start = time.perf_counter()
@@ -114,8 +117,8 @@ def train_tokens_per_s_one_core() -> float:
 
 
 def main(_):
-    from llm import tokenizer
-    from llm.datasets.shakespeare import works
+    from llm.data import tokenizer
+    from llm.data.datasets.shakespeare import works
 
     os.makedirs(FLAGS.root, exist_ok=True)
     sizes = [float(s) for s in FLAGS.sizes_gb]

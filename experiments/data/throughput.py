@@ -12,22 +12,25 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from llm.data import corpus as corpus_lib, text as text_lib
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py")
 flags.DEFINE_integer("batches", 2000, "batches to draw from the pipeline")
 flags.DEFINE_integer("train_steps", 10, "train steps to time for the consumption side")
 
 
 def main(_):
-    from llm import bench, config as config_lib, data, tokenizer
+    from llm import bench, spec
+    from llm.data import tokenizer
 
     cfg = _CONFIG.value
-    dc = config_lib.data_config(cfg)
-    texts = data.load_documents(dc, "train") + data.load_documents(dc, "validation")
+    dc = spec.from_config(cfg).data
+    texts = corpus_lib.load_documents(dc, "train") + corpus_lib.load_documents(dc, "validation")
     tok = tokenizer.train(cfg.data.tokenizer, texts, cfg.data.vocab_size, cfg.data.spm_model_type)
-    stream = data.token_stream(dc, "train", tok)  # tokenized once, cached; what a run reads afterwards
+    stream = text_lib.token_stream(dc, "train", tok)  # tokenized once, cached; what a run reads afterwards
 
     os.sched_setaffinity(0, {0})  # the pipeline's share: one core
-    batches = data.TrainBatches(stream, cfg.batch_size, cfg.seq_len, cfg.seed, sampling=cfg.data.sampling, packing=cfg.data.packing, eos_id=tok.eos_id)
+    batches = text_lib.TrainBatches(stream, cfg.batch_size, cfg.seq_len, cfg.seed, sampling=cfg.data.sampling, packing=cfg.data.packing, eos_id=tok.eos_id)
     next(batches)
     start = time.perf_counter()
     for _ in range(flags.FLAGS.batches):

@@ -19,7 +19,8 @@ from pathlib import Path
 import llm
 from configs import default
 from experiments.encoder_decoder import plot, task
-from llm import config as config_lib, model, train
+from llm import model, spec, spec as config_lib
+from llm.training import batches, loop
 
 HERE = Path(__file__).resolve().parent
 WIDTH, HEADS, FF = 128, 4, 512
@@ -47,7 +48,7 @@ def config(task_name: str, arch: str, root: Path, paths: dict):
         # two rows hold input + eos and bos + target. Both pack two to three examples per row.
         cfg.seq_len = 80 if arch == "decoder" else 40
         cfg.target_len = 40 if arch == "encoder_decoder" else 0
-    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, _vocab(cfg, root) + config_lib.reserved_ids(cfg)))
+    mc = config_lib.resolve(config_lib.from_config(cfg), _vocab(cfg, root)).model
     steps = round(BUDGETS[task_name] / (model.flops_per_token(mc) * cfg.batch_size * cfg.seq_len))
     cfg.num_train_steps = steps
     cfg.checkpoint_every_steps = -(-steps // CHECKPOINTS)
@@ -64,7 +65,7 @@ def config(task_name: str, arch: str, root: Path, paths: dict):
 
 def _vocab(cfg, root: Path) -> int:
     """The char vocabulary a run builds (the same one train.py builds), for its FLOPs before it starts."""
-    return train.build_tokenizer(cfg).vocab_size
+    return batches.build_tokenizer(cfg).vocab_size
 
 
 def run_one(task_name: str, arch: str, root: Path, paths: dict) -> dict:
@@ -74,7 +75,7 @@ def run_one(task_name: str, arch: str, root: Path, paths: dict) -> dict:
         return json.loads(done.read_text())
     cfg, mc = config(task_name, arch, root, paths)
     start = time.time()
-    summary = train.train(cfg, str(workdir), quiet=True)
+    summary = loop.train(spec.from_config(cfg), str(workdir), quiet=True)
     record = {"wall_s": time.time() - start, "steps": cfg.num_train_steps, "flops_per_step": model.flops_per_token(mc) * cfg.batch_size * cfg.seq_len,
               "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float))}}
     record["curve"] = [r for r in map(json.loads, open(workdir / "metrics.jsonl")) if "eval_loss" in r]

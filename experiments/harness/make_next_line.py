@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from llm import data  # noqa: E402
+from llm.data import corpus as corpus_lib
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "..", "llm", "harness_tasks", "shakespeare_next_line", "next_line.jsonl")
 PASSAGE_LINES = 4
@@ -26,7 +27,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    works = [[line for line in doc.split("\n") if len(line.strip()) >= 20] for doc in data.load_documents(data.DataConfig(dataset="shakespeare"), "test")]
+    works = [[line for line in doc.split("\n") if len(line.strip()) >= 20] for doc in corpus_lib.load_documents(data.DataConfig(dataset="shakespeare"), "test")]
     items = []
     while len(items) < args.items:
         lines = rng.choices(works, weights=[len(w) for w in works])[0]

@@ -21,8 +21,10 @@ import numpy as np
 from absl import app, flags
 
 import llm
-from llm import api, checkpoint, config as config_lib, data
+from llm.data import corpus as corpus_lib, text as text_lib
 from llm.inspect import embeddings
+from llm.run import api
+from llm.training import checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -77,7 +79,7 @@ def single_piece(run: api.Run, word: str) -> tuple[str, int] | None:
 
 def piece_counts(run: api.Run) -> np.ndarray:
     """How often each id occurs in the training split: a rarely seen piece has a barely trained vector."""
-    stream = data.token_stream(config_lib.data_config(run.config, None), "train", run.tokenizer)
+    stream = text_lib.token_stream(run.spec.data, "train", run.tokenizer)
     return np.bincount(np.asarray(stream), minlength=run.tokenizer.vocab_size)
 
 
@@ -153,8 +155,8 @@ def most_variable_neurons(run: api.Run, layer: int, num: int, max_batches: int) 
     and those positions' activations [P, F]. SwiGLU units are signed, so the variance can come from the
     negative side, which top_contexts (largest values first) does not show."""
     name = f"block_{layer}/mlp_hidden_BxLxF"
-    dc = config_lib.data_config(run.config, None)
-    batches = data.split_eval_batches(dc, "validation", run.tokenizer, run.config.eval_batch_size, run.config.seq_len)
+    dc = run.spec.data
+    batches = corpus_lib.split_eval_batches(dc, "validation", run.tokenizer, run.config.eval_batch_size, run.config.seq_len)
     acts = []
     for i, batch in enumerate(batches):
         if i >= max_batches:

@@ -26,9 +26,12 @@ from matplotlib.figure import Figure
 
 import llm
 from configs import default
-from llm import api, checkpoint, config as config_lib, data, model, tokenizer, train
+from llm import model, spec
+from llm.data import text as text_lib, tokenizer
 from llm.inspect import induction, lens
 from llm.inspect.trace import trace
+from llm.run import api
+from llm.training import checkpoint, loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HALF = 50  # random tokens per copy, all distinct: so at most the char alphabet's size
@@ -72,16 +75,16 @@ def get_config(steps: int, every: int, attention_only: bool = False, d_model: in
 
 def held_out_rows(run: api.Run, num_rows: int, seed: int = 0) -> np.ndarray:
     """[num_rows, seq_len] windows of the validation split at random offsets: real text for the ICL score."""
-    stream = data.token_stream(config_lib.data_config(run.config, None), "validation", run.tokenizer)
+    stream = text_lib.token_stream(run.spec.data, "validation", run.tokenizer)
     starts = np.random.default_rng(seed).integers(0, len(stream) - run.context, num_rows)
     return np.stack([np.asarray(stream[s : s + run.context]) for s in starts]).astype(np.int32)
 
 
 def validation_loss(run: api.Run, params, max_batches: int = 8) -> float:
     """The model's own loss (the lens's last layer) on the first batches of the validation split."""
-    dc = config_lib.data_config(run.config, None)
-    stream = data.token_stream(dc, "validation", run.tokenizer)
-    batches = data.eval_batches(stream, run.config.eval_batch_size, run.config.seq_len, dc.packing, run.tokenizer.eos_id)
+    dc = run.spec.data
+    stream = text_lib.token_stream(dc, "validation", run.tokenizer)
+    batches = text_lib.eval_batches(stream, run.config.eval_batch_size, run.config.seq_len, dc.packing, run.tokenizer.eos_id)
     return lens.layer_losses(run.model_config, params, batches, max_batches)[f"block_{run.model_config.N - 1}"]
 
 
@@ -123,7 +126,7 @@ def first_text_id(tok) -> int:
     pieces, which text rarely uses), so that they are made of the tokens text is made of."""
     if isinstance(tok, tokenizer.CharTokenizer):
         return tok.vocab_size - len(tok.chars)
-    return tokenizer.NUM_SPECIAL + 1 + 256  # llm/tokenizer.py's models: unk at 3, then the byte fallback
+    return tokenizer.NUM_SPECIAL + 1 + 256  # llm/data/tokenizer.py's models: unk at 3, then the byte fallback
 
 
 def main():
@@ -144,7 +147,7 @@ def main():
     name = cfg.name  # induction[_attention_only][_bpe]: the json and png are named after it
     started = time.time()
     if not args.measure_only:
-        train.train(cfg, args.workdir)  # resumes if the workdir holds a run already
+        loop.train(spec.from_config(cfg), args.workdir)  # resumes if the workdir holds a run already
     train_seconds = None if args.measure_only else time.time() - started
 
     run = llm.load(args.workdir)

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import shakespeare_char_nanogpt
-from llm import config as config_lib, data, evaluate, model, optim, train
+from llm import model, spec as config_lib
+from llm.data import text as text_lib
+from llm.training import batches, evaluate, optimizer as optim, state as state_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,31 +31,32 @@ def main():
     args = ap.parse_args()
 
     cfg = shakespeare_char_nanogpt.get_config()
-    dc = config_lib.data_config(cfg)
-    tok = train.build_tokenizer(cfg)
-    train_stream, val_stream = data.token_stream(dc, "train", tok), data.token_stream(dc, "validation", tok)
-    batches = data.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, sampling=cfg.data.sampling, eos_id=tok.eos_id)
+    run = config_lib.from_config(cfg)
+    dc = run.data
+    tok = batches.build_tokenizer(run)
+    train_stream, val_stream = text_lib.token_stream(dc, "train", tok), text_lib.token_stream(dc, "validation", tok)
+    train_batches = text_lib.TrainBatches(train_stream, cfg.batch_size, cfg.seq_len, cfg.seed, sampling=cfg.data.sampling, eos_id=tok.eos_id)
     rows_Sx12x65 = []
     for _ in range(args.steps):
-        b = next(batches)
+        b = next(train_batches)
         rows_Sx12x65.append(np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1))
     rows_Sx12x65 = np.stack(rows_Sx12x65).astype(np.int32)
 
-    mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, tok.vocab_size))
-    oc = config_lib.opt_config(cfg)
+    run = config_lib.resolve(run, tok)
+    mc, oc = run.model, run.opt
     optimizer = optim.make(oc)
     params = nn.unbox(model.init(mc, jax.random.key(cfg.seed)))
     exported = {"param:" + ".".join(k.key for k in path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(params)}
 
-    step_fn = jax.jit(train.make_train_step(mc, optimizer, oc), donate_argnums=0)
-    state = train.TrainState(jnp.int32(0), params, optimizer.init(params))
+    step_fn = jax.jit(state_lib.make_train_step(mc, optimizer, oc), donate_argnums=0)
+    state = state_lib.TrainState(jnp.int32(0), params, optimizer.init(params))
     ours = []
     ones = np.ones((cfg.batch_size, cfg.seq_len), np.float32)
     for rows in rows_Sx12x65:
         state, metrics = step_fn(state, {"inputs": rows[:, :-1], "targets": rows[:, 1:], "weights": ones})
         ours.append(float(metrics["loss"]))
     eval_step = jax.jit(evaluate.make_eval_step(mc))
-    ours_val = evaluate.evaluate(eval_step, state.params, data.eval_batches(val_stream, cfg.eval_batch_size, cfg.seq_len),
+    ours_val = evaluate.evaluate(eval_step, state.params, text_lib.eval_batches(val_stream, cfg.eval_batch_size, cfg.seq_len),
                                  tok.token_bytes(), lambda b: b)["loss"]
 
     with tempfile.TemporaryDirectory() as tmp:

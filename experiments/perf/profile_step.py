@@ -3,8 +3,8 @@
 usage: python experiments/perf/profile_step.py [--hlo=/tmp/step.hlo]   (--hlo also writes the optimised HLO)
 """
 import collections
-import gzip
 import glob
+import gzip
 import json
 import re
 import shutil
@@ -17,18 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import shakespeare_char
-from llm import config as config_lib, model, optim, train
+from llm import model, spec as config_lib
 from llm.bench import CHAR_VOCAB
+from llm.training import optimizer as optim, state as state_lib
 
 cfg = shakespeare_char.get_config()
-mc = config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, CHAR_VOCAB))
-oc = config_lib.opt_config(cfg)
+run = config_lib.resolve(config_lib.from_config(cfg), CHAR_VOCAB)
+mc, oc = run.model, run.opt
 optimizer = optim.make(oc)
 params = nn.unbox(model.init(mc, jax.random.key(0)))
-state = train.TrainState(jnp.int32(0), params, optimizer.init(params))
+state = state_lib.TrainState(jnp.int32(0), params, optimizer.init(params))
 tokens = np.random.default_rng(0).integers(3, CHAR_VOCAB, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
 batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((cfg.batch_size, cfg.seq_len), np.float32)}
-step = jax.jit(train.make_train_step(mc, optimizer, oc)).lower(state, batch).compile()
+step = jax.jit(state_lib.make_train_step(mc, optimizer, oc)).lower(state, batch).compile()
 for arg in sys.argv[1:]:
     if arg.startswith("--hlo="):
         open(arg[len("--hlo="):], "w").write(step.as_text())

@@ -17,7 +17,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
-from llm import config as config_lib, sharding, train  # noqa: E402
+from llm import spec as config_lib  # noqa: E402
+from llm.training import (
+    sharding,  # noqa: E402
+    state as state_lib,
+)
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -42,12 +46,11 @@ def main() -> None:
     cfg.model.d_model, cfg.model.num_heads, cfg.model.num_kv_heads, cfg.model.d_ff = 256, 8, 8, 1024
     cfg.mesh.data, cfg.mesh.tensor = 1, 8
     mesh = sharding.make_mesh(1, 1, 8)
-    rules = sharding.rules_from_config(cfg.mesh.rules)
-    mc = config_lib.model_config(cfg, 128)
-    oc = config_lib.opt_config(cfg)
+    run = config_lib.resolve(config_lib.from_config(cfg), 128)
+    rules, mc, oc = run.mesh.rules, run.model, run.opt
     results = {}
     for fused in (True, False):
-        built = train.setup(dataclasses.replace(mc, fused_qkv=fused), oc, mesh, rules)
+        built = state_lib.setup(dataclasses.replace(mc, fused_qkv=fused), oc, mesh, rules)
         state = jax.eval_shape(built.init_state, jax.random.key(0))
         batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=built.batch_sh) for k in ("inputs", "targets")}
         batch["weights"] = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.float32, sharding=built.batch_sh)

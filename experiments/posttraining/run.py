@@ -16,7 +16,8 @@ from pathlib import Path
 import llm
 from configs import default
 from experiments.posttraining import plot, task
-from llm import rl, train
+from llm import spec
+from llm.training import loop, rl
 
 HERE = Path(__file__).resolve().parent
 DIGITS = 2
@@ -67,7 +68,7 @@ def run_stage(name: str, root: Path, paths: dict, test: list[dict]) -> dict:
         return json.loads(done.read_text())
     cfg = config(STAGES[name], root, paths)
     start = time.time()
-    summary = (rl.train_grpo if cfg.objective == "grpo" else train.train)(cfg, str(workdir), quiet=True)
+    summary = loop.train(spec.from_config(cfg), str(workdir), quiet=True, feed=rl.make_feed if cfg.objective == "grpo" else None)
     record = {"wall_s": time.time() - start, "summary": {k: v for k, v in summary.items() if isinstance(v, (int, float))}}
     run = llm.load(str(workdir))
     if name == "pretrain":

@@ -1,7 +1,7 @@
 """Interventions by name: zero- or mean-ablate heads and MLP neurons, patch any activation from
 another input, and the loss / logit change they cause against the clean run.
 
-All three become (where, value) pairs on an activation (llm/tap.py): a head is ablated on
+All three become (where, value) pairs on an activation (llm/model/tap.py): a head is ablated on
 head_out_BxLxHxK (its value mix before wo, so its write into the residual stream goes with it), a
 neuron on mlp_hidden_BxLxF.
 """

@@ -11,7 +11,7 @@ import numpy as np
 
 from llm import model
 from llm.inspect.trace import trace
-from llm.loss import cross_entropy_sums
+from llm.training.loss import cross_entropy_sums
 from llm.model import ModelConfig
 
 
@@ -38,8 +38,8 @@ def _layer_loss_sums(cfg: ModelConfig, params, batch: dict):
 
 
 def layer_losses(cfg: ModelConfig, params, batches: Iterable[dict], max_batches: int = 0) -> dict[str, float]:
-    """Mean next-token loss of every layer's lens over batches (llm/data.py eval_batches: inputs,
-    targets, weights, maybe segment_ids; 0 max_batches: all), summed in float64 on the host as llm/evaluate.py does."""
+    """Mean next-token loss of every layer's lens over batches (llm/training/batches.held_out: inputs,
+    targets, weights, maybe segment_ids; 0 max_batches: all), summed in float64 on the host as llm/training/evaluate.py does."""
     sums, tokens = np.zeros(cfg.N + 1), 0.0
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
@@ -54,7 +54,7 @@ def layer_losses(cfg: ModelConfig, params, batches: Iterable[dict], max_batches:
 
 def prompt_lens(cfg: ModelConfig, params, tokens_L, k: int = 5, vocab_limit: int | None = None) -> list[dict]:
     """Per layer: the loss of each of the prompt's next tokens and their mean (over the padded
-    vocabulary, as llm/evaluate.py scores; None for a single token), and the top-k ids below
+    vocabulary, as llm/training/evaluate.py scores; None for a single token), and the top-k ids below
     `vocab_limit` after the prompt."""
     tokens_L = np.asarray(tokens_L, np.int32)
     _, cache = trace(cfg, params, tokens_L[None], names=stream_names(cfg))

@@ -50,7 +50,7 @@ def _window(batch: dict, row: int, position: int, before: int, after: int) -> tu
 def top_activations(cfg: ModelConfig, params, batches: Iterable[dict], layer: int, neuron: int, k: int = 10,
                     max_batches: int = 0, before: int = 40, after: int = 10) -> list[dict]:
     """The k largest activations of neuron `neuron` of block `layer`'s MLP hidden units over the batches
-    (llm/data.py eval_batches; 0 max_batches: all), largest first, ties in reading order. Each is
+    (the eval batches of llm/training/batches.held_out; 0 max_batches: all), largest first, ties in reading order. Each is
     {"activation", "row" (over all batches), "position", "before", "token", "after"} with token ids."""
     check_neuron(cfg, layer, neuron)
     if k < 1:

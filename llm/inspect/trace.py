@@ -17,9 +17,8 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from llm import model
 from llm.inspect import InspectError
-from llm.model import ModelConfig
+from llm.model import ModelConfig, transformer
 
 BLOCK_LEAVES = ("resid_pre_BxLxD", "attn_probs_BxHxLxS", "head_out_BxLxHxK", "resid_mid_BxLxD", "mlp_hidden_BxLxF", "resid_post_BxLxD")
 FINAL = "final_resid_BxLxD"
@@ -86,7 +85,7 @@ def unscanned(cfg: ModelConfig, params) -> tuple[ModelConfig, dict]:
 
 
 def interventions_tree(interventions: dict[str, tuple]) -> dict:
-    """{name: (where, value)} -> the nested `interventions` collection llm/tap.py reads."""
+    """{name: (where, value)} -> the nested `interventions` collection llm/model/tap.py reads."""
     tree: dict = {}
     for name, pair in interventions.items():
         *parents, leaf = path_of(name)
@@ -100,7 +99,7 @@ def interventions_tree(interventions: dict[str, tuple]) -> dict:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _forward(cfg: ModelConfig, keep: tuple[str, ...], params, tokens_BxL, segment_ids_BxL, interventions):
     variables = {"params": params, **({"interventions": interventions} if interventions else {})}
-    (logits_BxLxV, _), state = model.Transformer(cfg).apply(variables, tokens_BxL, segment_ids_BxL, mutable=["intermediates"])
+    (logits_BxLxV, _), state = transformer.Transformer(cfg).apply(variables, tokens_BxL, segment_ids_BxL, mutable=["intermediates"])
     # Only the kept names leave the jitted function; XLA drops the rest, so long inputs stay bounded.
     flat = _flatten(state["intermediates"])
     return logits_BxLxV, {name: flat[name] for name in keep}

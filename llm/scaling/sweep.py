@@ -20,7 +20,6 @@ Sweep config keys (configs/sweeps/isoflop_cpu.py is the worked example):
                  `./run.sh fit --arch=A` fits one arch's rows
 """
 
-import copy
 import csv
 import dataclasses
 import functools
@@ -31,7 +30,11 @@ import time
 
 import ml_collections
 
-from llm import checkpoint, config as config_lib, data, model, tokenizer as tokenizer_lib, train as train_lib
+from llm import model, spec
+from llm.data import corpus, tokenizer as tokenizer_lib
+from llm.data.config import DataConfig
+from llm.spec import ConfigError
+from llm.training import batches, checkpoint, loop
 
 # The first nine are what the issue asks for and fit.load_points reads (with `budget`, its IsoFLOP groups);
 # the rest help a reader of the table. wall_seconds covers the process that finished the point: a resumed
@@ -79,13 +82,13 @@ def sweep_tokenizer(cfg: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
     sweep counts params and FLOPs with is the one that trains (and SentencePiece is trained once)."""
     key = json.dumps(cfg.data.to_dict(), sort_keys=True)  # expansion asks once per point; build once per corpus
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = train_lib.build_tokenizer(cfg)
+        _TOKENIZERS[key] = batches.build_tokenizer(spec.from_config(cfg))
     return _TOKENIZERS[key]
 
 
 @functools.lru_cache(maxsize=8)
-def _validation_tokens(dc: data.DataConfig, tok: tokenizer_lib.Tokenizer) -> int:
-    return data.num_tokens(dc, "validation", tok)
+def _validation_tokens(dc: DataConfig, tok: tokenizer_lib.Tokenizer) -> int:
+    return corpus.num_tokens(dc, "validation", tok)
 
 
 def _short(x: float) -> str:
@@ -97,10 +100,10 @@ def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
     node = cfg
     for p in parents:
         if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-            raise config_lib.ConfigError(f"sweep override {dotted!r}: the run config has no section {p!r}")
+            raise ConfigError(f"sweep override {dotted!r}: the run config has no section {p!r}")
         node = node[p]
     if key not in node:
-        raise config_lib.ConfigError(f"sweep override {dotted!r}: the run config has no key {key!r}")
+        raise ConfigError(f"sweep override {dotted!r}: the run config has no key {key!r}")
     node[key] = value
 
 
@@ -134,13 +137,13 @@ def shape_for(target: float, base: ml_collections.ConfigDict, rule: ml_collectio
             if err < best_err:  # strict: among equals the shallowest wins
                 best, best_err = (d_model, num_layers, heads, d_ff), err
     if best is None:
-        raise config_lib.ConfigError(f"the shape rule {rule.to_dict()} allows no model shape")
+        raise ConfigError(f"the shape rule {rule.to_dict()} allows no model shape")
     return best
 
 
 def _model_config(cfg: ml_collections.ConfigDict) -> model.ModelConfig:
-    """The model a point trains, its vocabulary including the ids its arch reserves (train.py's rule)."""
-    return config_lib.model_config(cfg, config_lib.padded_vocab_size(cfg, sweep_tokenizer(cfg).vocab_size + config_lib.reserved_ids(cfg)))
+    """The model a point trains, its vocabulary by the one rule training uses (spec.vocabulary)."""
+    return spec.resolve(spec.from_config(cfg), sweep_tokenizer(cfg)).model
 
 
 def _counts(cfg: ml_collections.ConfigDict) -> tuple[dict, int]:
@@ -166,7 +169,7 @@ def _finish(sweep: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict, na
     if sweep.warmup_fraction >= 0:
         cfg.opt.warmup_steps = int(round(sweep.warmup_fraction * steps))
     cfg.sample_tokens = 0
-    config_lib.validate(cfg)
+    spec.validate(cfg)
 
 
 def _isoflop_points(sweep: ml_collections.ConfigDict) -> list[Point]:
@@ -174,14 +177,14 @@ def _isoflop_points(sweep: ml_collections.ConfigDict) -> list[Point]:
     if targets and not isinstance(targets[0], (list, tuple)):
         targets = [targets] * len(sweep.budgets)
     if len(targets) != len(sweep.budgets):
-        raise config_lib.ConfigError(f"isoflop: {len(sweep.budgets)} budgets but {len(targets)} lists of targets")
+        raise ConfigError(f"isoflop: {len(sweep.budgets)} budgets but {len(targets)} lists of targets")
     points = []
     for budget, budget_targets in zip(sweep.budgets, targets):
         shapes = {}
         for target in budget_targets:
             shape = shape_for(target, sweep.base, sweep.shape)
             if shape in shapes:
-                raise config_lib.ConfigError(
+                raise ConfigError(
                     f"isoflop: targets {_short(shapes[shape])} and {_short(target)} both map to the shape {shape}; spread them out")
             shapes[shape] = target
             cfg = ml_collections.ConfigDict(sweep.base.to_dict())
@@ -192,7 +195,7 @@ def _isoflop_points(sweep: ml_collections.ConfigDict) -> list[Point]:
             steps = round(budget / (fpt * tokens_per_step))
             name = f"C{_short(budget)}_d{cfg.model.d_model}l{cfg.model.num_layers}"
             if steps < 1:
-                raise config_lib.ConfigError(
+                raise ConfigError(
                     f"isoflop point {name}: one step ({_short(fpt * tokens_per_step)} FLOPs) exceeds the budget {_short(budget)}")
             _finish(sweep, cfg, name, steps)
             points.append(Point(name, cfg, float(budget), counts["total"], counts["non_embedding"], fpt,
@@ -210,7 +213,7 @@ def _grid_points(sweep: ml_collections.ConfigDict) -> list[Point]:
             try:
                 sizes_lib.apply_size(cfg, size)
             except ValueError as e:
-                raise config_lib.ConfigError(str(e)) from e
+                raise ConfigError(str(e)) from e
             _apply_overrides(cfg, sweep.overrides, _counts(cfg)[0]["non_embedding"])
             counts, fpt = _counts(cfg)
             tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -241,11 +244,11 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Point]:
     elif sweep.kind == "grid":
         points = _grid_points(sweep)
     else:
-        raise config_lib.ConfigError(f"sweep kind {sweep.kind!r} is not one of 'isoflop', 'grid'")
+        raise ConfigError(f"sweep kind {sweep.kind!r} is not one of 'isoflop', 'grid'")
     names = [p.name for p in points]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise config_lib.ConfigError(f"the sweep repeats points: {', '.join(duplicates)}")
+        raise ConfigError(f"the sweep repeats points: {', '.join(duplicates)}")
     return points
 
 
@@ -256,9 +259,9 @@ def select_shard(points: list[Point], shard: str) -> list[Point]:
     try:
         index, count = (int(x) for x in shard.split("/"))
     except ValueError:
-        raise config_lib.ConfigError(f"--shard={shard!r} is not of the form i/n") from None
+        raise ConfigError(f"--shard={shard!r} is not of the form i/n") from None
     if not 0 <= index < count:
-        raise config_lib.ConfigError(f"--shard={shard!r}: need 0 <= i < n")
+        raise ConfigError(f"--shard={shard!r}: need 0 <= i < n")
     return points[index::count]
 
 
@@ -269,7 +272,7 @@ def select_shard(points: list[Point], shard: str) -> list[Point]:
 def estimate_seconds(point: Point, throughput: dict) -> float:
     """Fixed start-up cost + per-token overhead + matmul FLOPs at a sustained rate, for training and the final eval."""
     cfg = point.config
-    eval_tokens = _validation_tokens(config_lib.data_config(cfg), sweep_tokenizer(cfg))
+    eval_tokens = _validation_tokens(spec.from_config(cfg).data, sweep_tokenizer(cfg))
     if cfg.eval_max_batches:
         eval_tokens = min(eval_tokens, cfg.eval_max_batches * cfg.eval_batch_size * cfg.seq_len)
     train_s = point.tokens * (throughput["seconds_per_token"] + point.flops_per_token / throughput["flops_per_second"])
@@ -315,7 +318,7 @@ def finished_names(workdir: str) -> set[str]:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is not None and tuple(header) != COLUMNS:
-            raise config_lib.ConfigError(f"{path} has the columns {header}, not this sweep's {list(COLUMNS)}")
+            raise ConfigError(f"{path} has the columns {header}, not this sweep's {list(COLUMNS)}")
         return {row[0] for row in reader if row}
 
 
@@ -345,7 +348,7 @@ def _check_same_config(point: Point, point_dir: str) -> None:
     with open(path) as f:
         saved = json.load(f)
     if saved != json.loads(json.dumps(point.config.to_dict())):
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"{point_dir} was started with a different config than the sweep now gives point {point.name}; "
             f"delete that directory or use another --workdir")
 
@@ -407,7 +410,7 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
         if not os.path.exists(os.path.join(point_dir, tokenizer_lib.FILENAME)):
             tokenizer_lib.save(sweep_tokenizer(point.config), point_dir)
         t0 = time.perf_counter()
-        summary = train_lib.train(copy.deepcopy(point.config), point_dir, quiet=True)
+        summary = loop.train(spec.from_config(point.config), point_dir, quiet=True)
         row = _row(point, summary, point_dir, time.perf_counter() - t0)
         _write_marker(point_dir, row)
         _append_row(workdir, row)

@@ -1,8 +1,0 @@
-
-import datasets
-
-from llm.harness import load_jsonl
-
-
-def load(**kwargs) -> datasets.DatasetDict:
-    return load_jsonl("LLM_LAMBADA", "test", "LAMBADA's test JSONL (lambada_test.jsonl)")

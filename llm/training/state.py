@@ -1,0 +1,109 @@
+"""TrainState, the jitted train step, and `setup`: the one builder of what a run compiles, with its
+shardings, used alike by the train loop, the benchmark and the experiments."""
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from llm.model import ModelConfig, heads
+from llm.spec import OptConfig, RunSpec
+from llm.training import evaluate, objectives, optimizer as optimizer_lib, sharding
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, opt_cfg: OptConfig,
+                    objective: Callable | None = None):
+    """objective: llm/training/objectives.py's (params, batch) -> (sum, (metric sums, units)); default next-token."""
+    schedule = optimizer_lib.learning_rate(opt_cfg)
+    k = opt_cfg.grad_accum_steps
+    objective = objective or objectives.make("lm", cfg, opt_cfg.z_loss)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict):
+        if k == 1:
+            (_, (sums, units)), grads = grad_fn(state.params, batch)
+        else:
+            # Micro-batch i takes rows i, i+k, ...: every device keeps contributing rows to each one.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def accumulate(carry, micro_batch):
+                (_, aux), grads = grad_fn(state.params, micro_batch)
+                return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+            aux_shape = jax.eval_shape(objective, state.params, jax.tree.map(lambda x: x[0], micro))[1]
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
+            (grads, (sums, units)), _ = jax.lax.scan(accumulate, zeros, micro)
+        # Sums over units (tokens, pairs) divided once by their count: k micro-batches equal one k-times-larger batch.
+        grads = jax.tree.map(lambda g: g / units, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**{name: v / units for name, v in sums.items()}, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run compiles, with its shardings: built by one function for train(), the benchmark and
+    experiments alike, so that a benchmark times exactly the step that training runs."""
+
+    optimizer: optax.GradientTransformation
+    abstract_params: dict  # ShapeDtypeStructs
+    param_sh: dict  # NamedShardings from the params' logical axes
+    abstract_opt: optax.OptState
+    opt_sh: optax.OptState
+    state_sh: TrainState
+    batch_sh: jax.sharding.NamedSharding
+    init_state: Callable[[jax.Array], TrainState]  # rng -> a TrainState created already sharded
+    train_step: Callable  # (state, batch) -> (state, metrics); donates the old state
+    eval_step: Callable  # (params, batch) -> (summed loss, tokens); lm objectives only
+    objective_step: Callable  # (params, batch) -> (metric sums, units) of the objective, without gradients
+
+
+def setup(mc: ModelConfig, oc: OptConfig, mesh: jax.sharding.Mesh, rules: tuple, objective: str = "lm",
+          **objective_options) -> Setup:
+    """objective_options: objectives.make's (dpo_beta, clip_eps, kl_coef)."""
+    optimizer = optimizer_lib.make(oc)
+    reward_head = objective == "reward"
+    boxed = jax.eval_shape(lambda: heads.init_params(mc, jax.random.key(0), reward_head))
+    abstract_params = nn.unbox(boxed)
+    param_sh = sharding.param_shardings(nn.get_partition_spec(boxed), abstract_params, mesh, rules)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    # Optimizer moments mirror the params they belong to; every other leaf is a replicated scalar.
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: sharding.replicated(mesh))
+    state_sh = TrainState(sharding.replicated(mesh), param_sh, opt_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+
+    def init_state(rng):
+        params = nn.unbox(heads.init_params(mc, rng, reward_head))
+        return TrainState(jnp.int32(0), params, optimizer.init(params))
+
+    objective_fn = objectives.make(objective, mc, oc.z_loss, **objective_options)
+    return Setup(
+        optimizer, abstract_params, param_sh, abstract_opt, opt_sh, state_sh, batch_sh,
+        init_state=jax.jit(init_state, out_shardings=state_sh),
+        train_step=jax.jit(make_train_step(mc, optimizer, oc, objective_fn), in_shardings=(state_sh, batch_sh),
+                           out_shardings=(state_sh, None), donate_argnums=0),
+        eval_step=jax.jit(evaluate.make_eval_step(mc), in_shardings=(param_sh, batch_sh)),
+        objective_step=jax.jit(lambda params, batch: objective_fn(params, batch)[1], in_shardings=(param_sh, batch_sh)),
+    )
+
+
+def setup_run(run: RunSpec, mesh: jax.sharding.Mesh) -> Setup:
+    """`setup` of a resolved run spec: its model, optimizer, sharding rules and objective."""
+    o = run.objective
+    return setup(run.model, run.opt, mesh, run.mesh.rules, o.name, dpo_beta=o.dpo_beta, clip_eps=o.grpo.clip_eps,
+                 kl_coef=o.grpo.kl_coef)
