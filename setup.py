@@ -23,7 +23,7 @@ setup(
         "fsspec",  # shard globs on gs://, s3://, ... (llm/sources.py)
         "pyarrow",  # parquet: shards
         "zstandard",  # .jsonl.zst shards
-        "tensorboard",  # metrics.jsonl's scalars as event files (llm/training/metrics.py)
+        "tensorboardX",  # metrics as TensorBoard event files (llm/training/metrics.py)
         "tqdm",
         "scipy",
         "matplotlib",
@@ -35,6 +35,10 @@ setup(
         "hf": ["torch==2.13.0", "transformers>=5", "safetensors"],
         # ./run.sh eval --tasks (llm/harness.py)
         "harness": ["lm_eval>=0.4.9", "datasets"],  # datasets: the local task files are read with it
+        # ./run.sh compile --topology=h100-8 (llm/compile/topology.py): JAX's CUDA 13 plugin matching the jax
+        # installed, without NVIDIA's libraries (about 130 MB; a CUDA 13 toolkit's ptxas must be on the PATH).
+        # Not in the default setup; libtpu for TPU slices is (run.sh).
+        "gpu": ["jax[cuda13-local]"],
     },
     package_data={"llm.interop": ["harness_tasks/*/*"]},
 )

@@ -17,22 +17,16 @@ import ml_collections
 import numpy as np
 
 from llm import model, spec
-from llm.data.tokenizer import NUM_SPECIAL
+from llm.data.tokenizer import NUM_SPECIAL, size_without_corpus
 from llm.model import ModelConfig, sample
 from llm.model.attention import NEG_INF
 from llm.spec import RunSpec
 from llm.training import sharding, state
 from llm.training.metrics import measure_peak_tflops, peak_units
 
-# Vocabulary sizes of the tokenizers, so a benchmark needs no corpus: the char tokenizer of the
-# Shakespeare corpus has 84 characters + 3 specials; the byte tokenizer 256 + 3.
-CHAR_VOCAB, BYTE_VOCAB = 87, NUM_SPECIAL + 256
-
 
 def _tokenizer_vocab(run: RunSpec) -> int:
-    if run.data.tokenizer == "sentencepiece":
-        return run.data.vocab_size
-    return BYTE_VOCAB if run.data.tokenizer == "byte" else CHAR_VOCAB
+    return size_without_corpus(run.data.tokenizer, run.data.vocab_size)
 
 
 def _median_seconds(compiled: Callable, *args, repeats: int = 5, budget_s: float = 30.0) -> float:

@@ -22,7 +22,8 @@ flags.DEFINE_string("workdir", "", "Run directory (default: runs/<config name>).
 flags.DEFINE_string("split", "validation", "eval: split to score; inspect neurons: split to search.")
 flags.DEFINE_string("dataset", "", "eval: a dataset other than the run's (out-of-domain perplexity).")
 flags.DEFINE_integer("step", None, "eval/sample/export: checkpoint step (default: the latest).")
-flags.DEFINE_integer("batch_size", 0, "eval: rows per batch (default: the run's eval_batch_size; 16 with --tasks).")
+flags.DEFINE_integer("batch_size", 0, "eval: rows per batch (default: the run's eval_batch_size; 16 with --tasks); "
+                     "compile --what=sample: rows decoded at once (default: the config's batch_size).")
 flags.DEFINE_string("tasks", "", "eval: comma-separated lm_eval tasks (llm/harness_tasks/ and --task_dir) instead of a split.")
 flags.DEFINE_multi_string("task_dir", [], "eval --tasks: a folder of lm_eval task YAMLs (repeatable).")
 flags.DEFINE_integer("limit", 0, "eval --tasks: at most this many documents per task (0: all).")
@@ -55,6 +56,11 @@ flags.DEFINE_string("hf", "", "import: a local Hugging Face Llama model director
 flags.DEFINE_string("tokenizer", "", "import: a SentencePiece .model to use when the HF directory has no tokenizer.model.")
 flags.DEFINE_integer("max_shard_mb", 5000, "export: safetensors files above this size are split, with an index.")
 flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
+flags.DEFINE_string("topology", "", "compile: the slice to compile for, by its Cloud TPU name (v4-8, v5e-16, v5p-64, v6e-8, ...).")
+flags.DEFINE_bool("find_batch", False, "compile: also the largest global batch that fits, for each model.remat policy.")
+flags.DEFINE_integer("seq_len", 0, "compile: the context to compile at (default: the config's seq_len).")
+flags.DEFINE_enum("what", "train", ["train", "sample"], "compile: the train step, or the sampler's prefill and decode step.")
+flags.DEFINE_integer("cache_len", 0, "compile --what=sample: KV cache slots (default: seq_len).")
 flags.DEFINE_float("peak_tflops", 0.0, "bench: published peak TFLOP/s (default: measure a large matmul).")
 flags.DEFINE_integer("k", 5, "inspect: top tokens (lens), attended positions (attention), neighbours or contexts (neurons) to list.")
 flags.DEFINE_integer("layer", None, "inspect neurons: the block whose MLP holds the neuron (0-based).")
@@ -229,6 +235,30 @@ def cmd_bench(kind: str) -> None:
     print(json.dumps(result))
 
 
+def cmd_compile() -> None:
+    """The train step (or the sampler) a config would run on a TPU slice, compiled here by the slice's own
+    compiler; one JSON line: fit, memory per chip, FLOPs, collectives, a roofline step time."""
+    from llm import spec
+    from llm.compile import plan, topology
+
+    if not FLAGS.topology:
+        raise app.UsageError("--topology is required: a slice such as v5e-8, v4-8, v5p-64 or v6e-8")
+    tpu = topology.parse(FLAGS.topology)  # an unknown name fails here, before JAX starts
+    run = spec.from_config(_CONFIG.value)
+    devices = topology.devices(tpu)
+    run = plan.seq_len_of(plan.resolve(run, tpu), FLAGS.seq_len)
+    mesh = plan.mesh_of(run, devices)
+    head = {"topology": tpu.name, "chips": tpu.chips, "mesh": dict(mesh.shape)}
+    if FLAGS.what == "sample":
+        result = {**head, **plan.compile_sampler(run, mesh, FLAGS.batch_size or run.batch_size, FLAGS.cache_len or run.seq_len)}
+    else:
+        plan.check_batch(run, mesh)
+        result = plan.report(run, tpu, mesh, plan.compile_train_step(run, mesh))
+        if FLAGS.find_batch:
+            result["largest_batch"] = plan.find_batch(run, mesh, tpu)
+    print(json.dumps(result))
+
+
 def cmd_export() -> None:
     from llm.interop import hf
 
@@ -343,7 +373,13 @@ def cmd_inspect(kind: str) -> None:
 
 
 def cmd_chat() -> None:
+    import signal
+
     from llm.run import api, chat
+
+    # Ctrl-C must stop an answer even when the launching process left SIGINT ignored (a job runner, nohup):
+    # an ignored signal is inherited through exec, and Python then keeps it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     chat.interactive(api.load(_need_workdir(), FLAGS.step), system=FLAGS.system, max_new_tokens=FLAGS.max_new_tokens,
                      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
@@ -372,6 +408,7 @@ def cmd_score() -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench,
+            "compile": cmd_compile,
             "export": cmd_export, "import": cmd_import, "inspect": cmd_inspect, "chat": cmd_chat, "score": cmd_score}
 
 
@@ -392,6 +429,10 @@ def main(argv: list[str]) -> None:
     from llm.training import guard
 
     upstream.one_line_orbax_errors()
+    from llm.training import sharding
+
+    # libtpu (installed for `compile`) stays unloaded on a host without a TPU; `compile` never needs one.
+    sharding.leave_out_absent_tpu(host_only=argv[1] == "compile")
 
     try:
         COMMANDS[argv[1]](*positional)

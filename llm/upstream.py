@@ -48,6 +48,25 @@ def one_line_orbax_errors() -> None:
     logging.get_absl_handler().addFilter(first_line)
 
 
+def tensorboardx_summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported with torch hidden: tensorboardX's writer imports torch at
+    import time when it is installed (the hf extra) only to accept torch tensors, which costs every
+    run's start 3-4 s and ~300 MB; scalars need none of it. (TensorBoard's own writer is no way out:
+    with TensorFlow installed, as TFDS needs it, it imports all of TensorFlow, 10 s and more.)
+    torch is hidden only while tensorboardX imports, and only if nothing has imported it yet.
+
+    Gone when: `python -X importtime -c "import tensorboardX"` lists no torch."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # an import of torch now raises ImportError, which tensorboardX tolerates
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 def exit_now(code: int) -> None:
     """Ends the process without its exit handlers, once a write into the workdir has failed: Orbax's
     atexit handler would only retry the writes that just failed, each with a traceback, and the

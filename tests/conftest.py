@@ -16,6 +16,9 @@ import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
+from llm.training import sharding  # noqa: E402
+
+sharding.leave_out_absent_tpu()  # as the CLI does: libtpu (installed for `compile`) stays unloaded without a TPU
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -137,3 +140,44 @@ def train_run(cfg: ml_collections.ConfigDict, workdir, quiet: bool = False, **kw
     from llm.training import loop
 
     return loop.train(spec.from_config(cfg), str(workdir), quiet, **kwargs)
+
+
+def _problem(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    return f"{a}+{b}", str(a + b)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def posttrain_sets(root: Path) -> dict:
+    """A pretrained char model and the post-training files of a small addition task."""
+    rng = random.Random(0)
+    lines = [f"{p}={a}" for p, a in (_problem(rng) for _ in range(1500))]
+    corpus = root / "pre.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    train_run(tiny_config(corpus, num_train_steps=20), str(root / "pre"), quiet=True)
+    sft = write_jsonl(root / "sft.jsonl", [dict(zip(("prompt", "response"), _problem(rng))) for _ in range(120)])
+    pref = []
+    for _ in range(120):
+        p, a = _problem(rng)
+        pref.append({"prompt": p, "chosen": a, "rejected": str(int(a) + rng.choice([-10, -1, 1, 10]))})
+    pref = write_jsonl(root / "pref.jsonl", pref)
+    prompts = write_jsonl(root / "prompts.jsonl", [dict(zip(("prompt", "answer"), _problem(rng))) for _ in range(40)])
+    return {"root": root, "corpus": corpus, "pre": str(root / "pre"), "sft": sft, "pref": pref, "prompts": prompts}
+
+
+def objective_overrides(sets: dict, objective: str, steps: int) -> dict:
+    """A post-training run of `objective` on the addition task, from the pretrained model."""
+    common = dict(num_train_steps=steps, checkpoint_every_steps=3, log_every_steps=1, objective=objective,
+                  init_from=sets["pre"], opt__schedule="constant")
+    if objective == "lm":
+        return dict(data__dataset=f"sft:{sets['sft']}", **common)
+    if objective in ("reward", "dpo"):
+        return dict(data__dataset=f"preference:{sets['pref']}", **common)
+    return dict(data__dataset=f"prompts:{sets['prompts']}", batch_size=4, grpo__group_size=4, grpo__max_new_tokens=4,
+                grpo__reward_fn="llm.training.rl:exact_match_reward", **common)

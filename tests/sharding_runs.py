@@ -14,7 +14,7 @@ from conftest import streamed, tiny_config, train_run  # noqa: E402
 from llm.training import sharding  # noqa: E402
 
 STEPS = 10
-MULTI_STEPS = 20
+MULTI_STEPS = 40  # long enough that a preemption notice lands before the end
 SHARDS = "jsonl:{root}/shards/*.jsonl"
 # A constant schedule makes a 10-step run the exact prefix of the 20-step one.
 MODEL = dict(model__d_model=64, model__num_heads=8, model__num_kv_heads=8, model__d_ff=128, model__vocab_multiple=8,

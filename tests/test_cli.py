@@ -16,6 +16,8 @@ def test_run_sh_train_end_to_end_prints_a_sample(tmp_path, corpus):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # libtpu (installed for `compile`) is never started on this CPU host: nothing about TPU_* variables.
+    assert "TPU" not in result.stderr
     # The CPU cores became data-parallel devices (mesh.cpu_devices=-1): batch 8, eval batch 16.
     cores = math.gcd(sharding.host_cores(), 8, 16)
     assert re.search(rf"mesh \{{'data': {cores}, 'fsdp': 1, 'tensor': 1\}}", result.stderr), result.stderr[-3000:]

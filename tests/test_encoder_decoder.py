@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, kill_at_checkpoint_and_resume, run_cli, tiny_config, train_run
+from conftest import REPO, run_cli, tiny_config, train_run
 
 import llm
 from llm import model, spec as config_lib
@@ -253,36 +253,6 @@ def _seq2seq_file(tmp_path) -> str:
 
     path = task.write(str(tmp_path / "reverse.jsonl"), task.make("reverse", 300, seed=0))
     return f"seq2seq:{path}"
-
-
-def _check_span_corruption_run(run, cfg, summary):
-    """Sentinels take the ids after the tokenizer's; the decoder's length is derived from seq_len."""
-    raw, target_len, sentinels = config_lib.span_lengths(cfg.seq_len, cfg.data.noise_density, cfg.data.mean_noise_span_length)
-    assert run.model_config.T == target_len and run.model_config.E == cfg.model.num_layers
-    assert run.model_config.V >= run.tokenizer.vocab_size + sentinels
-    assert np.isfinite(summary["eval_loss"]) and summary["flops_per_token"] == model.flops_per_token(run.model_config)
-    assert run.evaluate()["loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
-    with pytest.raises(sample.SampleError, match="does not continue prompts"):
-        run.generate("The king")
-
-
-@pytest.mark.parametrize("arch", ["encoder", "encoder_decoder"])
-def test_a_sigkilled_run_of_each_arch_resumes_to_the_params_and_losses_of_an_uninterrupted_one(corpus, tmp_path, arch):
-    steps = 12
-    overrides = dict(num_train_steps=steps, checkpoint_every_steps=3, log_every_steps=1, opt__schedule="constant")
-    overrides.update(model__arch=arch)  # seq2seq batches resume exactly too: tests/test_seq2seq.py
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    summary = train_run(tiny_config(corpus, eval_every_steps=steps, **overrides), str(straight), quiet=True)  # an eval changes no params
-    command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={killed}", *cli_overrides(corpus, mesh__cpu_devices=0, **overrides)]
-    killed_at, result = kill_at_checkpoint_and_resume(command, killed)
-    assert 3 <= killed_at < steps
-    assert result.returncode == 0 and f"resuming {killed} from step {killed_at}" in result.stderr, result.stderr[-2000:]
-    a, b = llm.load(str(straight)), llm.load(str(killed))
-    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
-    before, after = _logged(straight), {s: r for s, r in _logged(killed).items() if s > killed_at}
-    assert after and all(before[s]["loss"] == r["loss"] for s, r in after.items())
-    if arch == "encoder_decoder":
-        _check_span_corruption_run(a, tiny_config(corpus, **overrides), summary)
 
 
 def _check_seq2seq_run(workdir, summary, validation_examples: int):

@@ -153,7 +153,7 @@ def test_bench_train_reports_the_configs_flops_at_its_measured_step_time(tmp_pat
                            "model_flops_per_token", "achieved_tflops", "peak_tflops", "mfu", "compile_s"}
     assert result["peak_tflops"] == 1.0 and result["devices"] == jax.device_count()
     assert result["step_ms_p90"] >= result["step_ms_median"] > 0 and result["compile_s"] > 0
-    run = spec.resolve(spec.from_config(cfg), bench.CHAR_VOCAB)
+    run = spec.resolve(spec.from_config(cfg), tokenizer_lib.CHAR_VOCAB)
     assert result["model_flops_per_token"] == model.flops_per_token(run.model)
     assert result["tokens_per_s"] == pytest.approx(4 * 16 / (result["step_ms_median"] / 1e3), rel=1e-9)
     achieved = result["model_flops_per_token"] * result["tokens_per_s"]

@@ -4,53 +4,27 @@
 import json
 import math
 import os
-import random
 import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, kill_at_checkpoint_and_resume, run_cli, tiny_config, train_run, write_corpus
+from conftest import REPO, cli_overrides, objective_overrides, posttrain_sets, run_cli, tiny_config, train_run, write_corpus, write_jsonl
 
 import llm
 from llm import model
-from llm.model import heads, sample
 from llm.data import DataError, examples, template, tokenizer as tokenizer_lib
+from llm.model import sample
 from llm.training import checkpoint, evaluate, objectives, rl
-
-
-def _problem(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
-    return f"{a}+{b}", str(a + b)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory) -> dict:
-    """A pretrained char model and the post-training files of a small addition task."""
-    root = tmp_path_factory.mktemp("posttrain")
-    rng = random.Random(0)
-    lines = [f"{p}={a}" for p, a in (_problem(rng) for _ in range(1500))]
-    corpus = root / "pre.txt"
-    corpus.write_text("\n".join(lines) + "\n")
-    train_run(tiny_config(corpus, num_train_steps=20), str(root / "pre"), quiet=True)
-    sft = _write_jsonl(root / "sft.jsonl", [dict(zip(("prompt", "response"), _problem(rng))) for _ in range(120)])
-    pref = []
-    for _ in range(120):
-        p, a = _problem(rng)
-        pref.append({"prompt": p, "chosen": a, "rejected": str(int(a) + rng.choice([-10, -1, 1, 10]))})
-    pref = _write_jsonl(root / "pref.jsonl", pref)
-    prompts = _write_jsonl(root / "prompts.jsonl", [dict(zip(("prompt", "answer"), _problem(rng))) for _ in range(40)])
-    return {"root": root, "corpus": corpus, "pre": str(root / "pre"), "sft": sft, "pref": pref, "prompts": prompts}
+    return posttrain_sets(tmp_path_factory.mktemp("posttrain"))
 
 
 def _cfg(sets, **overrides):
@@ -185,14 +159,7 @@ def test_grpo_advantages_are_zero_mean_per_group_and_the_kl_to_an_identical_refe
 
 
 def _objective_overrides(sets, objective: str, steps: int) -> dict:
-    common = dict(num_train_steps=steps, checkpoint_every_steps=3, log_every_steps=1, objective=objective,
-                  init_from=sets["pre"], opt__schedule="constant")
-    if objective == "lm":
-        return dict(data__dataset=f"sft:{sets['sft']}", **common)
-    if objective in ("reward", "dpo"):
-        return dict(data__dataset=f"preference:{sets['pref']}", **common)
-    return dict(data__dataset=f"prompts:{sets['prompts']}", batch_size=4, grpo__group_size=4, grpo__max_new_tokens=4,
-                grpo__reward_fn="llm.training.rl:exact_match_reward", **common)
+    return objective_overrides(sets, objective, steps)
 
 
 def _objective_cfg(sets, objective: str, steps: int, eval_every_steps: int = 0):
@@ -205,33 +172,6 @@ def _train(cfg, workdir):
 
 def _logged(workdir) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r}
-
-
-@pytest.mark.parametrize("objective", ["lm", "reward", "dpo", "grpo"])
-def test_a_sigkilled_run_of_each_objective_resumes_to_the_params_and_losses_of_an_uninterrupted_one(sets, tmp_path, objective):
-    steps = 12
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    summary = _train(_objective_cfg(sets, objective, steps, eval_every_steps=steps), str(straight))  # an eval changes no params
-    # The CLI on JAX's one CPU device (mesh.cpu_devices=0), the device this test process trains on.
-    overrides = cli_overrides(sets["corpus"], mesh__cpu_devices=0, **_objective_overrides(sets, objective, steps))
-    command = [sys.executable, "-m", "llm.cli", "train", f"--workdir={killed}", *overrides]
-    killed_at, result = kill_at_checkpoint_and_resume(command, killed)
-    assert 3 <= killed_at < steps
-    assert result.returncode == 0 and f"resuming {killed} from step {killed_at}" in result.stderr, result.stderr[-2000:]
-    a, b = llm.load(str(straight)), llm.load(str(killed))
-    assert a.step == b.step == steps
-    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
-    # Each step after the resume saw the uninterrupted run's batch (for GRPO: sampled the same answers).
-    before, after = _logged(straight), {s: r for s, r in _logged(killed).items() if s > killed_at}
-    keys = ("loss", "reward", "answer_length", "kl") if objective == "grpo" else ("loss",)
-    assert after and all(before[s][k] == r[k] for s, r in after.items() for k in keys)
-    logged = {"lm": {"eval_loss", "eval_perplexity"}, "reward": {"eval_loss", "eval_accuracy", "eval_margin"},
-              "dpo": {"eval_loss", "eval_accuracy", "eval_margin", "eval_chosen_reward", "eval_rejected_reward"},
-              "grpo": {"kl", "entropy", "answer_length", "reward", "reward_std", "eval_reward", "eval_answer_length"}}[objective]
-    assert logged <= set(summary)
-    if objective == "reward":
-        assert heads.REWARD_HEAD in a.params
-        assert set(a.evaluate()) >= {"accuracy", "pairs", "loss"}
 
 
 def test_grpo_across_two_processes_samples_the_one_process_answers_and_trains_to_its_params(sets, tmp_path):
@@ -279,13 +219,13 @@ def test_the_reward_model_reports_held_out_pairwise_accuracy_scores_from_the_cli
 def test_bad_post_training_input_is_one_message_naming_the_line_or_the_step(sets, tmp_path):
     tok = tokenizer_lib.load(sets["pre"])
     roles = llm.load(sets["pre"]).roles
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1", "response": "2"}, {"prompt": "2+2"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1", "response": "2"}, {"prompt": "2+2"}])
     with pytest.raises(DataError, match=rf"{bad}:2: missing the string field 'response'"):
         examples.load_sft(f"sft:{bad}", "all", tok, roles, 32, 0.0, 0.0)
-    long = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1+" * 30, "response": "2"}])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1+" * 30, "response": "2"}])
     with pytest.raises(DataError, match=rf"{long}:1: the conversation before the first response is \d+ tokens"):
         examples.load_sft(f"sft:{long}", "all", tok, roles, 32, 0.0, 0.0)
-    same = _write_jsonl(tmp_path / "same.jsonl", [{"prompt": "1+1", "chosen": "2", "rejected": "2"}])
+    same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "1+1", "chosen": "2", "rejected": "2"}])
     with pytest.raises(DataError, match=rf"{same}:1: 'chosen' equals 'rejected'"):
         examples.load_pairs(f"preference:{same}", "all", tok, roles, 32, 0.0, 0.0)
     # Through the CLI: one error line, before anything compiles.

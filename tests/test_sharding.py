@@ -85,7 +85,10 @@ def test_two_processes_give_the_one_process_loss_curve(mesh_runs, two_process_ru
     # A constant schedule: the first steps are the short single-process run's.
     reference = eight["streamed (8, 1, 1)"]
     assert np.max(np.abs(np.array(losses[: len(reference)]) - np.array(reference))) < 1e-4
-    assert sorted(int(s) for s in os.listdir(two_process_run / "checkpoints") if s.isdigit()) == [10, 15, 20]
+    from sharding_runs import MULTI_STEPS
+
+    checkpoints = sorted(int(s) for s in os.listdir(two_process_run / "checkpoints") if s.isdigit())
+    assert checkpoints == [MULTI_STEPS - 10, MULTI_STEPS - 5, MULTI_STEPS]  # keep_checkpoints=3, every 5 steps
 
 
 def test_a_preemption_notice_to_one_process_stops_the_job_at_one_step_and_the_rerun_is_bit_identical(mesh_runs, two_process_run, tmp_path):

@@ -101,6 +101,7 @@ ORDER = ["data", "model", "spec", "training", "inspect", "run", "scaling", "inte
 BELOW = {"data": set(), "model": set(), "spec": {"data", "model"}}
 for i, stage in enumerate(ORDER[3:], start=3):
     BELOW[stage] = set(ORDER[:i]) - ({"scaling"} if stage == "interop" else set())
+BELOW["compile"] = {"data", "model", "spec", "training"}  # compiling for a slice: an entry point's stage over training
 ENTRY = {"cli", "launch", "bench", "__init__"}
 
 

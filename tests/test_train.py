@@ -1,22 +1,16 @@
-import glob
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, documents, streamed, tiny_config, train_run, write_shards
+from conftest import tiny_config, train_run
 
 from llm import model
 from llm.model import ModelConfig
-from llm.training import checkpoint, guard, loop, optimizer as optim, state as state_lib
+from llm.training import checkpoint, loop, optimizer as optim, state as state_lib
 
 
 def _step_fn(cfg: ModelConfig, **opt):
@@ -77,94 +71,6 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, state.params)
     jax.tree.map(np.testing.assert_array_equal, opt_state, state.opt_state)
     assert checkpoint.latest_step(str(tmp_path)) == 7
-
-
-def _final_params(workdir):
-    from llm.run import api
-
-    return api.load(workdir).params
-
-
-@pytest.fixture(scope="module")
-def resumable(tmp_path_factory):
-    """A CLI train command and the params of its uninterrupted run; long enough (a few seconds) that a
-    kill or a signal lands after a checkpoint and well before the end. It streams a sharded JSONL corpus
-    through a data worker, with document packing and evals: the data position the checkpoint holds is
-    the streamed one (the in-memory path's is tested in test_tokenizer_data.py)."""
-    root = tmp_path_factory.mktemp("resumable")
-    shards = write_shards(root / "shards", documents(300))
-    overrides = dict(num_train_steps=150, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10, eval_every_steps=50,
-                     **streamed(shards, data__num_workers=1, data__packing="documents"))
-    corpus = root / "corpus.txt"  # only places data.data_dir (the shards' index) beside it
-    # Every run goes through the CLI, so all see the same devices (it splits a CPU host's cores).
-    command = lambda workdir: [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *cli_overrides(corpus, **overrides)]
-    done = subprocess.run(command(root / "reference"), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return command, _final_params(str(root / "reference")), 150
-
-
-def _wait_for_checkpoint(workdir, step: int, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 240
-    while not (workdir / "checkpoints" / str(step)).exists():
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline
-        time.sleep(0.02)
-
-
-def test_killed_run_resumes_to_bit_identical_params(tmp_path, resumable):
-    command, reference, steps = resumable
-    interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(command(interrupted), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_checkpoint(interrupted, 20, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = checkpoint.latest_step(str(interrupted))
-    assert 20 <= killed_at < steps
-
-    result = subprocess.run(command(interrupted), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"resuming {interrupted} from step {killed_at}" in result.stderr
-    jax.tree.map(np.testing.assert_array_equal, _final_params(str(interrupted)), reference)
-
-
-def _wait_for_line(path, pattern: str, proc: subprocess.Popen, timeout: float = 60) -> re.Match:
-    deadline = time.time() + timeout
-    while not (found := re.search(pattern, path.read_text())):
-        assert proc.poll() is None and time.time() < deadline, path.read_text()[-2000:]
-        time.sleep(0.001)
-    return found
-
-
-def test_sigint_commits_a_checkpoint_of_the_current_step_a_sigterm_during_that_save_changes_nothing_and_the_rerun_is_bit_identical(tmp_path, resumable):
-    """Ctrl-C (SIGINT) stops the run, and a preemption notice (SIGTERM) lands while the stop's own checkpoint
-    is being written. One handler serves both signals; a SIGTERM that stops a run (and its bit-identical
-    rerun) is tested on two processes in test_sharding.py."""
-    command, reference, steps = resumable
-    preempted = tmp_path / "preempted"
-    stderr = tmp_path / "stderr.txt"
-    with open(stderr, "w") as err:
-        proc = subprocess.Popen(command(preempted), cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-        _wait_for_checkpoint(preempted, 20, proc)
-        proc.send_signal(signal.SIGINT)
-        # The second signal lands during the stop's own save: the step it names is being written (its
-        # temporary directory exists), not an earlier periodic save that may still be in flight.
-        stop_step = int(_wait_for_line(stderr, r"SIGINT: writing the checkpoint of step (\d+)", proc).group(1))
-        deadline = time.time() + 60
-        while not glob.glob(str(preempted / "checkpoints" / f"{stop_step}.orbax-checkpoint-tmp*")):
-            assert proc.poll() is None and time.time() < deadline, stderr.read_text()[-2000:]
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    log = stderr.read_text()
-    assert proc.returncode == guard.EXIT_INTERRUPTED, log[-2000:]
-    assert "SIGTERM: already stopping; the checkpoint is being written" in log
-    stopped_at = int(re.search(r"interrupted: SIGINT: stopped at step (\d+) after writing its checkpoint", log).group(1))
-    assert stopped_at == stop_step and 20 < stopped_at < steps and checkpoint.latest_step(str(preempted)) == stopped_at
-
-    result = subprocess.run(command(preempted), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"resuming {preempted} from step {stopped_at}" in result.stderr
-    jax.tree.map(np.testing.assert_array_equal, _final_params(str(preempted)), reference)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, corpus):

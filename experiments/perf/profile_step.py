@@ -18,7 +18,7 @@ import numpy as np
 
 from configs import shakespeare_char
 from llm import model, spec as config_lib
-from llm.bench import CHAR_VOCAB
+from llm.data.tokenizer import CHAR_VOCAB
 from llm.training import optimizer as optim, state as state_lib
 
 cfg = shakespeare_char.get_config()

@@ -176,6 +176,16 @@ class SentencePieceTokenizer:
 
 
 KINDS = ("char", "byte", "sentencepiece")
+# The built-in Shakespeare's 84 characters and the 3 specials: a char vocabulary of the default corpus.
+CHAR_VOCAB = 87
+
+
+def size_without_corpus(kind: str, spm_vocab_size: int) -> int:
+    """A tokenizer's size where no corpus is read (benchmarks, compiling for a slice): SentencePiece's as
+    configured, bytes' 259, and for characters the built-in Shakespeare's."""
+    if kind == "sentencepiece":
+        return spm_vocab_size
+    return NUM_SPECIAL + 256 if kind == "byte" else CHAR_VOCAB
 
 
 def train(kind: str, texts: Sequence[str], vocab_size: int = 4096, spm_model_type: str = "bpe",

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm import upstream
+
 
 def _drop_torn_last_line(path: str) -> None:
     """A run stopped mid-write (a full disk, a kill) can leave half a record; a resumed run would append
@@ -24,32 +26,26 @@ def _drop_torn_last_line(path: str) -> None:
 
 
 class Writer:
-    """Appends one JSON object per record to metrics.jsonl and mirrors the scalars to TensorBoard's event
-    files in tensorboard/ (TensorBoard's own writer and protos: no TensorFlow or torch is imported)."""
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
         if not enabled:
             return
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
         path = os.path.join(workdir, "metrics.jsonl")
         _drop_torn_last_line(path)
         self._jsonl = open(path, "a")
-        self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = upstream.tensorboardx_summary_writer()(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        from tensorboard.compat.proto import event_pb2, summary_pb2
-
-        now = time.time()
         # Wall time (unix seconds) makes time-to-quality readable from the file alone.
-        record = {"step": int(step), "time": round(now, 3), **{k: float(v) for k, v in values.items()}}
+        record = {"step": int(step), "time": round(time.time(), 3), **{k: float(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        scalars = [summary_pb2.Summary.Value(tag=key, simple_value=float(value)) for key, value in values.items()]
-        self._tb.add_event(event_pb2.Event(wall_time=now, step=int(step), summary=summary_pb2.Summary(value=scalars)))
+        for key, value in values.items():
+            self._tb.add_scalar(key, float(value), int(step))
 
     def close(self) -> None:
         if self.enabled:

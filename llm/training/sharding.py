@@ -1,5 +1,6 @@
 """Device mesh, logical-axis rules and the shardings of state and batches; jax.distributed start-up."""
 
+import importlib.util
 import math
 import os
 import socket
@@ -47,6 +48,29 @@ def split_host_cpu(cpu_devices: int, batch_rows: Sequence[int], default_mesh: bo
             return 0
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICES_FLAG}={count}".strip()
     return count
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package of a dotted name is absent
+        return False
+
+
+def leave_out_absent_tpu(host_only: bool = False) -> None:
+    """With libtpu or JAX's CUDA plugin installed (for ./run.sh compile), JAX would try to start a TPU or
+    CUDA runtime on every host, printing warnings about unset TPU_* variables or a failed cuInit where
+    none is attached. Unless the user set JAX_PLATFORMS, JAX is told to leave out what is absent: a TPU
+    where no TPU chip is on the PCI bus (JAX's own probe, which starts nothing), CUDA where the NVIDIA
+    driver has no device (host_only: both). Call it before JAX starts a backend."""
+    if os.environ.get("JAX_PLATFORMS") or not (installed("libtpu") or installed("jax_plugins.xla_cuda13")):
+        return
+    from jax._src import hardware_utils
+
+    tpu = not host_only and hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    gpu = not host_only and os.path.exists("/dev/nvidiactl")
+    if not tpu:
+        jax.config.update("jax_platforms", "cuda,cpu" if gpu else "cpu")
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
