@@ -87,6 +87,18 @@ TINY = {
 }
 
 
+def default_config(**dotted) -> ml_collections.ConfigDict:
+    """configs/default.py with {"model.d_model": 64, ...} set."""
+    cfg = default.get_config()
+    for key, value in dotted.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
 def tiny_config(corpus_path: Path, **overrides) -> ml_collections.ConfigDict:
     """configs/default.py shrunk to a model that trains in seconds on a written corpus."""
     corpus_path = Path(corpus_path)

@@ -5,13 +5,15 @@ import dataclasses
 import importlib.util
 import json
 
+import jax
+import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import default_config, run_cli, tiny_config
 
-from configs import default
 from llm import bench, model, spec
-from llm.compile import plan, topology
+from llm.compile import cost, plan, topology
 from llm.data.tokenizer import size_without_corpus
+from llm.training import state as state_lib
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (./run.sh setup installs jax[tpu])")
@@ -32,14 +34,7 @@ def _compile(*flags: str, **config) -> dict:
 
 
 def _config(**overrides):
-    cfg = default.get_config()
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return default_config(**overrides)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +93,8 @@ def test_a_model_too_big_for_a_chip_does_not_fit_and_fits_once_fsdp_spreads_it()
 
 def test_an_unknown_slice_or_a_mesh_that_does_not_divide_it_is_one_error_before_compiling():
     result = run_cli("compile", "--topology=v9-8")
-    assert result.returncode == 2 and "error: --topology='v9-8' is not a slice this command knows; known: v4-8" in result.stderr
+    assert result.returncode == 2 and "error: --topology='v9-8' is not a slice this command knows; known: " in result.stderr
+    assert "v4-8, v4-16" in result.stderr and "v5e-1, v5e-4, v5e-8" in result.stderr
     result = run_cli("compile", "--topology=v5e-3")
     assert result.returncode == 2 and "error: --topology='v5e-3': v5e slices are v5e-1, v5e-4, v5e-8" in result.stderr
     result = run_cli("compile", "--topology=v5e-8", "--config.mesh.data=-1", "--config.mesh.tensor=3")
@@ -134,3 +130,28 @@ def test_the_sampler_compiles_with_its_cache_on_the_slice():
     # [layers, batch, slots, kv heads, head dim] twice, bf16, the batch split over 4 chips.
     assert out["kv_cache_gib_per_chip"] == pytest.approx(2 * 2 * 8 * 1024 * 4 * 64 * 2 / 4 / 2**30)
     assert out["decode"]["hbm_per_chip_gib"]["total"] > 0 and out["prefill"]["compile_s"] > 0
+
+
+def test_fsdp_gathers_weights_and_scatters_their_gradients_and_never_reshards_activations():
+    """Under FSDP over 8 chips the compiled step's collectives move parameters: all-gathers of weights,
+    reduce-scatters of their gradients. The only activation that moves is the embedding lookup's output,
+    from the table's sharded width to the batch (once, and once for its gradient); no [batch, length, ...]
+    activation is gathered (the model pins activations to the batch axes: llm/model/constrain.py).
+    seq_len 160 is a length no weight has, so an activation is recognised by it."""
+    tpu = topology.parse("v5e-8")
+    run = plan.resolve(spec.from_config(_config(**{**SMALL, "seq_len": 160, "batch_size": 16, "mesh.data": 1, "mesh.fsdp": -1})), tpu)
+    mesh = plan.mesh_of(run, topology.devices(tpu))
+    moved = plan.compile_train_step(run, mesh).collectives
+    leaves = jax.tree.leaves(state_lib.setup(run.model, run.opt, mesh, run.mesh.rules).abstract_params)
+    params = {tuple(x.shape) for x in leaves}
+    floats = lambda kind: [s for s in moved[kind]["shapes"] if s.startswith(("bf16", "f32"))]
+    assert moved["all-to-all"]["count"] <= 2
+    for kind in ("all-gather", "reduce-scatter", "all-reduce", "collective-permute"):
+        assert not [s for s in floats(kind) if 160 in cost.shape_of(s)], kind  # no activation
+    gathered = {cost.shape_of(s) for s in floats("all-gather")}
+    sizes = {int(np.prod(p)) for p in params}
+    assert {int(np.prod(g)) for g in gathered} <= sizes, gathered  # whole weights (a q/k/v maybe as [D, H K])
+    assert {(256, 4, 64), (4, 64, 256), (256, 1024), (1024, 256)} <= gathered  # q/k/v, attention's out, the MLP's in and out
+    assert len({cost.shape_of(s) for s in floats("reduce-scatter")} & params) >= 4  # the same weights' gradients
+    # No all-gather of the whole optimizer state: the step gathers a few copies of the bf16 weights at most.
+    assert moved["all-gather"]["buffer_bytes"] < 8 * 2 * sum(int(np.prod(x.shape)) for x in leaves)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 import pytest
+from conftest import default_config
 
 from configs import default
 from llm import spec as config
@@ -52,14 +53,7 @@ def test_gradients_are_clipped_to_the_global_norm_before_adam():
 
 
 def _cfg(**kw) -> ml_collections.ConfigDict:
-    cfg = default.get_config()
-    for key, value in kw.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return default_config(**kw)
 
 
 @pytest.mark.parametrize(

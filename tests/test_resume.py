@@ -2,9 +2,12 @@
 losses of the run that was never interrupted: for every objective (lm on SFT data, reward, dpo, grpo),
 every arch (encoder, encoder-decoder) and the streamed corpus read by a data worker.
 
-One fixture serves them all. Every interrupted run is a real CLI process; they start at once, each is
-SIGKILLed as soon as its checkpoint of step 3 exists, and all resume at once, while this process trains
-the uninterrupted twins: the processes' start-up and compiling overlap instead of queueing.
+One fixture serves them all. This process trains the uninterrupted twins first (and the streamed run's
+twin runs beside it), which leaves their compiled programs in the suite's compilation cache: the CLI
+runs load those very programs, so that bit-identical means the same program resumed, not two compiles
+of it that happen to agree. Then every interrupted run is a real CLI process; they start at once, each
+is SIGKILLed as soon as its checkpoint of step 3 exists, and all resume at once: the processes'
+start-up overlaps instead of queueing.
 """
 
 import glob
@@ -111,16 +114,16 @@ def runs(tmp_path_factory):
     out["streamed"].update(command=streamed_command, reference=root / "streamed" / "reference")
     commands = {name: _command(out[name]["killed"], flags) for name, (_, flags) in variants.items()}
     commands["streamed"] = streamed_command(out["streamed"]["killed"])
-    procs = {name: subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, c in commands.items()}
     reference = subprocess.Popen(streamed_command(out["streamed"]["reference"]), cwd=REPO, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True)
-    killer = _Killer(procs, {name: out[name]["killed"] for name in procs}, {name: 20 if name == "streamed" else 3 for name in procs})
-    killer.start()
     for name, (overrides, _) in variants.items():  # an eval at the end changes no params
         cfg = tiny_config(overrides.pop("corpus"), eval_every_steps=STEPS, **overrides)
         out[name]["summary"] = train_run(cfg, out[name]["straight"], quiet=True, feed=rl.make_feed if name == "grpo" else None)
-    killer.join()
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+    procs = {name: subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, c in commands.items()}
+    killer = _Killer(procs, {name: out[name]["killed"] for name in procs}, {name: 20 if name == "streamed" else 3 for name in procs})
+    killer.start()
+    killer.join()
     final = {name: STREAMED_STEPS if name == "streamed" else STEPS for name in commands}
     for name in commands:
         out[name]["killed_at"] = checkpoint.latest_step(str(out[name]["killed"]))

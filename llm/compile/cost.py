@@ -35,6 +35,12 @@ def hbm(compiled) -> dict[str, float]:
     return {**parts, "total": sum(parts.values())}
 
 
+def shape_of(array_type: str) -> tuple[int, ...]:
+    """'bf16[8,128]' -> (8, 128)."""
+    dims = array_type[array_type.index("[") + 1 : -1]
+    return tuple(int(d) for d in dims.split(",") if d)
+
+
 def _shape_bytes(text: str) -> int:
     """Bytes of the arrays in an HLO type, e.g. 'bf16[8,128]{1,0}' or a tuple of them."""
     total = 0
@@ -89,12 +95,14 @@ def _multipliers(bodies: dict[str, list[str]]) -> dict[str, int]:
     return times
 
 
-def collectives(compiled, chips: int) -> dict[str, dict[str, float]]:
-    """Per collective kind: how many run per step, the bytes of their buffers, and the bytes each chip
-    sends over ICI (see the module's docstring), from the optimized HLO of the compiled program."""
+def collectives(compiled, chips: int) -> dict[str, dict]:
+    """Per collective kind: how many run per step, the bytes of their buffers (a reduce-scatter's:
+    its result, one device's shard), the bytes each chip sends over ICI (see the module's docstring)
+    and the shapes of their buffers, from the optimized HLO of the compiled program. XLA:TPU writes a
+    reduce-scatter as an all-reduce and a slice fused into a computation named all-reduce-scatter."""
     bodies = _computations(compiled.as_text())
     times = _multipliers(bodies)
-    out = {kind: {"count": 0, "buffer_bytes": 0.0, "wire_bytes": 0.0} for kind in COLLECTIVES}
+    out = {kind: {"count": 0, "buffer_bytes": 0.0, "wire_bytes": 0.0, "shapes": []} for kind in COLLECTIVES}
     for name, lines in bodies.items():
         for line in lines:
             op = re.search(r"=\s*(.*?)\s+(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(", line)
@@ -105,6 +113,9 @@ def collectives(compiled, chips: int) -> dict[str, dict[str, float]]:
             if op.group(3):  # an async start's result is (operands, outputs, ...): count the outputs once
                 size //= 2
             n = _group_size(line, chips)
+            if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                kind, size = "reduce-scatter", size // max(n, 1)
+            out[kind]["shapes"] += re.findall(r"\b[a-z]+\d*\[[\d,]*\]", result)
             share = (n - 1) / n if n > 1 else 0.0
             wire = {"all-gather": share, "reduce-scatter": share * n, "all-reduce": 2 * share}.get(kind, 1.0 if n > 1 else 0.0)
             k = times.get(name, 1)

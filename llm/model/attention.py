@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from llm.model.constrain import HEADS, KV_HEADS, constrain
 from llm.model.dense import project
 from llm.model.tap import tap
 
@@ -246,6 +247,8 @@ class Attention(nn.Module):
             q_BxLxHxK = project(x_BxLxD, wq_DxHxK.astype(self.dtype))
             k_BxLxGxK = project(x_BxLxD, wk_DxGxK.astype(self.dtype))
             v_BxLxGxK = project(x_BxLxD, wv_DxGxK.astype(self.dtype))
+        q_BxLxHxK, k_BxLxGxK = constrain(q_BxLxHxK, HEADS), constrain(k_BxLxGxK, KV_HEADS)
+        v_BxLxGxK = constrain(v_BxLxGxK, KV_HEADS)
         if self.pos_encoding == "rope":
             q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
             k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)

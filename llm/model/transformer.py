@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llm.model.attention import Attention, KVCache, Mask, cache_positions
+from llm.model.constrain import HIDDEN, LOGITS, RESIDUAL, constrain
 from llm.model.dense import project
 from llm.model.tap import tap
 
@@ -92,10 +93,10 @@ class Mlp(nn.Module):
         out_init = nn.initializers.normal(self.out_init_std)
         wi_DxF = self.param("wi", nn.with_logical_partitioning(init, ("embed", "mlp")), (D, self.F), self.param_dtype)
         wo_FxD = self.param("wo", nn.with_logical_partitioning(out_init, ("mlp", "embed")), (self.F, D), self.param_dtype)
-        h_BxLxF = project(x_BxLxD, wi_DxF.astype(self.dtype))
+        h_BxLxF = constrain(project(x_BxLxD, wi_DxF.astype(self.dtype)), HIDDEN)
         if self.kind == "swiglu":
             wg_DxF = self.param("wg", nn.with_logical_partitioning(init, ("embed", "mlp")), (D, self.F), self.param_dtype)
-            gate_BxLxF = project(x_BxLxD, wg_DxF.astype(self.dtype))
+            gate_BxLxF = constrain(project(x_BxLxD, wg_DxF.astype(self.dtype)), HIDDEN)
             h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
         else:
             h_BxLxF = nn.gelu(h_BxLxF, approximate=False)  # the exact erf form, as in the GELU paper and PyTorch
@@ -113,6 +114,7 @@ class Block(nn.Module):
         # carry: the residual stream and the whole self- and cross-attention caches (None without them),
         # as nn.scan threads it.
         x_BxLxD, kv, cross_kv = carry
+        x_BxLxD = constrain(x_BxLxD, RESIDUAL)
         cfg = self.cfg
         if cfg.trace:
             x_BxLxD = tap(self, "resid_pre_BxLxD", x_BxLxD)
@@ -301,7 +303,7 @@ def _unembed(cfg: ModelConfig, final_norm: Callable, out_weight: jax.Array, x_Bx
     """out_weight: the embedding table [V, D] when tied (transposed here), else the head [D, V]."""
     x_BxLxD = final_norm(x_BxLxD)
     out_DxV = out_weight.T if cfg.tie_embeddings else out_weight
-    return project(x_BxLxD, out_DxV.astype(jnp.dtype(cfg.dtype)), preferred_element_type=jnp.float32)
+    return constrain(project(x_BxLxD, out_DxV.astype(jnp.dtype(cfg.dtype)), preferred_element_type=jnp.float32), LOGITS)
 
 
 def unembed(cfg: ModelConfig, params, x_BxLxD: jax.Array) -> jax.Array:

@@ -73,6 +73,17 @@ class Setup:
     objective_step: Callable  # (params, batch) -> (metric sums, units) of the objective, without gradients
 
 
+def _on_mesh(fn: Callable, mesh: jax.sharding.Mesh, rules: tuple) -> Callable:
+    """fn traced under the mesh and the axis rules, so that the model's activation constraints
+    (llm/model/constrain.py) take effect."""
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    return traced
+
+
 def setup(mc: ModelConfig, oc: OptConfig, mesh: jax.sharding.Mesh, rules: tuple, objective: str = "lm",
           **objective_options) -> Setup:
     """objective_options: objectives.make's (dpo_beta, clip_eps, kl_coef)."""
@@ -95,10 +106,11 @@ def setup(mc: ModelConfig, oc: OptConfig, mesh: jax.sharding.Mesh, rules: tuple,
     return Setup(
         optimizer, abstract_params, param_sh, abstract_opt, opt_sh, state_sh, batch_sh,
         init_state=jax.jit(init_state, out_shardings=state_sh),
-        train_step=jax.jit(make_train_step(mc, optimizer, oc, objective_fn), in_shardings=(state_sh, batch_sh),
+        train_step=jax.jit(_on_mesh(make_train_step(mc, optimizer, oc, objective_fn), mesh, rules), in_shardings=(state_sh, batch_sh),
                            out_shardings=(state_sh, None), donate_argnums=0),
-        eval_step=jax.jit(evaluate.make_eval_step(mc), in_shardings=(param_sh, batch_sh)),
-        objective_step=jax.jit(lambda params, batch: objective_fn(params, batch)[1], in_shardings=(param_sh, batch_sh)),
+        eval_step=jax.jit(_on_mesh(evaluate.make_eval_step(mc), mesh, rules), in_shardings=(param_sh, batch_sh)),
+        objective_step=jax.jit(_on_mesh(lambda params, batch: objective_fn(params, batch)[1], mesh, rules),
+                               in_shardings=(param_sh, batch_sh)),
     )
 
 
