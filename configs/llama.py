@@ -16,6 +16,7 @@ def config(name: str, d_model: int, num_layers: int, num_heads: int, num_kv_head
     c.model.tie_embeddings = False
     c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
     c.model.scan_layers = True  # one block compiled whatever the depth
+    c.model.remat = "block"  # at these batches the stored activations (and XLA attention's L x L scores) would not fit
     c.data.tokenizer, c.data.vocab_size = "sentencepiece", 32000
     c.seq_len, c.batch_size = seq_len, batch_size
     c.num_train_steps = round(20 * params / (seq_len * batch_size))

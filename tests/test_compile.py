@@ -13,7 +13,7 @@ from conftest import default_config, run_cli, tiny_config
 from llm import bench, model, spec
 from llm.compile import cost, plan, topology
 from llm.data.tokenizer import size_without_corpus
-from llm.training import state as state_lib
+from llm.training import sharding, state as state_lib
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (./run.sh setup installs jax[tpu])")
@@ -155,3 +155,11 @@ def test_fsdp_gathers_weights_and_scatters_their_gradients_and_never_reshards_ac
     assert len({cost.shape_of(s) for s in floats("reduce-scatter")} & params) >= 4  # the same weights' gradients
     # No all-gather of the whole optimizer state: the step gathers a few copies of the bf16 weights at most.
     assert moved["all-gather"]["buffer_bytes"] < 8 * 2 * sum(int(np.prod(x.shape)) for x in leaves)
+
+
+@pytest.mark.skipif(not sharding.installed("jax_plugins.xla_cuda13"), reason="JAX's CUDA plugin is not installed (the gpu extra)")
+def test_an_h100_host_compiles_the_step_without_a_card():
+    out = _report("h100-8", **SMALL)
+    assert out["fits"] is True and out["devices"] == 8 and out["hbm_capacity_gib"] == pytest.approx(79.14)
+    assert out["hbm_per_chip_gib"]["temporaries"] > 0 and out["collectives"]["all-reduce"]["count"] >= 1
+    assert out["flops_per_step"] is None and out["roofline_ms"]["memory"] == 0  # no cost analysis without a card

@@ -80,7 +80,7 @@ def known_names() -> list[str]:
 
 def parse(name: str) -> Slice:
     """A Cloud TPU slice name (`v4-8`, `v5e-16`, `v5litepod-16`, `v5p-64`, `v6e-8`) -> its chips and shape."""
-    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip())
+    match = re.fullmatch(r"([a-z]\d+[a-z]*)-(\d+)", name.strip())
     chip = CHIPS.get(ALIASES.get(match.group(1), match.group(1))) if match else None
     if chip is None:
         raise ConfigError(f"--topology={name!r} is not a slice this command knows; known: {', '.join(known_names())}")
