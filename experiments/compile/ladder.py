@@ -73,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--slices", default=",".join(SLICES))
+    ap.add_argument("--parts", default="configured,batch", help="configured: the config as it is; batch: the largest batch at 2048")
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--one", nargs=3, metavar=("CONFIG", "SLICE", "PART"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -82,14 +83,16 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(*args.one)))
         return
-    for config in args.configs.split(","):
-        for slice_name in args.slices.split(","):
+    for slice_name in args.slices.split(","):
+        for config in args.configs.split(","):
             path = os.path.join(HERE, f"{config}_{slice_name}.json")
             if os.path.exists(path):
                 continue
             # A fresh process per part: each compile's memory goes with it, and a compiler crash is a result.
             result = {}
             for part, failed in (("configured", "error"), ("batch", "batch_error")):
+                if part not in args.parts.split(","):
+                    continue
                 done = subprocess.run([sys.executable, __file__, "--one", config, slice_name, part], cwd=REPO,
                                       capture_output=True, text=True)
                 if done.returncode:

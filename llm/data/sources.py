@@ -1,4 +1,5 @@
 """Streamed corpora: JSONL (plain, .gz, .zst) and Parquet shards, read one document at a time by index.
+(Just over 400 lines: indexing, converting and reading a shard share its layout on disk.)
 
 Every shard is, or is converted once into, a plain JSONL file, and gets an index of the byte span of
 each record; reading document i is then one seek and one read, so a Grain MapDataset can shuffle the

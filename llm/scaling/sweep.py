@@ -1,5 +1,6 @@
 """Scaling sweeps: a config in configs/sweeps/ expands to a list of runs, which run one after another
 in DIR/<point name>/ and append one row each to DIR/results.csv (the input of llm/scaling/fit.py).
+(Over 400 lines by a few: the expansion, the time estimate and the runner share the Point and its row.)
 
 Sweep config keys (configs/sweeps/isoflop_cpu.py is the worked example):
   name           the sweep's name; each run is named '<name>/<point name>'
