@@ -77,20 +77,37 @@ def _computations(hlo: str) -> dict[str, list[str]]:
     return bodies
 
 
+def _trip_count(line: str, bodies: dict[str, list[str]]) -> int:
+    """A while loop's trip count: XLA:CPU/GPU note it as known_trip_count; XLA:TPU leaves it in the loop's
+    condition, `counter < constant` with the counter from 0 (both a scanned stack of layers and the windowed
+    einsums that overlap FSDP's gathers with matmuls are written so). 1 where neither says."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+        return int(known.group(1))
+    condition = re.search(r"condition=%?([\w.\-]+)", line)
+    cond = bodies.get(condition.group(1), []) if condition else []
+    constants = dict(re.findall(r"%([\w.\-]+) = [su]\d+\[\]\S* constant\((\d+)\)", "\n".join(cond)))
+    for l in cond:
+        root = re.search(r"ROOT .*compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", l)
+        if root and root.group(1) in constants:
+            return int(constants[root.group(1)])
+    return 1
+
+
 def _multipliers(bodies: dict[str, list[str]]) -> dict[str, int]:
     """How often each computation runs per step, down the call graph from the entry: a while loop's body
-    (a scanned stack of layers) runs its known trip count times per run of its caller, anything else
-    it calls (fusions, async collectives) once per run."""
+    (a scanned stack of layers) runs its trip count times per run of its caller, anything else it calls
+    (fusions, async collectives) once per run."""
     times = {"ENTRY": 1}
     todo = ["ENTRY"]
     while todo:
         name = todo.pop()
         for line in bodies.get(name, []):
             loop = re.search(r"\bwhile\(.*body=%?([\w.\-]+)", line)
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line) if loop else None
+            trips = _trip_count(line, bodies) if loop else 1
             for callee in re.findall(r"%([\w.\-]+)", line):
                 if callee in bodies and callee != name and callee not in times:
-                    times[callee] = times[name] * (int(trips.group(1)) if loop and callee == loop.group(1) and trips else 1)
+                    times[callee] = times[name] * (trips if loop and callee == loop.group(1) else 1)
                     todo.append(callee)
     return times
 

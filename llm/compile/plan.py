@@ -57,6 +57,11 @@ class Compiled:
     collectives: dict[str, dict[str, float]]
     compile_s: float
     out_of_memory: str = ""  # the compiler's refusal when the program does not fit; hbm then holds what it said
+    costs_from: str = "the compiled step"  # where flops_per_chip and bytes_per_chip were read
+
+
+COSTS_UNROLLED = "the step unrolled at depth 1 and 2, extended to its layers and micro-batches"
+COSTS_LOOPED = "the compiled step, each loop body once (its unrolled copy did not fit)"
 
 
 def _analyse(compiled, chips: int, compile_s: float) -> Compiled:
@@ -89,9 +94,47 @@ def _refused(error: Exception, arguments_gib: float, compile_s: float) -> Compil
     return Compiled(hbm, 0.0, 0.0, {}, compile_s, out_of_memory=text.strip().splitlines()[0][:400])
 
 
-def compile_train_step(run: RunSpec, mesh: jax.sharding.Mesh) -> Compiled:
+def compile_train_step(run: RunSpec, mesh: jax.sharding.Mesh, costs: bool = True) -> Compiled:
     """The jitted train step of state.setup, the one `./run.sh train` runs, compiled for the mesh's devices.
-    A step that does not fit in HBM is a result (Compiled.out_of_memory), not an error."""
+    A step that does not fit in HBM is a result (Compiled.out_of_memory), not an error. costs=False skips
+    the extra compiles that count a looped step's FLOPs and bytes (a fit is all find_batch asks)."""
+    compiled = _compile(run, mesh)
+    if compiled.out_of_memory or not costs or not _has_loops(run) or not compiled.flops_per_chip:
+        return compiled
+    unrolled = _unrolled_costs(run, mesh)
+    if unrolled is None:
+        return dataclasses.replace(compiled, costs_from=COSTS_LOOPED)
+    return dataclasses.replace(compiled, flops_per_chip=unrolled[0], bytes_per_chip=unrolled[1], costs_from=COSTS_UNROLLED)
+
+
+def _has_loops(run: RunSpec) -> bool:
+    return run.model.scan_layers or run.opt.grad_accum_steps > 1
+
+
+def _unrolled_costs(run: RunSpec, mesh: jax.sharding.Mesh) -> tuple[float, float] | None:
+    """FLOPs and bytes per chip of a step with loops in it. XLA's cost analysis counts a while loop's body
+    once, so a scanned stack of N layers reads as one layer and K accumulated micro-batches as one. The
+    layers are alike, so a step's cost is affine in its depth: it is read from one micro-batch's step,
+    unrolled, at depth 1 and at depth 2 for each stack (decoder N, encoder E), extended to the real
+    depth, times K (which counts the optimizer update K times: small beside K forward and backward passes)."""
+    k, m = run.opt.grad_accum_steps, run.model
+    micro = dataclasses.replace(run, batch_size=run.batch_size // k, opt=dataclasses.replace(run.opt, grad_accum_steps=1))
+
+    def at(**depth: int) -> np.ndarray:
+        c = _compile(dataclasses.replace(micro, model=dataclasses.replace(m, scan_layers=False, **depth)), mesh)
+        return np.array([c.flops_per_chip, c.bytes_per_chip]) if not c.out_of_memory else np.full(2, np.nan)
+
+    depths = {"N": m.N, **({"E": m.E} if m.E else {})}
+    if not m.scan_layers:
+        total = at(**depths)
+    else:
+        ones = {name: 1 for name in depths}
+        base = at(**ones)
+        total = base + sum((d - 1) * (at(**{**ones, name: 2}) - base) for name, d in depths.items() if d > 1)
+    return None if np.isnan(total).any() else (float(k * total[0]), float(k * total[1]))
+
+
+def _compile(run: RunSpec, mesh: jax.sharding.Mesh) -> Compiled:
     built = state_lib.setup(run.model, run.opt, mesh, run.mesh.rules)
     abstract_state = state_lib.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),
                                           sharding.abstract(built.abstract_params, built.param_sh),
@@ -142,6 +185,7 @@ def report(run: RunSpec, tpu: Slice, mesh: jax.sharding.Mesh, c: Compiled) -> di
     line = cost.roofline(tpu.chip, flops / share, c.bytes_per_chip / share, wire / share)
     out.update(
         flops_per_step=c.flops_per_chip * devices or None, flops_ratio=c.flops_per_chip * devices / model_flops or None,
+        costs_from=c.costs_from,
         collectives={k: {"count": v["count"], "bytes": v["buffer_bytes"]} for k, v in c.collectives.items() if v["count"]},
         collective_shapes={k: sorted(set(v["shapes"])) for k, v in c.collectives.items() if v["count"]},
         projected_step_ms=line.step_ms, projected_mfu=model_flops / (tpu.chips * tpu.chip.bf16_tflops * 1e12 * line.step_ms / 1e3),
@@ -163,7 +207,7 @@ def find_batch(run: RunSpec, mesh: jax.sharding.Mesh, tpu: Slice, seq_len: int =
                                     model=dataclasses.replace(run.model, remat=remat, L=seq_len or run.model.L))
 
         def fits_at(multiple: int) -> bool:
-            return fits(compile_train_step(dataclasses.replace(trial, batch_size=multiple * unit), mesh), tpu, mesh)
+            return fits(compile_train_step(dataclasses.replace(trial, batch_size=multiple * unit), mesh, costs=False), tpu, mesh)
 
         lo, hi = 0, 1
         while hi <= most and fits_at(hi):

@@ -198,15 +198,19 @@ def _until_eos(out_BxM, eos_id: int) -> list[list[int]]:
     return results
 
 
+def check_continues(cfg: ModelConfig) -> None:
+    if cfg.arch != "decoder":
+        raise SampleError(f"model.arch={cfg.arch!r} does not continue prompts" + (
+            ": give it inputs to answer (run.answer, generate_seq2seq, sample --input)" if cfg.arch == "encoder_decoder" else " (a masked-token encoder)"))
+
+
 def generate(
     cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
     pad_id: int, vocab_limit: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     seed: int = 0, stream: Callable | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, up to and including the first eos."""
-    if cfg.arch != "decoder":
-        raise SampleError(f"model.arch={cfg.arch!r} does not continue prompts" + (
-            ": give it inputs to answer (run.answer, generate_seq2seq, sample --input)" if cfg.arch == "encoder_decoder" else " (a masked-token encoder)"))
+    check_continues(cfg)
     check_options(temperature, top_k, top_p, max_new_tokens)
     check_prompts(prompts, max_new_tokens, cfg.L)
     longest = max(len(p) for p in prompts)

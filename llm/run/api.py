@@ -231,6 +231,7 @@ class Run:
         prompt. `stream` (single prompt only) receives the text piece by piece as it is generated.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        sample_lib.check_continues(self.model_config)
         sample_lib.check_options(temperature, top_k, top_p, max_new_tokens)
         encoded = [self.encode_prompt(p) for p in prompts]
         longest = max(len(p) for p in encoded)
