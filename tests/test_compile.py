@@ -93,8 +93,10 @@ def test_a_model_too_big_for_a_chip_does_not_fit_and_fits_once_fsdp_spreads_it()
 
 def test_a_scanned_stack_costs_what_the_unrolled_stack_costs():
     """XLA counts a while loop's body once: a scanned step's FLOPs and bytes are read from its unrolled
-    copies at depth 1 and 2 and extended to its depth, so they match the unrolled step's own count."""
-    shape = {**SMALL, "model.num_layers": 3}
+    copies at depth 1 and 2 and extended to its depth, so they match the unrolled step's own count; and
+    its collectives, inside the layers' loop and inside FSDP's windowed einsums (loops of permutes whose
+    trip counts only their conditions hold on TPU), are counted as often as they run."""
+    shape = {**SMALL, "model.num_layers": 3, "mesh.data": 1, "mesh.fsdp": -1}
     tpu = topology.parse("v5e-8")
     run = plan.resolve(spec.from_config(_config(**shape, **{"model.scan_layers": True})), tpu)
     mesh = plan.mesh_of(run, topology.devices(tpu))
@@ -107,6 +109,9 @@ def test_a_scanned_stack_costs_what_the_unrolled_stack_costs():
     assert scanned.bytes_per_chip == pytest.approx(unrolled.bytes_per_chip, rel=0.3)
     looped = plan.compile_train_step(run, mesh, costs=False)  # what XLA says of the loop itself: one layer
     assert looped.flops_per_chip < 0.8 * unrolled.flops_per_chip
+    # Each layer's gradients are scattered once per step however the stack is compiled.
+    scatters = lambda c: (c.collectives["reduce-scatter"]["count"], c.collectives["reduce-scatter"]["buffer_bytes"])
+    assert scatters(scanned) == scatters(unrolled) and scanned.collectives["all-gather"]["windowed"] > 0
 
 
 def test_an_unknown_slice_or_a_mesh_that_does_not_divide_it_is_one_error_before_compiling():

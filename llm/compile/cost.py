@@ -116,10 +116,13 @@ def collectives(compiled, chips: int) -> dict[str, dict]:
     """Per collective kind: how many run per step, the bytes of their buffers (a reduce-scatter's:
     its result, one device's shard), the bytes each chip sends over ICI (see the module's docstring)
     and the shapes of their buffers, from the optimized HLO of the compiled program. XLA:TPU writes a
-    reduce-scatter as an all-reduce and a slice fused into a computation named all-reduce-scatter."""
+    reduce-scatter as an all-reduce and a slice fused into a computation named all-reduce-scatter; and
+    where it overlaps an all-gather or a reduce-scatter with the matmul that uses it (a windowed einsum),
+    as a loop of collective-permutes, each moving one shard: those count as the collective they make up,
+    and `windowed` says how many of the count were such permutes."""
     bodies = _computations(compiled.as_text())
     times = _multipliers(bodies)
-    out = {kind: {"count": 0, "buffer_bytes": 0.0, "wire_bytes": 0.0, "shapes": []} for kind in COLLECTIVES}
+    out = {kind: {"count": 0, "windowed": 0, "buffer_bytes": 0.0, "wire_bytes": 0.0, "shapes": []} for kind in COLLECTIVES}
     for name, lines in bodies.items():
         for line in lines:
             op = re.search(r"=\s*(.*?)\s+(all-gather|reduce-scatter|all-reduce|all-to-all|collective-permute)(-start)?\(", line)
@@ -132,10 +135,14 @@ def collectives(compiled, chips: int) -> dict[str, dict]:
             n = _group_size(line, chips)
             if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
                 kind, size = "reduce-scatter", size // max(n, 1)
-            out[kind]["shapes"] += re.findall(r"\b[a-z]+\d*\[[\d,]*\]", result)
             share = (n - 1) / n if n > 1 else 0.0
             wire = {"all-gather": share, "reduce-scatter": share * n, "all-reduce": 2 * share}.get(kind, 1.0 if n > 1 else 0.0)
             k = times.get(name, 1)
+            windowed = re.search(r"windowed_dot_general_body_(ag|rs)", name)
+            if kind == "collective-permute" and windowed:
+                kind = {"ag": "all-gather", "rs": "reduce-scatter"}[windowed.group(1)]
+                out[kind]["windowed"] += k
+            out[kind]["shapes"] += re.findall(r"\b[a-z]+\d*\[[\d,]*\]", result)
             out[kind]["count"] += k
             out[kind]["buffer_bytes"] += k * size
             out[kind]["wire_bytes"] += k * size * wire

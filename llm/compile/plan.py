@@ -186,7 +186,8 @@ def report(run: RunSpec, tpu: Slice, mesh: jax.sharding.Mesh, c: Compiled) -> di
     out.update(
         flops_per_step=c.flops_per_chip * devices or None, flops_ratio=c.flops_per_chip * devices / model_flops or None,
         costs_from=c.costs_from,
-        collectives={k: {"count": v["count"], "bytes": v["buffer_bytes"]} for k, v in c.collectives.items() if v["count"]},
+        collectives={k: {"count": v["count"], "bytes": v["buffer_bytes"], **({"windowed": v["windowed"]} if v["windowed"] else {})}
+                     for k, v in c.collectives.items() if v["count"]},
         collective_shapes={k: sorted(set(v["shapes"])) for k, v in c.collectives.items() if v["count"]},
         projected_step_ms=line.step_ms, projected_mfu=model_flops / (tpu.chips * tpu.chip.bf16_tflops * 1e12 * line.step_ms / 1e3),
         roofline_ms={"compute": line.compute_ms, "memory": line.memory_ms, "communication": line.communication_ms},
