@@ -2,12 +2,11 @@
 losses of the run that was never interrupted: for every objective (lm on SFT data, reward, dpo, grpo),
 every arch (encoder, encoder-decoder) and the streamed corpus read by a data worker.
 
-One fixture serves them all. This process trains the uninterrupted twins first (and the streamed run's
-twin runs beside it), which leaves their compiled programs in the suite's compilation cache: the CLI
-runs load those very programs, so that bit-identical means the same program resumed, not two compiles
-of it that happen to agree. Then every interrupted run is a real CLI process; they start at once, each
-is SIGKILLed as soon as its checkpoint of step 3 exists, and all resume at once: the processes'
-start-up overlaps instead of queueing.
+One fixture serves them all. Every run is a real CLI process, so that no state an earlier test left
+in this process (the suite runs many in it) can change a program: the uninterrupted twins start at
+once beside the streamed run's twin and leave their compiled programs in the suite's compilation
+cache; then every interrupted run starts, is SIGKILLed as soon as its checkpoint of step 3 exists,
+and all resume at once: the processes' start-up overlaps instead of queueing.
 """
 
 import glob
@@ -32,7 +31,6 @@ from conftest import (
     posttrain_sets,
     streamed,
     tiny_config,
-    train_run,
     write_corpus,
     write_shards,
 )
@@ -40,7 +38,8 @@ from conftest import (
 import llm
 from llm import model, spec
 from llm.model import heads, sample
-from llm.training import checkpoint, guard, rl
+from llm.data import corpus as corpus_lib
+from llm.training import checkpoint, guard
 
 STEPS = 12  # checkpoints every 3 steps; a run is killed once its step-3 checkpoint exists
 STREAMED_STEPS = 150  # the streamed run: long enough for a signal to land after step 20 and well before the end
@@ -52,21 +51,23 @@ def _logged(workdir) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r}
 
 
+def _summary(stderr: str) -> dict:
+    """The summary a CLI train prints as its last JSON line on stderr."""
+    return json.loads(next(line for line in reversed(stderr.splitlines()) if line.startswith("{")))
+
+
 def _command(workdir, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *overrides]
 
 
-def _variants(root, sets, corpus) -> dict[str, tuple[dict, list[str]]]:
-    """name -> (the uninterrupted run's tiny_config overrides, the interrupted CLI run's flags). The CLI
-    runs on JAX's one CPU device (mesh.cpu_devices=0), the device this process trains its twin on."""
+def _variants(sets, corpus) -> dict[str, list[str]]:
+    """name -> the CLI flags of its runs, on JAX's one CPU device (mesh.cpu_devices=0)."""
     out = {}
     for objective in OBJECTIVES:
-        overrides = objective_overrides(sets, objective, STEPS)
-        out[objective] = ({"corpus": sets["corpus"], **overrides},
-                          cli_overrides(sets["corpus"], mesh__cpu_devices=0, **overrides))
+        out[objective] = cli_overrides(sets["corpus"], mesh__cpu_devices=0, **objective_overrides(sets, objective, STEPS))
     for arch in ARCHS:  # seq2seq batches resume exactly too: tests/test_seq2seq.py
-        overrides = dict(num_train_steps=STEPS, checkpoint_every_steps=3, log_every_steps=1, opt__schedule="constant", model__arch=arch)
-        out[arch] = ({"corpus": corpus, **overrides}, cli_overrides(corpus, mesh__cpu_devices=0, **overrides))
+        out[arch] = cli_overrides(corpus, mesh__cpu_devices=0, num_train_steps=STEPS, checkpoint_every_steps=3, log_every_steps=1,
+                                  opt__schedule="constant", model__arch=arch)
     return out
 
 
@@ -108,18 +109,26 @@ def runs(tmp_path_factory):
     (root / "sets").mkdir()
     sets = posttrain_sets(root / "sets")
     corpus = write_corpus(root / "corpus.txt")
-    variants = _variants(root, sets, corpus)
+    variants = _variants(sets, corpus)
     streamed_command = _streamed_command(root)
     out = {name: {"straight": root / name / "straight", "killed": root / name / "killed"} for name in [*variants, "streamed"]}
     out["streamed"].update(command=streamed_command, reference=root / "streamed" / "reference")
-    commands = {name: _command(out[name]["killed"], flags) for name, (_, flags) in variants.items()}
+    commands = {name: _command(out[name]["killed"], flags) for name, flags in variants.items()}
     commands["streamed"] = streamed_command(out["streamed"]["killed"])
-    reference = subprocess.Popen(streamed_command(out["streamed"]["reference"]), cwd=REPO, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-    for name, (overrides, _) in variants.items():  # an eval at the end changes no params
-        cfg = tiny_config(overrides.pop("corpus"), eval_every_steps=STEPS, **overrides)
-        out[name]["summary"] = train_run(cfg, out[name]["straight"], quiet=True, feed=rl.make_feed if name == "grpo" else None)
-    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+    corpus_spec = spec.from_config(tiny_config(corpus, model__arch="encoder"))
+    corpus_lib.prepare(corpus_spec.data)  # the arch twins share this TFDS build: made once, before they race for it
+    straight = {name: _command(out[name]["straight"], [*flags, f"--config.eval_every_steps={STEPS}"])  # an eval at the end changes no params
+                for name, flags in variants.items()}
+    straight["streamed"] = streamed_command(out["streamed"]["reference"])
+    logs = {name: open(root / f"{name}.straight.log", "w+") for name in straight}  # a pipe that fills would stall its run
+    twins = {name: subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=logs[name], text=True) for name, c in straight.items()}
+    for name, proc in twins.items():
+        proc.wait(timeout=600)
+        logs[name].seek(0)
+        stderr = logs[name].read()
+        logs[name].close()
+        assert proc.returncode == 0, stderr[-2000:]
+        out[name]["summary"] = _summary(stderr)
     procs = {name: subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, c in commands.items()}
     killer = _Killer(procs, {name: out[name]["killed"] for name in procs}, {name: 20 if name == "streamed" else 3 for name in procs})
     killer.start()
