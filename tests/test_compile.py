@@ -107,8 +107,6 @@ def test_a_scanned_stack_costs_what_the_unrolled_stack_costs():
     # Bytes are XLA's estimate over its fusions, which it draws differently at each depth (this step
     # unrolled at depth 1-4 reads 0.32, 0.58, 0.68, 0.95 GB), so the extension only lands near them.
     assert scanned.bytes_per_chip == pytest.approx(unrolled.bytes_per_chip, rel=0.3)
-    looped = plan.compile_train_step(run, mesh, costs=False)  # what XLA says of the loop itself: one layer
-    assert looped.flops_per_chip < 0.8 * unrolled.flops_per_chip
     # Each layer's gradients are scattered once per step however the stack is compiled.
     scatters = lambda c: (c.collectives["reduce-scatter"]["count"], c.collectives["reduce-scatter"]["buffer_bytes"])
     assert scatters(scanned) == scatters(unrolled) and scanned.collectives["all-gather"]["windowed"] > 0
@@ -135,13 +133,13 @@ def test_slice_names_map_to_chips_and_shapes():
 
 def test_the_largest_batch_fits_and_one_more_row_does_not():
     """A one-chip slice and a step whose float32 logits over a 262k vocabulary take 4 GiB a row at
-    seq_len 4096: the search finds 2 rows (compiles at 1, 2, 4 and 3 rows), and 3 do not fit."""
+    seq_len 4096: the search, up to 3 rows, finds 2 (compiles at 1, 2 and 3 rows), and 3 do not fit."""
     cfg = _config(**{**SMALL, "model.d_model": 128, "model.num_layers": 1, "model.num_heads": 2, "model.num_kv_heads": 2,
                      "model.d_ff": 256, "data.tokenizer": "sentencepiece", "data.vocab_size": 262144, "batch_size": 8})
     tpu = topology.parse("v5e-1")
     run = plan.resolve(spec.from_config(cfg), tpu)
     mesh = plan.mesh_of(run, topology.devices(tpu))
-    found = plan.find_batch(run, mesh, tpu, seq_len=4096, remats=("none",))
+    found = plan.find_batch(run, mesh, tpu, seq_len=4096, remats=("none",), most=3)
     assert found == {"none": 2}
     one_more = dataclasses.replace(plan.seq_len_of(run, 4096), batch_size=found["none"] + 1)
     assert not plan.fits(plan.compile_train_step(one_more, mesh), tpu, mesh)

@@ -2,11 +2,12 @@
 losses of the run that was never interrupted: for every objective (lm on SFT data, reward, dpo, grpo),
 every arch (encoder, encoder-decoder) and the streamed corpus read by a data worker.
 
-One fixture serves them all. Every run is a real CLI process, so that no state an earlier test left
-in this process (the suite runs many in it) can change a program: the uninterrupted twins start at
-once beside the streamed run's twin and leave their compiled programs in the suite's compilation
-cache; then every interrupted run starts, is SIGKILLed as soon as its checkpoint of step 3 exists,
-and all resume at once: the processes' start-up overlaps instead of queueing.
+One fixture serves them all. A fresh process trains the uninterrupted twins (tests/resume_twins.py:
+no state an earlier test left in this pytest worker can change their programs) while the streamed
+run's twin, a CLI run, runs beside it; they leave their compiled programs in the suite's compilation
+cache. Then every interrupted run is a real CLI process; they start at once, each is SIGKILLed as soon
+as its checkpoint of step 3 exists, and all resume at once: the processes' start-up overlaps instead of
+queueing.
 """
 
 import glob
@@ -38,7 +39,6 @@ from conftest import (
 import llm
 from llm import model, spec
 from llm.model import heads, sample
-from llm.data import corpus as corpus_lib
 from llm.training import checkpoint, guard
 
 STEPS = 12  # checkpoints every 3 steps; a run is killed once its step-3 checkpoint exists
@@ -51,23 +51,20 @@ def _logged(workdir) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r}
 
 
-def _summary(stderr: str) -> dict:
-    """The summary a CLI train prints as its last JSON line on stderr."""
-    return json.loads(next(line for line in reversed(stderr.splitlines()) if line.startswith("{")))
-
-
 def _command(workdir, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "llm.cli", "train", f"--workdir={workdir}", *overrides]
 
 
-def _variants(sets, corpus) -> dict[str, list[str]]:
-    """name -> the CLI flags of its runs, on JAX's one CPU device (mesh.cpu_devices=0)."""
+def _variants(sets, corpus) -> dict[str, tuple[dict, list[str]]]:
+    """name -> (the uninterrupted run's tiny_config overrides, the interrupted CLI run's flags), both on
+    JAX's one CPU device (mesh.cpu_devices=0)."""
     out = {}
     for objective in OBJECTIVES:
-        out[objective] = cli_overrides(sets["corpus"], mesh__cpu_devices=0, **objective_overrides(sets, objective, STEPS))
+        overrides = objective_overrides(sets, objective, STEPS)
+        out[objective] = ({"corpus": str(sets["corpus"]), **overrides}, cli_overrides(sets["corpus"], mesh__cpu_devices=0, **overrides))
     for arch in ARCHS:  # seq2seq batches resume exactly too: tests/test_seq2seq.py
-        out[arch] = cli_overrides(corpus, mesh__cpu_devices=0, num_train_steps=STEPS, checkpoint_every_steps=3, log_every_steps=1,
-                                  opt__schedule="constant", model__arch=arch)
+        overrides = dict(num_train_steps=STEPS, checkpoint_every_steps=3, log_every_steps=1, opt__schedule="constant", model__arch=arch)
+        out[arch] = ({"corpus": str(corpus), **overrides}, cli_overrides(corpus, mesh__cpu_devices=0, **overrides))
     return out
 
 
@@ -113,22 +110,20 @@ def runs(tmp_path_factory):
     streamed_command = _streamed_command(root)
     out = {name: {"straight": root / name / "straight", "killed": root / name / "killed"} for name in [*variants, "streamed"]}
     out["streamed"].update(command=streamed_command, reference=root / "streamed" / "reference")
-    commands = {name: _command(out[name]["killed"], flags) for name, flags in variants.items()}
+    commands = {name: _command(out[name]["killed"], flags) for name, (_, flags) in variants.items()}
     commands["streamed"] = streamed_command(out["streamed"]["killed"])
-    corpus_spec = spec.from_config(tiny_config(corpus, model__arch="encoder"))
-    corpus_lib.prepare(corpus_spec.data)  # the arch twins share this TFDS build: made once, before they race for it
-    straight = {name: _command(out[name]["straight"], [*flags, f"--config.eval_every_steps={STEPS}"])  # an eval at the end changes no params
-                for name, flags in variants.items()}
-    straight["streamed"] = streamed_command(out["streamed"]["reference"])
-    logs = {name: open(root / f"{name}.straight.log", "w+") for name in straight}  # a pipe that fills would stall its run
-    twins = {name: subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=logs[name], text=True) for name, c in straight.items()}
-    for name, proc in twins.items():
-        proc.wait(timeout=600)
-        logs[name].seek(0)
-        stderr = logs[name].read()
-        logs[name].close()
-        assert proc.returncode == 0, stderr[-2000:]
-        out[name]["summary"] = _summary(stderr)
+    reference = subprocess.Popen(streamed_command(out["streamed"]["reference"]), cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    twins = {name: {"corpus": overrides.pop("corpus"), "workdir": str(out[name]["straight"]),
+                    "overrides": {**overrides, "eval_every_steps": STEPS}}  # an eval at the end changes no params
+             for name, (overrides, _) in variants.items()}
+    (root / "twins.json").write_text(json.dumps(twins))
+    trained = subprocess.run([sys.executable, "tests/resume_twins.py", str(root / "twins.json")], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    for name, summary in json.loads(trained.stdout.strip().splitlines()[-1]).items():
+        out[name]["summary"] = summary
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
     procs = {name: subprocess.Popen(c, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, c in commands.items()}
     killer = _Killer(procs, {name: out[name]["killed"] for name in procs}, {name: 20 if name == "streamed" else 3 for name in procs})
     killer.start()

@@ -1,0 +1,42 @@
+"""Byte-compiles every module the commands import (`./run.sh setup` runs it once per install): the
+packages are installed without bytecode, and a host with PYTHONDONTWRITEBYTECODE set would otherwise
+compile them from source in every process it starts."""
+
+import importlib
+import importlib.util
+import os
+import py_compile
+import sys
+
+# What the commands import, all together (llm.cli imports most of it lazily, per command).
+COMMAND_MODULES = ("llm.cli", "llm.training.loop", "llm.training.rl", "llm.run.api", "llm.run.chat", "llm.data.corpus",
+                   "llm.interop.hf", "llm.scaling.sweep", "llm.scaling.fit", "llm.compile.plan", "llm.inspect.trace", "llm.bench")
+# What export, import and eval --tasks import from the hf and harness extras, where they are installed.
+EXTRA_MODULES = ("safetensors.numpy", "transformers", "transformers.convert_slow_tokenizer", "transformers.models.llama.modeling_llama",
+                 "lm_eval", "lm_eval.api.model", "lm_eval.tasks", "lm_eval.utils")
+
+
+def main() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name)
+    for name in EXTRA_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    sources = {m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None) and m.__file__.endswith(".py")}
+    compiled = 0
+    for source in sorted(sources):
+        cached = importlib.util.cache_from_source(source)
+        if os.path.exists(cached) and os.path.getmtime(cached) >= os.path.getmtime(source):
+            continue
+        try:
+            py_compile.compile(source, cfile=cached, doraise=True)
+            compiled += 1
+        except (py_compile.PyCompileError, OSError):  # a read-only or odd file: Python compiles it on import
+            pass
+    print(f"[setup] byte-compiled {compiled} modules", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
