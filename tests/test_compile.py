@@ -112,6 +112,19 @@ def test_a_scanned_stack_costs_what_the_unrolled_stack_costs():
     assert scatters(scanned) == scatters(unrolled) and scanned.collectives["all-gather"]["windowed"] > 0
 
 
+def test_a_looped_step_whose_unrolled_copy_did_not_fit_projects_nothing():
+    """XLA's counts of a scanned step are one layer's: a projection from them once read 199% MFU."""
+    tpu = topology.parse("v5e-8")
+    run = plan.resolve(spec.from_config(_config(**SMALL, **{"model.scan_layers": True})), tpu)
+    mesh = plan.mesh_of(run, topology.devices(tpu))
+    looped = plan.Compiled({"arguments": 1.0, "outputs": 0.0, "temporaries": 1.0, "program": 0.1, "total": 2.1}, 1e9, 1e9, {}, 1.0,
+                           costs_from=plan.COSTS_LOOPED)
+    out = plan.report(run, tpu, mesh, looped)
+    assert out["fits"] is True and out["costs_from"] == plan.COSTS_LOOPED
+    assert out["projected_mfu"] is None and out["projected_step_ms"] is None and out["bound"] is None
+    assert plan.report(run, tpu, mesh, dataclasses.replace(looped, costs_from="the compiled step"))["projected_mfu"] > 0
+
+
 def test_an_unknown_slice_or_a_mesh_that_does_not_divide_it_is_one_error_before_compiling():
     result = run_cli("compile", "--topology=v9-8")
     assert result.returncode == 2 and "error: --topology='v9-8' is not a slice this command knows; known: " in result.stderr

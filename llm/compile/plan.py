@@ -182,13 +182,17 @@ def report(run: RunSpec, tpu: Slice, mesh: jax.sharding.Mesh, c: Compiled) -> di
     share = tpu.chips / devices
     # Without XLA's counts (a GPU), the roofline takes our model FLOPs and has no memory term.
     flops = c.flops_per_chip or model_flops / devices
-    line = cost.roofline(tpu.chip, flops / share, c.bytes_per_chip / share, wire / share)
     out.update(
         flops_per_step=c.flops_per_chip * devices or None, flops_ratio=c.flops_per_chip * devices / model_flops or None,
         costs_from=c.costs_from,
         collectives={k: {"count": v["count"], "bytes": v["buffer_bytes"], **({"windowed": v["windowed"]} if v["windowed"] else {})}
                      for k, v in c.collectives.items() if v["count"]},
         collective_shapes={k: sorted(set(v["shapes"])) for k, v in c.collectives.items() if v["count"]},
+        projected_step_ms=None, projected_mfu=None, roofline_ms=None, bound=None)
+    if c.costs_from == COSTS_LOOPED:  # FLOPs and bytes of one layer and one micro-batch: no projection from them
+        return out
+    line = cost.roofline(tpu.chip, flops / share, c.bytes_per_chip / share, wire / share)
+    out.update(
         projected_step_ms=line.step_ms, projected_mfu=model_flops / (tpu.chips * tpu.chip.bf16_tflops * 1e12 * line.step_ms / 1e3),
         roofline_ms={"compute": line.compute_ms, "memory": line.memory_ms, "communication": line.communication_ms},
         bound=line.bound)
