@@ -1,7 +1,7 @@
 """A Llama-shaped model of about 150M parameters (d_model 768, 16 layers, 12 heads, 4 key/value
 heads, SwiGLU width 2048, context 2048) with the recipe of configs/llama.py.
 
-Fits on: SLICE_PLACEHOLDER
+Fits on: v5p-8 (30.5 GiB per chip of 95; `./run.sh compile --config=configs/llama_150m.py --topology=v5p-8`) and v5e-16 (7.8 GiB of 16), FSDP over the slice
 """
 
 from configs import llama

@@ -1,7 +1,7 @@
 """A Llama-shaped model of about 1B parameters (d_model 2048, 20 layers, 32 heads, 8 key/value
 heads, SwiGLU width 5632, context 2048) with the recipe of configs/llama.py.
 
-Fits on: SLICE_PLACEHOLDER
+Fits on: v5p-32 (51.8 GiB per chip of 95, FSDP over the slice; `./run.sh compile --config=configs/llama_1b.py --topology=v5p-32`)
 """
 
 from configs import llama

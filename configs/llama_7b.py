@@ -1,7 +1,7 @@
 """A Llama-shaped model of about 7B parameters (Llama-2-7B's shape: d_model 4096, 32 layers, 32 heads, 32 key/value
 heads, SwiGLU width 11008, context 4096) with the recipe of configs/llama.py.
 
-Fits on: SLICE_PLACEHOLDER
+Fits on: v5p-64 (55.0 GiB per chip of 95, FSDP over the slice; `./run.sh compile --config=configs/llama_7b.py --topology=v5p-64`)
 """
 
 from configs import llama

@@ -61,14 +61,14 @@ def table() -> str:
             if not os.path.exists(path):
                 continue
             r = json.load(open(path))
-            batch = r.get("largest_batch_2048_block", r.get("batch_error", "-"))
+            batch = r.get("largest_batch_2048_block", r.get("batch_error", "not run"))
             if "error" in r:
                 rows.append(f"| {config} | {slice_name} | {r['error']} | | {batch} | | | |")
                 continue
             fits = f"{'yes' if r['fits'] else 'no'} ({r['batch_size']} x {r['seq_len']})"
-            mfu = f"{r['projected_mfu']:.0%}" if r.get("projected_mfu") else "-"
+            mfu = f"{r['projected_mfu']:.0%}" if r.get("projected_mfu") else ("none (looped costs)" if r.get("costs_from", "").startswith("the compiled step, each") else "-")
             rows.append(f"| {config} | {slice_name} | {fits} | {r['hbm_per_chip_gib']['total']:.1f} | {batch} | "
-                        f"{mfu} | {r.get('bound', '-')} | {r['compile_s']:.0f} |")
+                        f"{mfu} | {r.get('bound') or '-'} | {r['compile_s']:.0f} |")
     return "\n".join(rows)
 
 
