@@ -71,9 +71,9 @@ case "$cmd" in
     exec "$PY" -m llm.launch "$@" ;;
   test)
     setup
-    # Two workers, each taking whole files (module fixtures run once): the suite is mostly process
-    # start-up and compiling, which one core does while the other trains. `-n 0` runs it serially.
-    exec "$PY" -m pytest -q -n 2 --dist loadfile tests "$@" ;;
+    # Two workers, each taking whole files (module fixtures run once), the longest first (tests/conftest.py):
+    # the suite is mostly process start-up and compiling. `-n 0` runs it serially.
+    exec "$PY" -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@" ;;
   ""|-h|--help|help) usage ;;
   *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

@@ -20,6 +20,18 @@ from llm.training import sharding  # noqa: E402
 
 sharding.leave_out_absent_tpu()  # as the CLI does: libtpu (installed for `compile`) stays unloaded without a TPU
 
+# `./run.sh test` hands whole files to whichever xdist worker is free, in collection order
+# (--no-loadscope-reorder): the files that take the most CPU on a clean clone go first, so that the two
+# workers finish together instead of one waiting on a long file started last.
+LONGEST_FIRST = ("test_compile.py", "test_sharding.py", "test_resume.py", "test_posttrain.py", "test_encoder_decoder.py",
+                 "test_hf.py", "test_inspect.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 WORDS = "the king queen lord lady good night sweet love death sword crown heart hath thou thee my our".split()
