@@ -20,7 +20,7 @@ from llm.compile.topology import Slice
 from llm.data.tokenizer import size_without_corpus
 from llm.model.attention import KVCache
 from llm.spec import RunSpec
-from llm.training import sharding, state as state_lib
+from llm.training import metrics, sharding, state as state_lib
 
 REMATS = ("none", "dots", "block")  # the model.remat policies, from the least memory saved to the most
 
@@ -205,7 +205,7 @@ def report(run: RunSpec, tpu: Slice, mesh: jax.sharding.Mesh, c: Compiled) -> di
         return out
     line = cost.roofline(tpu.chip, flops / share, c.bytes_per_chip / share, wire / share)
     out.update(
-        projected_step_ms=line.step_ms, projected_mfu=model_flops / (tpu.chips * tpu.chip.bf16_tflops * 1e12 * line.step_ms / 1e3),
+        projected_step_ms=line.step_ms, projected_mfu=metrics.mfu(model_flops / run.tokens_per_step, run.tokens_per_step * 1e3 / line.step_ms, tpu.chips * tpu.chip.bf16_tflops),
         roofline_ms={"compute": line.compute_ms, "memory": line.memory_ms, "communication": line.communication_ms},
         bound=line.bound)
     return out
