@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CONFIGS = ("gpt2_small", "llama_150m", "llama_400m", "llama_1b", "llama_3b", "llama_7b")
 SLICES = ("v5e-8", "v5p-8", "v4-8")
+SEARCHED_UP_TO = 32  # data-parallel multiples: the batch search stops there
 GROWING = {"v5e": (8, 16, 32, 64, 128, 256), "v5p": (8, 16, 32, 64, 128, 256, 512)}  # Cloud names: v5p counts TensorCores
 
 
@@ -47,7 +48,7 @@ def one(config: str, slice_name: str, part: str) -> dict:
         out.pop("collective_shapes", None)
         return out
     start = time.perf_counter()
-    found = plan.find_batch(run, mesh, tpu, seq_len=2048, remats=("block",), most=32)
+    found = plan.find_batch(run, mesh, tpu, seq_len=2048, remats=("block",), most=SEARCHED_UP_TO)
     return {"largest_batch_2048_block": found["block"], "find_batch_s": time.perf_counter() - start,
             "find_batch_command": command + " --find_batch --seq_len=2048"}
 
@@ -62,6 +63,8 @@ def table() -> str:
                 continue
             r = json.load(open(path))
             batch = r.get("largest_batch_2048_block", r.get("batch_error", "not run"))
+            if "mesh" in r and batch == SEARCHED_UP_TO * r["mesh"]["data"] * r["mesh"]["fsdp"]:
+                batch = f">= {batch} (the search's limit)"
             if "error" in r:
                 rows.append(f"| {config} | {slice_name} | {r['error']} | | {batch} | | | |")
                 continue
