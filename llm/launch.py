@@ -16,6 +16,12 @@ import time
 from llm.training.guard import EXIT_INTERRUPTED
 
 
+def _with_host_devices(count: int) -> str:
+    """The user's XLA_FLAGS with this process's CPU device count in place of any they set."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={count}"])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -47,7 +53,7 @@ def main(argv: list[str]) -> int:
     logdir = tempfile.mkdtemp(prefix="launch-local-")
     procs, logs = [], []
     for i in range(n):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={total // n}"}
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _with_host_devices(total // n)}
         args = [sys.executable, "-m", "llm.cli", *command, f"--coordinator_address=localhost:{port}",
                 f"--num_processes={n}", f"--process_id={i}"]
         log = None if i == 0 else open(os.path.join(logdir, f"process_{i}.log"), "w")

@@ -11,6 +11,17 @@ from pathlib import Path
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"llm-tests-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The suite compiles hundreds of tiny programs and runs each a few steps: LLVM's optimizations cost more
+# than they save (a third of the CPU of a compile-bound test file). Every process the suite starts
+# inherits the flag; tests that set XLA_FLAGS for a subprocess add it with xla_flags().
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def xla_flags(*flags: str) -> str:
+    return " ".join([*flags, FAST_COMPILE])
+
 
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
@@ -166,7 +177,7 @@ def train_run(cfg: ml_collections.ConfigDict, workdir, quiet: bool = False, **kw
     return loop.train(spec.from_config(cfg), str(workdir), quiet, **kwargs)
 
 
-def _problem(rng: random.Random) -> tuple[str, str]:
+def addition_problem(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 49), rng.randint(0, 49)
     return f"{a}+{b}", str(a + b)
 
@@ -181,17 +192,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def posttrain_sets(root: Path) -> dict:
     """A pretrained char model and the post-training files of a small addition task."""
     rng = random.Random(0)
-    lines = [f"{p}={a}" for p, a in (_problem(rng) for _ in range(1500))]
+    lines = [f"{p}={a}" for p, a in (addition_problem(rng) for _ in range(1500))]
     corpus = root / "pre.txt"
     corpus.write_text("\n".join(lines) + "\n")
     train_run(tiny_config(corpus, num_train_steps=20), str(root / "pre"), quiet=True)
-    sft = write_jsonl(root / "sft.jsonl", [dict(zip(("prompt", "response"), _problem(rng))) for _ in range(120)])
+    sft = write_jsonl(root / "sft.jsonl", [dict(zip(("prompt", "response"), addition_problem(rng))) for _ in range(120)])
     pref = []
     for _ in range(120):
-        p, a = _problem(rng)
+        p, a = addition_problem(rng)
         pref.append({"prompt": p, "chosen": a, "rejected": str(int(a) + rng.choice([-10, -1, 1, 10]))})
     pref = write_jsonl(root / "pref.jsonl", pref)
-    prompts = write_jsonl(root / "prompts.jsonl", [dict(zip(("prompt", "answer"), _problem(rng))) for _ in range(40)])
+    prompts = write_jsonl(root / "prompts.jsonl", [dict(zip(("prompt", "answer"), addition_problem(rng))) for _ in range(40)])
     return {"root": root, "corpus": corpus, "pre": str(root / "pre"), "sft": sft, "pref": pref, "prompts": prompts}
 
 

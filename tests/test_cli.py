@@ -3,7 +3,7 @@ import math
 import re
 import subprocess
 
-from conftest import REPO, cli_overrides, run_cli
+from conftest import REPO, cli_overrides, run_cli, xla_flags
 
 from llm.training import sharding
 
@@ -48,7 +48,7 @@ def test_invalid_model_shape_fails_before_compiling(tmp_path, corpus):
 
 def test_batch_not_divisible_by_device_count(tmp_path, corpus):
     result = run_cli("train", f"--workdir={tmp_path}", *cli_overrides(corpus, batch_size=12),
-                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                     env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")})
     _assert_one_clear_error(result, "is not divisible by the 8 data-parallel devices")
 
 

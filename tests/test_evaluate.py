@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_cli, tiny_config, train_run, write_corpus
+from conftest import REPO, run_cli, tiny_config, train_run, write_corpus, xla_flags
 from scipy import special
 
 import llm
@@ -196,7 +196,7 @@ print("tokens", result["tokens"])
 def test_a_long_eval_on_split_cpu_devices_does_not_deadlock():
     # Dispatched all at once, 1000 small batches filled XLA:CPU's per-device queue of 32 and deadlocked
     # the all-reduce of the two devices (evaluate.MAX_IN_FLIGHT says how): 4 runs out of 4, idle machine.
-    flags = "--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=20"
+    flags = xla_flags("--xla_force_host_platform_device_count=2", "--xla_cpu_collective_call_terminate_timeout_seconds=20")
     result = subprocess.run([sys.executable, "-c", LONG_EVAL_ON_TWO_CPU_DEVICES], cwd=REPO, capture_output=True, text=True,
                             timeout=240, env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, run_cli, tiny_config, train_run
+from conftest import REPO, cli_overrides, run_cli, tiny_config, train_run, xla_flags
 
 import llm
 from llm.training import checkpoint, guard
@@ -78,7 +78,7 @@ def _start_two_process_job(workdir, corpus, unwritable_on: int | None = None) ->
     # A file size limit of 0 (Python ignores SIGXFSZ, so every write fails with EFBIG): that process's view of
     # the workdir is unwritable, as on a host whose local disk is full or mounted read-only.
     no_writes = ["sh", "-c", 'ulimit -f 0 && exec "$@"', "sh"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=1")}
     return [subprocess.Popen([*(no_writes if i == unwritable_on else []), *command, f"--process_id={i}"], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
 

@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import random
 import select
 import subprocess
 import sys
@@ -13,7 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, objective_overrides, posttrain_sets, run_cli, tiny_config, train_run, write_corpus, write_jsonl
+from conftest import (
+    REPO,
+    addition_problem,
+    cli_overrides,
+    objective_overrides,
+    posttrain_sets,
+    run_cli,
+    tiny_config,
+    train_run,
+    write_corpus,
+    write_jsonl,
+)
 
 import llm
 from llm import model
@@ -190,10 +202,15 @@ def test_grpo_across_two_processes_samples_the_one_process_answers_and_trains_to
 
 
 def test_the_reward_model_reports_held_out_pairwise_accuracy_scores_from_the_cli_and_rewards_grpo(sets, tmp_path):
-    cfg = _cfg(sets, data__dataset=f"preference:{sets['pref']}", objective="reward", num_train_steps=30, eval_every_steps=30,
+    # Pairs a 30-step reward model can learn (telling a sum from its wrong answers is beyond it: its
+    # held-out accuracy stays at chance): the rejected answer repeats itself as "a+a".
+    rng = random.Random(1)
+    pairs = [{"prompt": p, "chosen": a, "rejected": f"{a}+{a}"} for p, a in (addition_problem(rng) for _ in range(120))]
+    easy = write_jsonl(tmp_path / "easy.jsonl", pairs)
+    cfg = _cfg(sets, data__dataset=f"preference:{easy}", objective="reward", num_train_steps=30, eval_every_steps=30,
                checkpoint_every_steps=30, opt__learning_rate=1e-2)
     summary = train_run(cfg, str(tmp_path / "rm"), quiet=True)
-    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["loss"] < math.log(2)
+    assert summary["eval_accuracy"] >= 0.9 and summary["eval_loss"] < 0.3 < math.log(2)
     result = run_cli("score", f"--workdir={tmp_path / 'rm'}", "--prompt=1+1", "--response=2")
     assert result.returncode == 0, result.stderr[-2000:]
     rm = llm.load(str(tmp_path / "rm"))

@@ -10,13 +10,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, run_cli, streamed
+from conftest import REPO, cli_overrides, run_cli, streamed, xla_flags
 
 from llm import model
 from llm.model import ModelConfig
 from llm.training import guard, sharding, state as state_lib
 
-EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+EIGHT = {"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"), "JAX_PLATFORMS": "cpu"}
 
 
 def _runs(kind: str, corpus, root, env=None) -> dict:
@@ -95,7 +95,7 @@ def test_a_preemption_notice_to_one_process_stops_the_job_at_one_step_and_the_re
     _, _, corpus, _ = mesh_runs
     workdir = tmp_path / "preempted"
     # As launch-local runs the reference: 2 processes x 2 devices, gloo collectives.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"), "JAX_PLATFORMS": "cpu"}
 
     def start_job():
         port = 25000 + (os.getpid() + int(time.time())) % 1000
@@ -185,7 +185,7 @@ def test_cpu_cores_become_devices_only_when_asked_and_not_overridden(monkeypatch
 def test_each_process_splits_its_own_share_of_the_batch_and_when_one_dies_the_other_stops_in_bounded_time(tmp_path, corpus):
     # No XLA_FLAGS: each process splits its cores for its own 3 of the 6 rows (and 8 of the 16 eval rows);
     # splitting for all 6 rows would give 2 x 2 devices, which do not divide the batch.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     port = 24000 + os.getpid() % 1000
     common = ["train", f"--workdir={tmp_path}", *cli_overrides(corpus, batch_size=6, num_train_steps=100000, eval_every_steps=4,
                                                                 checkpoint_every_steps=8),

@@ -6,6 +6,7 @@ prefill and decode step with their KV cache.
 """
 
 import dataclasses
+import functools
 import re
 import time
 
@@ -214,8 +215,9 @@ def report(run: RunSpec, tpu: Slice, mesh: jax.sharding.Mesh, c: Compiled) -> di
 def find_batch(run: RunSpec, mesh: jax.sharding.Mesh, tpu: Slice, seq_len: int = 0, remats=REMATS,
                most: int = 1 << 16) -> dict[str, int]:
     """The largest global batch (a multiple of the data-parallel size, at most `most` of them) whose train
-    step fits on the slice at seq_len (the config's if 0), for each remat policy: doubling, then bisection
-    over compiles. 0: none fits."""
+    step fits on the slice at seq_len (the config's if 0), for each remat policy: `most` first when it is
+    finite (one compile when it fits; a step that does not fit fails its compile in seconds), then
+    doubling and bisection. 0: none fits."""
     dp = sharding.data_parallel_size(mesh)
     unit = dp * run.opt.grad_accum_steps
     found = {}
@@ -223,9 +225,13 @@ def find_batch(run: RunSpec, mesh: jax.sharding.Mesh, tpu: Slice, seq_len: int =
         trial = dataclasses.replace(run, seq_len=seq_len or run.seq_len,
                                     model=dataclasses.replace(run.model, remat=remat, L=seq_len or run.model.L))
 
+        @functools.cache
         def fits_at(multiple: int) -> bool:
             return fits(compile_train_step(dataclasses.replace(trial, batch_size=multiple * unit), mesh, costs=False), tpu, mesh)
 
+        if most < 1 << 16 and fits_at(most):
+            found[remat] = most * unit
+            continue
         lo, hi = 0, 1
         while hi <= most and fits_at(hi):
             lo, hi = hi, 2 * hi
