@@ -46,6 +46,7 @@ usage: ./run.sh COMMAND [flags]
   sample --workdir=D --prompt=TEXT [--num_samples=N] [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
   sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n]
   fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]
+  coordcheck [--config=F] [--widths=64,128,256,512,1024] [--steps=5] [--out=D]   activation RMS vs width: does the parametrization transfer?
   bench  train|sample [flags]
   compile --topology=SLICE [--config=F] [--find_batch] [--seq_len=N] [--what=train|sample]   compile for a TPU slice here: fit, HBM, roofline
   chat --workdir=D [--system=TEXT] [--temperature=T]   talk to a fine-tuned run (Ctrl-C stops an answer)
@@ -63,7 +64,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
-  train|eval|sample|chat|score|sweep|fit|bench|compile|export|import|inspect)
+  train|eval|sample|chat|score|sweep|fit|coordcheck|bench|compile|export|import|inspect)
     setup
     exec "$PY" -m llm.cli "$cmd" "$@" ;;
   launch-local)

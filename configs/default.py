@@ -80,8 +80,20 @@ def get_config() -> ml_collections.ConfigDict:
     # 'auto' | 'xla' | 'dot_product' | 'cudnn' (llm/model/attention.py). auto: cuDNN's flash attention on an
     # NVIDIA GPU with bf16/fp16 compute and a head dim it takes, the XLA einsum everywhere else.
     c.model.attention = "auto"
+    # 'sp' (GPT-2's init, one learning rate) | 'mup' (Tensor Programs V, Table 8: the optimal learning rate
+    # and init do not move with width; llm/model/parametrization.py). mup equals sp at base_width.
+    c.model.parametrization = "sp"
+    c.model.base_width = 256  # mup: the d_model at which it equals sp (the width hyper-parameters were tuned at)
+    c.model.base_head_dim = 0  # mup: attention logits sqrt(base_head_dim) / d_head (0: base_width / num_heads)
+    c.model.output_multiplier = 1.0  # mup's alpha_out: the logits are multiplied by it / (d_model / base_width)
+    # 'none' | 'completep' (Dey et al. 2025, alpha = 1: residual branches x base_depth / layers)
+    c.model.depth_parametrization = "none"
+    c.model.base_depth = 2  # completep: the depth at which it equals none
 
     c.opt = ml_collections.ConfigDict()
+    # 'adamw' | 'muon': Muon (Newton-Schulz orthogonalized momentum) on the hidden matrices, AdamW with the
+    # keys below on embeddings, norms, biases and the head (llm/training/optimizer.py)
+    c.opt.optimizer = "adamw"
     c.opt.learning_rate = 3e-3
     c.opt.warmup_steps = 100
     c.opt.schedule = "cosine"  # 'cosine' | 'linear' | 'constant' | 'wsd'
@@ -95,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.opt.clip_norm = 1.0  # 0 disables
     c.opt.grad_accum_steps = 1
     c.opt.z_loss = 0.0
+    c.opt.muon_learning_rate = 0.02  # muon: the hidden matrices' peak rate (the schedule's shape is shared)
+    c.opt.muon_weight_decay = 0.0
+    c.opt.muon_momentum = 0.95
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1  # the implicit reward's scale: beta * log(pi / pi_ref)

@@ -1,5 +1,5 @@
-"""Command-line entry points behind run.sh: train, eval, sample, chat, score, sweep, fit, bench, compile,
-export, import, inspect.
+"""Command-line entry points behind run.sh: train, eval, sample, chat, score, sweep, fit, coordcheck, bench,
+compile, export, import, inspect.
 
 Over 400 lines: absl defines every command's flags in this one module, and each command is a short
 function over them; splitting the commands from their flags would only move the lines apart."""
@@ -53,13 +53,15 @@ flags.DEFINE_bool("dry_run", False, "sweep: print the table of points and stop."
 flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at i (0-based).")
 flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
 flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/); "
+                    "coordcheck: directory for its PNG (default: coordcheck_out/); "
                     "export: the HF directory; inspect lens|attention|heads: a directory for PNG plots.")
 flags.DEFINE_string("arch", "", "fit: only the rows of this model.arch (a sweep over `archs` names them '<arch>-...').")
 flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for standard errors.")
 flags.DEFINE_string("hf", "", "import: a local Hugging Face Llama model directory.")
 flags.DEFINE_string("tokenizer", "", "import: a SentencePiece .model to use when the HF directory has no tokenizer.model.")
 flags.DEFINE_integer("max_shard_mb", 5000, "export: safetensors files above this size are split, with an index.")
-flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
+flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up; coordcheck: train steps per width (default 5).")
+flags.DEFINE_list("widths", ["64", "128", "256", "512", "1024"], "coordcheck: the d_model of each model.")
 flags.DEFINE_string("topology", "", "compile: the slice to compile for, by its Cloud TPU name (v4-8, v5e-16, v5p-64, v6e-8, ...).")
 flags.DEFINE_bool("find_batch", False, "compile: also the largest global batch that fits, for each model.remat policy.")
 flags.DEFINE_integer("seq_len", 0, "compile: the context to compile at (default: the config's seq_len).")
@@ -223,6 +225,18 @@ def cmd_fit() -> None:
     result["plots"] = plots.plot_all(points, result, out)
     with open(os.path.join(out, "fit.json"), "w") as f:
         json.dump(result, f, indent=2)
+    print(json.dumps(result))
+
+
+def cmd_coordcheck() -> None:
+    from llm.scaling import coordcheck
+
+    try:
+        widths = [int(w) for w in FLAGS.widths]
+    except ValueError:
+        raise app.UsageError(f"--widths takes integers, got {','.join(FLAGS.widths)}") from None
+    steps = FLAGS.steps if FLAGS["steps"].present else 5
+    result = coordcheck.run(_CONFIG.value, widths, steps, FLAGS.out or "coordcheck_out")
     print(json.dumps(result))
 
 
@@ -412,7 +426,7 @@ def cmd_score() -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench,
-            "compile": cmd_compile,
+            "compile": cmd_compile, "coordcheck": cmd_coordcheck,
             "export": cmd_export, "import": cmd_import, "inspect": cmd_inspect, "chat": cmd_chat, "score": cmd_score}
 
 

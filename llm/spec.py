@@ -23,6 +23,7 @@ from llm.data.config import LOSS_ON, PACKINGS, SAMPLINGS, DataConfig, is_streame
 from llm.data.tokenizer import KINDS as TOKENIZERS, Tokenizer
 from llm.model import ModelConfig
 from llm.model.attention import IMPLEMENTATIONS as ATTENTIONS, resolve as resolve_attention
+from llm.model.parametrization import Parametrization
 
 POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -31,6 +32,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "block", "dots")
 ARCHS = ("decoder", "encoder", "encoder_decoder")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+OPTIMIZERS = ("adamw", "muon")
+PARAMETRIZATIONS = ("sp", "mup")
+DEPTH_PARAMETRIZATIONS = ("none", "completep")
 OBJECTIVES = ("lm", "reward", "dpo", "grpo")
 MESH_AXES = ("data", "fsdp", "tensor")
 LOOP_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_max_batches",
@@ -57,6 +61,11 @@ class OptConfig:
     clip_norm: float
     grad_accum_steps: int
     z_loss: float
+    optimizer: str = "adamw"
+    muon_learning_rate: float = 0.02
+    muon_weight_decay: float = 0.0
+    muon_momentum: float = 0.95
+    parametrization: Parametrization = Parametrization()  # the model's: per-parameter learning rates and epsilon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +223,15 @@ def rules_of(rules) -> tuple:
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
+def parametrization_of(cfg: ml_collections.ConfigDict) -> Parametrization:
+    m = cfg.model
+    layers = m.num_layers + ((m.num_encoder_layers or m.num_layers) if m.arch == "encoder_decoder" else 0)
+    base_head_dim = m.base_head_dim or m.base_width / m.num_heads
+    return Parametrization(width=m.parametrization, depth=m.depth_parametrization, width_mult=m.d_model / m.base_width,
+                           head_dim_mult=m.d_model / m.num_heads / base_head_dim, depth_mult=layers / m.base_depth,
+                           output_multiplier=m.output_multiplier)
+
+
 def from_config(cfg: ml_collections.ConfigDict | dict) -> RunSpec:
     """The checked, typed spec of a config (a dict is a saved config.json); one ConfigError listing
     every problem otherwise. Starts nothing: JAX's backend is first asked for in `resolve`."""
@@ -230,14 +248,14 @@ def from_config(cfg: ml_collections.ConfigDict | dict) -> RunSpec:
         pos_encoding=m.pos_encoding, rope_theta=m.rope_theta, norm=m.norm, norm_bias=m.norm_bias, norm_eps=m.norm_eps, mlp=m.mlp,
         tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
         attention=m.attention, arch=m.arch, E=(m.num_encoder_layers or m.num_layers) if m.arch == "encoder_decoder" else 0,
-        T=decoder_len,
+        T=decoder_len, parametrization=parametrization_of(cfg),
     )
     opt = o.to_dict()
     opt["warmup_steps"] = min(opt["warmup_steps"], cfg.num_train_steps)  # short runs warm up for their whole length
     data = DataConfig(**{f.name: d[f.name] for f in dataclasses.fields(DataConfig)})
     return RunSpec(
         name=cfg.name, seed=cfg.seed, batch_size=cfg.batch_size, seq_len=cfg.seq_len, model=model,
-        opt=OptConfig(num_train_steps=cfg.num_train_steps, **opt), data=data,
+        opt=OptConfig(num_train_steps=cfg.num_train_steps, parametrization=model.parametrization, **opt), data=data,
         mesh=MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.cpu_devices, rules_of(cfg.mesh.rules)),
         loop=LoopConfig(**{k: cfg[k] for k in LOOP_KEYS}),
         objective=ObjectiveConfig(cfg.objective, cfg.init_from, cfg.dpo.beta, GrpoConfig(**g.to_dict()), pretext),
@@ -352,11 +370,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     one_of(m.attention, ("auto",) + ATTENTIONS, "model.attention")
     need(m.norm_eps >= 0, f"model.norm_eps must be >= 0 (0: the norm's usual epsilon), got {m.norm_eps}")
     need(m.vocab_size >= 0 and m.vocab_multiple >= 1, "model.vocab_size must be >= 0 and model.vocab_multiple >= 1")
+    one_of(m.parametrization, PARAMETRIZATIONS, "model.parametrization")
+    one_of(m.depth_parametrization, DEPTH_PARAMETRIZATIONS, "model.depth_parametrization")
+    need(m.base_width > 0 and m.base_depth > 0 and m.base_head_dim >= 0,
+         f"model.base_width and model.base_depth must be positive and model.base_head_dim >= 0, got {m.base_width}, {m.base_depth}, {m.base_head_dim}")
+    need(m.output_multiplier > 0, f"model.output_multiplier must be positive, got {m.output_multiplier}")
     _check_data(cfg, need, one_of)
     _check_objective(cfg, need, one_of)
     _check_arch(cfg, need, one_of)
 
     one_of(o.schedule, SCHEDULES, "opt.schedule")
+    one_of(o.optimizer, OPTIMIZERS, "opt.optimizer")
+    need(o.muon_learning_rate > 0 and o.muon_weight_decay >= 0 and 0 <= o.muon_momentum < 1,
+         "opt.muon_learning_rate must be > 0, opt.muon_weight_decay >= 0 and opt.muon_momentum in [0, 1)")
     need(o.learning_rate > 0, f"opt.learning_rate must be positive, got {o.learning_rate}")
     need(o.warmup_steps >= 0, f"opt.warmup_steps must be >= 0, got {o.warmup_steps}")
     need(0 <= o.final_lr_ratio <= 1, f"opt.final_lr_ratio must be in [0, 1], got {o.final_lr_ratio}")

@@ -102,15 +102,19 @@ def test_an_imported_run_evaluates_samples_and_fine_tunes_like_any_run(tmp_path,
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three small runs of Llama's architecture: char tokenizer with a tied head (checkpoints at steps 5
-    and 10), byte tokenizer with an untied one, SentencePiece with scanned layers."""
+    """Four small runs of Llama's architecture: char tokenizer with a tied head (checkpoints at steps 5
+    and 10), byte tokenizer with an untied one, SentencePiece with scanned layers, and a char run under
+    mup and completep away from their base shape (every forward multiplier other than 1)."""
     root = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(root / "corpus.txt", 20_000)
     runs = {}
     for kind, extra in (("char", {"checkpoint_every_steps": 5}), ("byte", {"model__tie_embeddings": False}),
-                        ("sentencepiece", {"data__vocab_size": 300, "model__scan_layers": True})):
+                        ("sentencepiece", {"data__vocab_size": 300, "model__scan_layers": True}),
+                        ("mup", {"model__parametrization": "mup", "model__base_width": 16, "model__output_multiplier": 2.0,
+                                 "model__depth_parametrization": "completep", "model__base_depth": 1})):
         workdir = root / kind
-        train_run(tiny_config(corpus, num_train_steps=10, data__tokenizer=kind, opt__learning_rate=1e-2, **extra), str(workdir), quiet=True)
+        tokenizer = "char" if kind == "mup" else kind
+        train_run(tiny_config(corpus, num_train_steps=10, data__tokenizer=tokenizer, opt__learning_rate=1e-2, **extra), str(workdir), quiet=True)
         runs[kind] = workdir
     return runs
 
@@ -165,6 +169,20 @@ def test_export_through_the_cli_writes_the_chosen_step_as_one_safetensors_file(t
     for name in want:
         np.testing.assert_array_equal(written[name], want[name])
     assert not np.array_equal(written["model.embed_tokens.weight"], np.asarray(latest.params["embed"]))
+
+
+def test_a_mup_completep_run_exports_with_its_multipliers_folded_into_the_weights(tmp_path, trained):
+    """Llama has no query, branch or logit multipliers: export moves them into wq, the output projections
+    and the final norm's scale, so that transformers computes our logits."""
+    run = llm.load(str(trained["mup"]))
+    p = run.model_config.parametrization
+    assert (p.width_mult, p.depth_mult, p.output_multiplier) == (2.0, 2.0, 2.0)
+    hf.export(str(trained["mup"]), str(tmp_path / "hf"))
+    llama = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = np.random.default_rng(1).integers(3, run.tokenizer.vocab_size, (2, 24))
+    expected = our_logits(trained["mup"], tokens)
+    assert np.std(expected) > 0.1
+    np.testing.assert_allclose(torch_logits(llama, tokens), expected, atol=1e-4, rtol=0)
 
 
 def _unscanned(run):

@@ -3,7 +3,8 @@ each head's attention probabilities and output, the MLP hidden units.
 
 Names carry shapes: "block_{i}/resid_pre_BxLxD", ".../attn_probs_BxHxLxS", ".../head_out_BxLxHxK"
 (each head's value mix before wo, so a head's write into the residual stream is head_out @ wo[h]),
-".../resid_mid_BxLxD", ".../mlp_hidden_BxLxF", ".../resid_post_BxLxD" and "final_resid_BxLxD"
+".../write_attn_BxLxD" (what the attention sublayer adds to the stream), ".../resid_mid_BxLxD",
+".../mlp_hidden_BxLxF", ".../write_mlp_BxLxD", ".../resid_post_BxLxD" and "final_resid_BxLxD"
 (before the final norm). A scanned model sows them stacked on a layer axis; they are split here, so
 both layouts give the same names.
 """
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 from llm.inspect import InspectError
 from llm.model import ModelConfig, transformer
 
-BLOCK_LEAVES = ("resid_pre_BxLxD", "attn_probs_BxHxLxS", "head_out_BxLxHxK", "resid_mid_BxLxD", "mlp_hidden_BxLxF", "resid_post_BxLxD")
+BLOCK_LEAVES = ("resid_pre_BxLxD", "attn_probs_BxHxLxS", "head_out_BxLxHxK", "write_attn_BxLxD", "resid_mid_BxLxD", "mlp_hidden_BxLxF",
+                "write_mlp_BxLxD", "resid_post_BxLxD")
 FINAL = "final_resid_BxLxD"
 _SUBMODULE = {"attn_probs_BxHxLxS": "attn", "head_out_BxLxHxK": "attn", "mlp_hidden_BxLxF": "mlp"}  # sown below the block
 
@@ -30,7 +32,7 @@ Names = None | str | Iterable[str] | Callable[[str], bool]
 def all_names(cfg: ModelConfig) -> list[str]:
     """Every activation a trace returns; an attention-only model (F = 0) has no mlp_hidden (its
     resid_post equals resid_mid)."""
-    leaves = [leaf for leaf in BLOCK_LEAVES if cfg.F or leaf != "mlp_hidden_BxLxF"]
+    leaves = [leaf for leaf in BLOCK_LEAVES if cfg.F or leaf not in ("mlp_hidden_BxLxF", "write_mlp_BxLxD")]
     return [f"block_{i}/{leaf}" for i in range(cfg.N) for leaf in leaves] + [FINAL]
 
 

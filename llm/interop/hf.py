@@ -19,7 +19,7 @@ import numpy as np
 
 from llm import model, spec
 from llm.data import tokenizer as tokenizer_lib
-from llm.model import ModelConfig
+from llm.model import ModelConfig, parametrization
 from llm.training import checkpoint, guard, optimizer
 
 LLM_TOKENIZER_DIR = "llm_tokenizer"  # this project's own tokenizer files, for an exact round trip
@@ -62,10 +62,28 @@ def _layer(params: dict, mc: ModelConfig, i: int) -> dict:
     return params[f"block_{i}"]
 
 
+def _fold_parametrization(params: dict, mc: ModelConfig) -> dict:
+    """mup/completep's forward multipliers moved into the weights they follow, so that Llama's plain
+    forward pass computes the same function: the query scale into wq (RoPE is linear), the residual
+    branches' into each output projection, the logits' into the final norm's scale (the head may be
+    the tied embedding, which the input also reads)."""
+    p = mc.parametrization
+    qk, branch, logits = parametrization.qk_scale(p), parametrization.residual_scale(p), parametrization.logit_scale(p)
+    if (qk, branch, logits) == (1.0, 1.0, 1.0):
+        return params
+    scaled = lambda x, s: (x * s).astype(x.dtype)
+    blocks = {name: block for name, block in params.items() if name == "blocks" or name.startswith("block_")}
+    out = {**params, "final_norm": {**params["final_norm"], "scale": scaled(params["final_norm"]["scale"], logits)}}
+    for name, block in blocks.items():
+        attn = {**block["attn"], "wq": scaled(block["attn"]["wq"], qk), "wo": scaled(block["attn"]["wo"], branch)}
+        out[name] = {**block, "attn": attn, "mlp": {**block["mlp"], "wo": scaled(block["mlp"]["wo"], branch)}}
+    return out
+
+
 def to_llama(params: dict, mc: ModelConfig) -> dict[str, np.ndarray]:
     """Our params (scanned or not) as HF tensor names and [out, in] layouts."""
     D, H, G, K = mc.D, mc.H, mc.G, mc.K
-    params = jax.tree.map(np.asarray, params)
+    params = _fold_parametrization(jax.tree.map(np.asarray, params), mc)
     tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]["scale"]}
     if not mc.tie_embeddings:
         tensors["lm_head.weight"] = params["head"].T

@@ -205,6 +205,8 @@ class Attention(nn.Module):
     fused_qkv: bool = True
     trace: bool = False  # llm/inspect: record probabilities and per-head outputs (llm/model/tap.py)
     cross: bool = False  # keys and values from another sequence (memory_BxExD), never rotated
+    init_std: float = 0.02
+    qk_scale: float = 1.0  # multiplies the queries: mup's 1/d_head attention (llm/model/parametrization.py)
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, mask: Mask, kv=None, cache_index=None, layer=None, memory_BxExD=None):
@@ -212,7 +214,7 @@ class Attention(nn.Module):
         memory_BxExD (writing them into kv when there is a cache: the sampler's prefill) or, without
         memory, from kv (every later decoding step)."""
         D = x_BxLxD.shape[-1]
-        init = nn.initializers.normal(0.02)
+        init = nn.initializers.normal(self.init_std)
         wq_DxHxK = self.param("wq", nn.with_logical_partitioning(init, ("embed", "heads", "kv")), (D, self.H, self.K), self.param_dtype)
         wk_DxGxK = self.param("wk", nn.with_logical_partitioning(init, ("embed", "kv_heads", "kv")), (D, self.G, self.K), self.param_dtype)
         wv_DxGxK = self.param("wv", nn.with_logical_partitioning(init, ("embed", "kv_heads", "kv")), (D, self.G, self.K), self.param_dtype)
@@ -265,6 +267,8 @@ class Attention(nn.Module):
         return self._attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask, wo_HxKxD), kv
 
     def _attend(self, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask: Mask, wo_HxKxD) -> jax.Array:
+        if self.qk_scale != 1.0:
+            q_BxLxHxK = q_BxLxHxK * jnp.asarray(self.qk_scale, q_BxLxHxK.dtype)
         if self.trace:
             probs_BxHxLxS = tap(self, "attn_probs_BxHxLxS", attention_probs(q_BxLxHxK, k_BxSxGxK, mask))
             out_BxLxHxK = tap(self, "head_out_BxLxHxK", mix_values(probs_BxHxLxS, v_BxSxGxK))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from llm.model.attention import Attention, KVCache, Mask, cache_positions
 from llm.model.constrain import HIDDEN, LOGITS, RESIDUAL, constrain
 from llm.model.dense import project
+from llm.model.parametrization import Parametrization, init_depth, init_std_scale, logit_scale, qk_scale, residual_scale
 from llm.model.tap import tap
 
 
@@ -50,6 +51,7 @@ class ModelConfig:
     arch: str = "decoder"  # 'decoder' | 'encoder' | 'encoder_decoder'
     E: int = 0  # encoder_decoder: encoder layers (N counts the decoder's)
     T: int = 0  # encoder_decoder: decoder (target) length; L is the encoder's input length
+    parametrization: Parametrization = Parametrization()  # sp, or mup / completep (llm/model/parametrization.py)
 
     @property
     def K(self) -> int:
@@ -85,11 +87,12 @@ class Mlp(nn.Module):
     param_dtype: jnp.dtype
     out_init_std: float
     trace: bool = False
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x_BxLxD):
         D = x_BxLxD.shape[-1]
-        init = nn.initializers.normal(0.02)
+        init = nn.initializers.normal(self.init_std)
         out_init = nn.initializers.normal(self.out_init_std)
         wi_DxF = self.param("wi", nn.with_logical_partitioning(init, ("embed", "mlp")), (D, self.F), self.param_dtype)
         wo_FxD = self.param("wo", nn.with_logical_partitioning(out_init, ("mlp", "embed")), (self.F, D), self.param_dtype)
@@ -119,25 +122,40 @@ class Block(nn.Module):
         if cfg.trace:
             x_BxLxD = tap(self, "resid_pre_BxLxD", x_BxLxD)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        p = cfg.parametrization
+        std = 0.02 * init_std_scale(p)
         # GPT-2's scaled init of the projections that write into the residual stream.
-        out_std = 0.02 / math.sqrt(2 * (cfg.N + cfg.E))
+        out_std = 0.02 / math.sqrt(2 * init_depth(p, cfg.N + cfg.E)) * init_std_scale(p)
         norm = lambda name: Norm(cfg.norm, param_dtype, cfg.norm_bias, cfg.norm_eps, name=name)
         attention = lambda name, cross=False: Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype,
-                                                        out_std, cfg.attention, cfg.fused_qkv, cfg.trace, cross, name=name)
+                                                        out_std, cfg.attention, cfg.fused_qkv, cfg.trace, cross, std, qk_scale(p),
+                                                        name=name)
+        branch = _branch_scale(residual_scale(p))
         a_BxLxD, kv = attention("attn")(norm("attn_norm")(x_BxLxD), positions_BxL, mask, kv, cache_index, layer)
+        a_BxLxD = branch(a_BxLxD)
+        if cfg.trace:
+            a_BxLxD = tap(self, "write_attn_BxLxD", a_BxLxD)
         x_BxLxD = x_BxLxD + a_BxLxD
         if self.cross:
             c_BxLxD, cross_kv = attention("cross_attn", cross=True)(norm("cross_norm")(x_BxLxD), None, cross_mask, cross_kv,
                                                                    None, layer, memory_BxExD)
-            x_BxLxD = x_BxLxD + c_BxLxD
+            x_BxLxD = x_BxLxD + branch(c_BxLxD)
         if cfg.trace:
             x_BxLxD = tap(self, "resid_mid_BxLxD", x_BxLxD)
         if cfg.F:  # F = 0: an attention-only block (Elhage et al. 2021's toy models), no MLP params at all
             h_BxLxD = norm("mlp_norm")(x_BxLxD)
-            x_BxLxD = x_BxLxD + Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, cfg.trace, name="mlp")(h_BxLxD)
+            m_BxLxD = branch(Mlp(cfg.mlp, cfg.F, dtype, param_dtype, out_std, cfg.trace, std, name="mlp")(h_BxLxD))
+            if cfg.trace:
+                m_BxLxD = tap(self, "write_mlp_BxLxD", m_BxLxD)
+            x_BxLxD = x_BxLxD + m_BxLxD
         if cfg.trace:
             x_BxLxD = tap(self, "resid_post_BxLxD", x_BxLxD)
         return (x_BxLxD, kv, cross_kv), None
+
+
+def _branch_scale(scale: float) -> Callable:
+    """completep's residual-branch multiplier; sp's 1 adds no op (its programs stay as they were)."""
+    return (lambda a: a) if scale == 1.0 else (lambda a: a * jnp.asarray(scale, a.dtype))
 
 
 def sinusoidal(positions_BxL: jax.Array, D: int) -> jax.Array:
@@ -201,8 +219,8 @@ def _head(module: nn.Module, cfg: ModelConfig, embed_VxD, x_BxLxD, features: boo
     else:
         init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab"))
         out_weight = module.param("head", init, (cfg.D, cfg.V), jnp.dtype(cfg.param_dtype))
-    if features:  # a reward head reads the final-normed hidden state, not the logits
-        return final_norm(x_BxLxD)
+    if features:  # a reward head reads the final-normed hidden state, not the logits (under mup, scaled as they are)
+        return _output_scale(cfg)(final_norm(x_BxLxD))
     return _unembed(cfg, final_norm, out_weight, x_BxLxD)
 
 
@@ -299,9 +317,14 @@ class EncoderDecoder(nn.Module):
         return out, cache
 
 
+def _output_scale(cfg: ModelConfig) -> Callable:
+    """mup's output multiplier, on the final-normed stream before the head (the same as on the logits)."""
+    return _branch_scale(logit_scale(cfg.parametrization))
+
+
 def _unembed(cfg: ModelConfig, final_norm: Callable, out_weight: jax.Array, x_BxLxD: jax.Array) -> jax.Array:
     """out_weight: the embedding table [V, D] when tied (transposed here), else the head [D, V]."""
-    x_BxLxD = final_norm(x_BxLxD)
+    x_BxLxD = _output_scale(cfg)(final_norm(x_BxLxD))
     out_DxV = out_weight.T if cfg.tie_embeddings else out_weight
     return constrain(project(x_BxLxD, out_DxV.astype(jnp.dtype(cfg.dtype)), preferred_element_type=jnp.float32), LOGITS)
 

@@ -12,7 +12,10 @@ Sweep config keys (configs/sweeps/isoflop_cpu.py is the worked example):
   shape          the shape rule for isoflop targets: d_model_step, d_model_per_layer (lo, hi), head_dim
                  (heads are about this wide), ff_ratio, min_layers, max_layers
   overrides      list of dicts {'max_params': N, 'opt.learning_rate': ..., 'batch_size': ...}: the first
-                 entry (in order) whose max_params >= a point's non-embedding params sets those keys
+                 entry (in order) whose max_params >= a point's non-embedding params sets those keys. With
+                 base.model.parametrization='mup' one learning rate serves every size: leave it out
+                 (configs/sweeps/isoflop_cpu_mup.py); an isoflop sweep's mup points take shape.head_dim
+                 as model.base_head_dim unless the base sets one
   warmup_fraction  warmup_steps = round(warmup_fraction * num_train_steps); < 0 keeps the base's
   checkpoints_per_point  checkpoint_every_steps = ceil(num_train_steps / checkpoints_per_point)
   throughput     for the --dry_run time estimate: flops_per_second, seconds_per_token, seconds_per_point
@@ -190,6 +193,8 @@ def _isoflop_points(sweep: ml_collections.ConfigDict) -> list[Point]:
             shapes[shape] = target
             cfg = ml_collections.ConfigDict(sweep.base.to_dict())
             _set_shape(cfg, *shape)
+            if cfg.model.parametrization == "mup" and not cfg.model.base_head_dim:
+                cfg.model.base_head_dim = sweep.shape.head_dim  # heads grow at this width: 1/d_head is then constant
             _apply_overrides(cfg, sweep.overrides, _counts(cfg)[0]["non_embedding"])
             counts, fpt = _counts(cfg)
             tokens_per_step = cfg.batch_size * cfg.seq_len

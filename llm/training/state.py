@@ -84,6 +84,25 @@ def _on_mesh(fn: Callable, mesh: jax.sharding.Mesh, rules: tuple) -> Callable:
     return traced
 
 
+def _opt_shardings(abstract_opt, abstract_params, param_sh, mesh: jax.sharding.Mesh):
+    """Each optimizer-state leaf that mirrors a param (a moment, a momentum: under any chain, partition or
+    mask, the state's path ends with the param's) takes that param's sharding; every other leaf is a
+    replicated scalar."""
+    names = lambda path: tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    by_path = {names(path): (x.shape, sh) for (path, x), sh in
+               zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_sh))}
+
+    def pick(path, x):
+        keys = names(path)
+        for i in range(len(keys)):
+            shape, sh = by_path.get(keys[i:], (None, None))
+            if shape == x.shape:
+                return sh
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
 def setup(mc: ModelConfig, oc: OptConfig, mesh: jax.sharding.Mesh, rules: tuple, objective: str = "lm",
           **objective_options) -> Setup:
     """objective_options: objectives.make's (dpo_beta, clip_eps, kl_coef)."""
@@ -93,8 +112,7 @@ def setup(mc: ModelConfig, oc: OptConfig, mesh: jax.sharding.Mesh, rules: tuple,
     abstract_params = nn.unbox(boxed)
     param_sh = sharding.param_shardings(nn.get_partition_spec(boxed), abstract_params, mesh, rules)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    # Optimizer moments mirror the params they belong to; every other leaf is a replicated scalar.
-    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_sh, transform_non_params=lambda _: sharding.replicated(mesh))
+    opt_sh = _opt_shardings(abstract_opt, abstract_params, param_sh, mesh)
     state_sh = TrainState(sharding.replicated(mesh), param_sh, opt_sh)
     batch_sh = sharding.batch_sharding(mesh)
 

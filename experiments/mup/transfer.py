@@ -1,0 +1,211 @@
+"""Learning-rate transfer across width (sp vs mup) and depth (none vs completep) on the built-in
+Shakespeare corpus, and "tune small, train big". Results: experiments/mup/README.md.
+
+    .venv/bin/python experiments/mup/transfer.py run --study=width --shard=0/2 &   # two processes, one per core
+    .venv/bin/python experiments/mup/transfer.py run --study=width --shard=1/2
+    .venv/bin/python experiments/mup/transfer.py run --study=depth --shard=0/2 ...
+    .venv/bin/python experiments/mup/transfer.py analyze            # fits, plots, the tables of the README
+    .venv/bin/python experiments/mup/transfer.py run --study=big    # the smallest width's mup optimum at the largest
+
+Each run appends one JSON line to experiments/mup/results/<study>.jsonl (resumable: a finished run is skipped).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+RESULTS = os.path.join(HERE, "results")
+LRS = [2.0**e for e in range(-12, -3)]  # 2.4e-4 ... 6.2e-2, factor 2 apart
+WIDTHS = [32, 64, 128, 256]  # 8x, heads fixed at 4 (the head dim grows, as mup's 1/d_head assumes)
+DEPTHS = [2, 4, 8]  # 4x, at width 64
+SEEDS = [0, 1]
+STEPS = 300
+BASE_WIDTH, BASE_DEPTH = 32, 2
+
+
+def config(width: int, depth: int, lr: float, seed: int, parametrization: str, depth_parametrization: str):
+    from configs import default
+
+    c = default.get_config()
+    c.name = f"mup/{parametrization}-{depth_parametrization}-w{width}-l{depth}-lr{lr:.3g}-s{seed}"
+    c.seed = seed
+    c.batch_size, c.seq_len = 16, 128
+    c.num_train_steps = STEPS
+    c.log_every_steps = STEPS
+    c.eval_every_steps = STEPS
+    c.eval_batch_size = 64
+    c.eval_max_batches = 16  # 131k held-out tokens: the same ones for every run
+    c.checkpoint_every_steps = STEPS
+    c.keep_checkpoints = 1
+    c.sample_tokens = 0
+    c.peak_tflops = 1.0
+    c.mesh.cpu_devices = 0
+    m = c.model
+    m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.d_ff = width, depth, 4, 4, 4 * width
+    m.parametrization, m.base_width = parametrization, BASE_WIDTH
+    m.depth_parametrization, m.base_depth = depth_parametrization, BASE_DEPTH
+    c.opt.learning_rate = lr
+    c.opt.warmup_steps = 30
+    c.opt.schedule = "cosine"
+    return c
+
+
+def grid(study: str) -> list[dict]:
+    if study == "width":
+        return [dict(width=w, depth=2, lr=lr, seed=s, parametrization=p, depth_parametrization="none")
+                for s in SEEDS for p in ("sp", "mup") for w in WIDTHS for lr in LRS]
+    if study == "depth":
+        return [dict(width=64, depth=d, lr=lr, seed=s, parametrization="mup", depth_parametrization=dp)
+                for s in SEEDS for dp in ("none", "completep") for d in DEPTHS for lr in LRS]
+    if study == "big":  # the smallest width's fitted mup optimum, at the largest width (and depth: completep)
+        fits = json.load(open(os.path.join(HERE, "fits.json")))
+        w_lr = fits["width"]["mup"][str(WIDTHS[0])]["lr"]
+        d_lr = fits["depth"]["completep"][str(DEPTHS[0])]["lr"]
+        return ([dict(width=WIDTHS[-1], depth=2, lr=w_lr, seed=s, parametrization="mup", depth_parametrization="none") for s in SEEDS]
+                + [dict(width=64, depth=DEPTHS[-1], lr=d_lr, seed=s, parametrization="mup", depth_parametrization="completep")
+                   for s in SEEDS])
+    raise SystemExit(f"unknown study {study!r}")
+
+
+def _key(p: dict) -> str:
+    return json.dumps({k: p[k] for k in sorted(p)})
+
+
+def run(study: str, shard: str) -> None:
+    from llm import spec
+    from llm.training import loop
+
+    i, n = (int(x) for x in shard.split("/"))
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{study}.jsonl")
+    done = {_key(r["point"]) for r in map(json.loads, open(path))} if os.path.exists(path) else set()
+    for point in grid(study)[i::n]:
+        if _key(point) in done:
+            continue
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as workdir:
+            try:
+                summary = loop.train(spec.from_config(config(**point)), workdir, quiet=True)
+                loss = summary["eval_loss"]
+            except loop.NonFiniteLossError:
+                loss = float("nan")  # diverged: a result, plotted as missing
+        record = {"point": point, "eval_loss": loss, "seconds": time.perf_counter() - start}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+def optimum(lrs, losses) -> dict:
+    """The vertex of a parabola in log2(lr) through the lowest point and its neighbours (up to 2 a side),
+    with its standard error by the delta method from the fit's covariance (None with only 3 points)."""
+    import numpy as np
+
+    x, y = np.log2(np.asarray(lrs, float)), np.asarray(losses, float)
+    ok = np.isfinite(y)
+    x, y = x[ok], y[ok]
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    best = int(np.argmin(y))
+    lo, hi = max(0, best - 2), min(len(x), best + 3)
+    xs, ys = x[lo:hi], y[lo:hi]
+    edge = best in (0, len(x) - 1)
+    if len(xs) < 3:
+        return {"lr": float(2 ** x[best]), "se_log2": None, "loss": float(y[best]), "at_edge": True}
+    if len(xs) > 3:
+        (a, b, c), cov = np.polyfit(xs, ys, 2, cov=True)
+    else:
+        (a, b, c), cov = np.polyfit(xs, ys, 2), None
+    if a <= 0:
+        return {"lr": float(2 ** x[best]), "se_log2": None, "loss": float(y[best]), "at_edge": True}
+    v = -b / (2 * a)
+    se = None
+    if cov is not None:
+        grad = np.array([b / (2 * a * a), -1 / (2 * a), 0.0])
+        se = float(np.sqrt(grad @ cov @ grad))
+    return {"lr": float(2**v), "se_log2": se, "loss": float(c - b * b / (4 * a)), "at_edge": edge}
+
+
+def _load(study: str) -> list[dict]:
+    path = os.path.join(RESULTS, f"{study}.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def analyze() -> None:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fits, tables = {}, []
+    for study, outer, inner, sizes in (("width", "parametrization", "width", WIDTHS), ("depth", "depth_parametrization", "depth", DEPTHS)):
+        rows = _load(study)
+        if not rows:
+            continue
+        groups = sorted({r["point"][outer] for r in rows})
+        fits[study] = {}
+        fig = Figure(figsize=(5 * len(groups), 4))
+        axes = fig.subplots(1, len(groups), squeeze=False)[0]
+        for ax, g in zip(axes, groups):
+            fits[study][g] = {}
+            for k, size in enumerate(sizes):
+                mine = [r for r in rows if r["point"][outer] == g and r["point"][inner] == size]
+                lrs = sorted({r["point"]["lr"] for r in mine})
+                per_seed = {s: [next((r["eval_loss"] for r in mine if r["point"]["lr"] == lr and r["point"]["seed"] == s), np.nan)
+                                for lr in lrs] for s in sorted({r["point"]["seed"] for r in mine})}
+                if not lrs:
+                    continue
+                mean = np.nanmean(np.array(list(per_seed.values())), axis=0)
+                spread = np.nanstd(np.array(list(per_seed.values())), axis=0)
+                fit = optimum(lrs, mean)
+                # The seed-to-seed spread of the optimum: each seed's own vertex.
+                seeds = [optimum(lrs, v)["lr"] for v in per_seed.values() if np.isfinite(v).sum() >= 3]
+                fit["seeds"] = len(per_seed)
+                fit["seed_lrs"] = seeds
+                fits[study][g][str(size)] = fit
+                ax.errorbar(lrs, mean, yerr=spread, fmt="o-", ms=3, lw=1, color=f"C{k}", label=f"{inner} {size}")
+                ax.axvline(fit["lr"], color=f"C{k}", lw=0.6, ls="--")
+            ax.set(xscale="log", xlabel="peak learning rate", ylabel="eval loss (mean of seeds)", title=f"{study}: {g}")
+            finite = [r["eval_loss"] for r in rows if np.isfinite(r["eval_loss"]) and r["point"][outer] == g]
+            if finite:
+                ax.set_ylim(min(finite) - 0.02, min(min(finite) + 1.0, max(finite) + 0.02))
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(HERE, f"{study}_transfer.png"), dpi=110)
+        for g, by_size in fits[study].items():
+            lrs = [v["lr"] for v in by_size.values()]
+            drift = max(lrs) / min(lrs) if lrs else float("nan")
+            fits[study][g]["drift"] = drift
+            cells = " | ".join(f"{v['lr']:.2e}" + (f" (x/ {2 ** v['se_log2']:.2f})" if v["se_log2"] else "") + (" edge" if v["at_edge"] else "")
+                               for v in by_size.values())
+            tables.append(f"| {study} | {g} | {cells} | {drift:.2f}x |")
+    with open(os.path.join(HERE, "fits.json"), "w") as f:
+        json.dump(fits, f, indent=2)
+    print("\n".join(tables))
+    big = _load("big")
+    for r in big:
+        p = r["point"]
+        study, g, size = ("width", "mup", str(p["width"])) if p["depth_parametrization"] == "none" else ("depth", "completep", str(p["depth"]))
+        best = fits[study][g][size]["loss"]
+        print(f"big {study} {size} seed {p['seed']} lr {p['lr']:.3g}: loss {r['eval_loss']:.4f} vs best of its own sweep "
+              f"{best:.4f} ({100 * (r['eval_loss'] / best - 1):+.2f}%)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["run", "analyze"])
+    ap.add_argument("--study", default="width", choices=["width", "depth", "big"])
+    ap.add_argument("--shard", default="0/1")
+    args = ap.parse_args()
+    if args.what == "run":
+        run(args.study, args.shard)
+    else:
+        analyze()
+
+
+if __name__ == "__main__":
+    main()
