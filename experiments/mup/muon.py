@@ -13,11 +13,13 @@ so evaluations are not counted.
 import argparse
 import json
 import os
+import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-RUNS = os.path.join(HERE, "runs_muon")
+RUNS = os.path.join(HERE, "runs_muon")  # run directories (checkpoints: not committed)
+CURVES = os.path.join(HERE, "results", "muon")  # each run's metrics.jsonl, committed
 EVERY = 100
 
 
@@ -41,8 +43,9 @@ def name(optimizer: str, seed: int, muon_lr: float) -> str:
 
 def run(seeds: list[int], muon_lrs: list[float], shard: str) -> None:
     from llm import spec
-    from llm.training import loop
+    from llm.training import loop, sharding
 
+    sharding.leave_out_absent_tpu()
     todo = [("adamw", s, 0.02) for s in seeds] + [("muon", s, lr) for lr in muon_lrs for s in seeds]
     i, n = (int(x) for x in shard.split("/"))
     for point in todo[i::n]:
@@ -51,12 +54,14 @@ def run(seeds: list[int], muon_lrs: list[float], shard: str) -> None:
             continue
         loop.train(spec.from_config(config(*point)), workdir, quiet=True)
         open(os.path.join(workdir, "done"), "w").close()
+        os.makedirs(CURVES, exist_ok=True)
+        shutil.copy(os.path.join(workdir, "metrics.jsonl"), os.path.join(CURVES, name(*point) + ".jsonl"))
         print(name(*point), flush=True)
 
 
-def curve(workdir: str) -> list[tuple[int, float, float]]:
-    """(step, training seconds so far, eval loss) at every eval."""
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+def curve(metrics: str) -> list[tuple[int, float, float]]:
+    """(step, training seconds so far, eval loss) at every eval of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in open(metrics)]
     seconds, last_step, out = 0.0, 0, []
     batch_tokens = 12 * 64
     for r in rows:
@@ -71,7 +76,7 @@ def curve(workdir: str) -> list[tuple[int, float, float]]:
 def analyze() -> None:
     import numpy as np
 
-    runs = {d: curve(os.path.join(RUNS, d)) for d in sorted(os.listdir(RUNS)) if os.path.exists(os.path.join(RUNS, d, "done"))}
+    runs = {f[: -len(".jsonl")]: curve(os.path.join(CURVES, f)) for f in sorted(os.listdir(CURVES))}
     adamw = {d: c for d, c in runs.items() if d.startswith("adamw")}
     target = float(np.mean([c[-1][2] for c in adamw.values()]))
     print(f"AdamW's final validation loss, mean of {len(adamw)} seeds: {target:.4f} "

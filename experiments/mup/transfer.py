@@ -22,15 +22,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 RESULTS = os.path.join(HERE, "results")
-LRS = [2.0**e for e in range(-12, -3)]  # 2.4e-4 ... 6.2e-2, factor 2 apart
+LRS = [2.0**e for e in range(-11, -2)]  # 4.9e-4 ... 0.125, factor 2 apart
 WIDTHS = [32, 64, 128, 256]  # 8x, heads fixed at 4 (the head dim grows, as mup's 1/d_head assumes)
 DEPTHS = [2, 4, 8]  # 4x, at width 64
 SEEDS = [0, 1]
 STEPS = 300
 BASE_WIDTH, BASE_DEPTH = 32, 2
+# mup's output multiplier, tuned at the base width (experiments/mup/README.md: 1, 2, 4, 8, 16 at two rates).
+ALPHA_OUT = 4.0
 
 
-def config(width: int, depth: int, lr: float, seed: int, parametrization: str, depth_parametrization: str):
+def config(width: int, depth: int, lr: float, seed: int, parametrization: str, depth_parametrization: str,
+           output_multiplier: float = 1.0):
     from configs import default
 
     c = default.get_config()
@@ -49,7 +52,7 @@ def config(width: int, depth: int, lr: float, seed: int, parametrization: str, d
     c.mesh.cpu_devices = 0
     m = c.model
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.d_ff = width, depth, 4, 4, 4 * width
-    m.parametrization, m.base_width = parametrization, BASE_WIDTH
+    m.parametrization, m.base_width, m.output_multiplier = parametrization, BASE_WIDTH, output_multiplier
     m.depth_parametrization, m.base_depth = depth_parametrization, BASE_DEPTH
     c.opt.learning_rate = lr
     c.opt.warmup_steps = 30
@@ -57,36 +60,48 @@ def config(width: int, depth: int, lr: float, seed: int, parametrization: str, d
     return c
 
 
-def grid(study: str) -> list[dict]:
+def grid(study: str, seeds: list[int] = SEEDS, alpha: float = 1.0) -> list[dict]:
+    """alpha: mup's output multiplier (1: sp's output at the base width; ALPHA_OUT: tuned there)."""
+    SEEDS = seeds  # noqa: N806 (the grids below read it)
+    extra = {} if alpha == 1.0 else {"output_multiplier": alpha}
     if study == "width":
-        return [dict(width=w, depth=2, lr=lr, seed=s, parametrization=p, depth_parametrization="none")
+        return [dict(width=w, depth=2, lr=lr, seed=s, parametrization=p, depth_parametrization="none", **(extra if p == "mup" else {}))
                 for s in SEEDS for p in ("sp", "mup") for w in WIDTHS for lr in LRS]
     if study == "depth":
-        return [dict(width=64, depth=d, lr=lr, seed=s, parametrization="mup", depth_parametrization=dp)
+        return [dict(width=64, depth=d, lr=lr, seed=s, parametrization="mup", depth_parametrization=dp, **extra)
                 for s in SEEDS for dp in ("none", "completep") for d in DEPTHS for lr in LRS]
     if study == "big":  # the smallest width's fitted mup optimum, at the largest width (and depth: completep)
         fits = json.load(open(os.path.join(HERE, "fits.json")))
-        w_lr = fits["width"]["mup"][str(WIDTHS[0])]["lr"]
+        w_lr = fits["width"][label(dict(parametrization="mup", output_multiplier=ALPHA_OUT), "width")][str(WIDTHS[0])]["lr"]
         d_lr = fits["depth"]["completep"][str(DEPTHS[0])]["lr"]
-        return ([dict(width=WIDTHS[-1], depth=2, lr=w_lr, seed=s, parametrization="mup", depth_parametrization="none") for s in SEEDS]
+        return ([dict(width=WIDTHS[-1], depth=2, lr=w_lr, seed=s, parametrization="mup", depth_parametrization="none",
+                      output_multiplier=ALPHA_OUT) for s in SEEDS]
                 + [dict(width=64, depth=DEPTHS[-1], lr=d_lr, seed=s, parametrization="mup", depth_parametrization="completep")
                    for s in SEEDS])
     raise SystemExit(f"unknown study {study!r}")
+
+
+def label(p: dict, study: str) -> str:
+    """The curve a point belongs to: its (depth) parametrization, and mup's output multiplier where not 1."""
+    name = p["parametrization"] if study == "width" else p["depth_parametrization"]
+    return name + (f" alpha_out={p['output_multiplier']:g}" if p.get("output_multiplier", 1.0) != 1.0 else "")
 
 
 def _key(p: dict) -> str:
     return json.dumps({k: p[k] for k in sorted(p)})
 
 
-def run(study: str, shard: str) -> None:
+def run(study: str, shard: str, seeds: list[int], alpha: float) -> None:
     from llm import spec
-    from llm.training import loop
+    from llm.training import loop, sharding
+
+    sharding.leave_out_absent_tpu()
 
     i, n = (int(x) for x in shard.split("/"))
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{study}.jsonl")
     done = {_key(r["point"]) for r in map(json.loads, open(path))} if os.path.exists(path) else set()
-    for point in grid(study)[i::n]:
+    for point in grid(study, seeds, alpha)[i::n]:
         if _key(point) in done:
             continue
         start = time.perf_counter()
@@ -142,18 +157,20 @@ def analyze() -> None:
     from matplotlib.figure import Figure
 
     fits, tables = {}, []
-    for study, outer, inner, sizes in (("width", "parametrization", "width", WIDTHS), ("depth", "depth_parametrization", "depth", DEPTHS)):
+    for study, inner, sizes in (("width", "width", WIDTHS), ("depth", "depth", DEPTHS)):
         rows = _load(study)
         if not rows:
             continue
-        groups = sorted({r["point"][outer] for r in rows})
+        for r in rows:
+            r["group"] = label(r["point"], study)
+        groups = sorted({r["group"] for r in rows})
         fits[study] = {}
         fig = Figure(figsize=(5 * len(groups), 4))
         axes = fig.subplots(1, len(groups), squeeze=False)[0]
         for ax, g in zip(axes, groups):
             fits[study][g] = {}
             for k, size in enumerate(sizes):
-                mine = [r for r in rows if r["point"][outer] == g and r["point"][inner] == size]
+                mine = [r for r in rows if r["group"] == g and r["point"][inner] == size]
                 lrs = sorted({r["point"]["lr"] for r in mine})
                 per_seed = {s: [next((r["eval_loss"] for r in mine if r["point"]["lr"] == lr and r["point"]["seed"] == s), np.nan)
                                 for lr in lrs] for s in sorted({r["point"]["seed"] for r in mine})}
@@ -170,13 +187,14 @@ def analyze() -> None:
                 ax.errorbar(lrs, mean, yerr=spread, fmt="o-", ms=3, lw=1, color=f"C{k}", label=f"{inner} {size}")
                 ax.axvline(fit["lr"], color=f"C{k}", lw=0.6, ls="--")
             ax.set(xscale="log", xlabel="peak learning rate", ylabel="eval loss (mean of seeds)", title=f"{study}: {g}")
-            finite = [r["eval_loss"] for r in rows if np.isfinite(r["eval_loss"]) and r["point"][outer] == g]
+            finite = [r["eval_loss"] for r in rows if np.isfinite(r["eval_loss"]) and r["group"] == g]
             if finite:
                 ax.set_ylim(min(finite) - 0.02, min(min(finite) + 1.0, max(finite) + 0.02))
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(HERE, f"{study}_transfer.png"), dpi=110)
-        for g, by_size in fits[study].items():
+        for g in list(fits[study]):
+            by_size = dict(fits[study][g])
             lrs = [v["lr"] for v in by_size.values()]
             drift = max(lrs) / min(lrs) if lrs else float("nan")
             fits[study][g]["drift"] = drift
@@ -189,7 +207,8 @@ def analyze() -> None:
     big = _load("big")
     for r in big:
         p = r["point"]
-        study, g, size = ("width", "mup", str(p["width"])) if p["depth_parametrization"] == "none" else ("depth", "completep", str(p["depth"]))
+        study, size = ("width", str(p["width"])) if p["depth_parametrization"] == "none" else ("depth", str(p["depth"]))
+        g = label(p, study)
         best = fits[study][g][size]["loss"]
         print(f"big {study} {size} seed {p['seed']} lr {p['lr']:.3g}: loss {r['eval_loss']:.4f} vs best of its own sweep "
               f"{best:.4f} ({100 * (r['eval_loss'] / best - 1):+.2f}%)")
@@ -200,9 +219,11 @@ def main() -> None:
     ap.add_argument("what", choices=["run", "analyze"])
     ap.add_argument("--study", default="width", choices=["width", "depth", "big"])
     ap.add_argument("--shard", default="0/1")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    ap.add_argument("--alpha_out", type=float, default=1.0, help="mup's output multiplier")
     args = ap.parse_args()
     if args.what == "run":
-        run(args.study, args.shard)
+        run(args.study, args.shard, [int(s) for s in args.seeds.split(",")], args.alpha_out)
     else:
         analyze()
 
