@@ -1,7 +1,7 @@
 """The run spec: a run's ConfigDict (a config file with the CLI's overrides, a sweep point, a saved
 config.json) checked and turned into one frozen, typed RunSpec, once.
 
-Only this module and the entry points (cli, bench, scaling/sweep, llm.load) read a ConfigDict;
+Only this module and the entry points (cli, bench, scaling/sweep, scaling/coordcheck, llm.load) read a ConfigDict;
 everything below them takes the RunSpec or a piece of it: ModelConfig (the model), DataConfig (the
 data), OptConfig (the optimizer), MeshConfig, LoopConfig, ObjectiveConfig. Two things a config file
 cannot say on its own are settled by `resolve`, where they become known: the vocabulary (it needs the
@@ -230,6 +230,18 @@ def parametrization_of(cfg: ml_collections.ConfigDict) -> Parametrization:
     return Parametrization(width=m.parametrization, depth=m.depth_parametrization, width_mult=m.d_model / m.base_width,
                            head_dim_mult=m.d_model / m.num_heads / base_head_dim, depth_mult=layers / m.base_depth,
                            output_multiplier=m.output_multiplier)
+
+
+PARAMETRIZATION_KEYS = ("model.parametrization", "model.base_width", "model.base_head_dim", "model.output_multiplier",
+                        "model.depth_parametrization", "model.base_depth")
+
+
+def parametrization_keys(saved: dict, optimizer: bool = False) -> dict:
+    """{key: value} of the keys that say what a run's params (with `optimizer`, its optimizer state) mean,
+    from a saved config.json (older ones: their defaults)."""
+    cfg = from_saved(saved)
+    keys = PARAMETRIZATION_KEYS + (("opt.optimizer",) if optimizer else ())
+    return {k: cfg[k.split(".")[0]][k.split(".")[1]] for k in keys}
 
 
 def from_config(cfg: ml_collections.ConfigDict | dict) -> RunSpec:

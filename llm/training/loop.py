@@ -70,30 +70,25 @@ def train(run: RunSpec, workdir: str, quiet: bool = False, feed: Callable[[Job],
         return _train(run, workdir, quiet, stop, feed or feeds.make)
 
 
-_PARAMETRIZATION_KEYS = ("model.parametrization", "model.base_width", "model.base_head_dim", "model.output_multiplier",
-                         "model.depth_parametrization", "model.base_depth")
-
-
-def _check_same_parametrization(run: RunSpec, other: str, what: str, keys: tuple[str, ...]) -> None:
+def _check_same_parametrization(run: RunSpec, other: str, what: str, optimizer: bool) -> None:
     """Params (and optimizer state) mean something only under the parametrization (and optimizer) that
     wrote them: another one would read their scale, or their layout, as something else."""
     saved_path = os.path.join(other, "config.json")
     if not os.path.exists(saved_path):
         return
     with open(saved_path) as f:
-        saved = spec.from_saved(json.load(f))
-    now = spec.from_saved(json.loads(run.config))
-    get = lambda cfg, key: cfg[key.split(".")[0]][key.split(".")[1]]
-    changed = [f"{k}={get(saved, k)!r} in {what}, {get(now, k)!r} now" for k in keys if get(saved, k) != get(now, k)]
+        saved = spec.parametrization_keys(json.load(f), optimizer)
+    now = spec.parametrization_keys(run.saved(), optimizer)
+    changed = [f"{k}={saved[k]!r} in {what}, {now[k]!r} now" for k in saved if saved[k] != now[k]]
     if changed:
         raise spec.ConfigError(f"cannot start from {other}: " + "; ".join(changed) + " (set them as they were, or use a new workdir)")
 
 
 def _check_resumable(run: RunSpec, workdir: str) -> None:
     if checkpoint.latest_step(workdir) is not None:
-        _check_same_parametrization(run, workdir, "the checkpoint", _PARAMETRIZATION_KEYS + ("opt.optimizer",))
+        _check_same_parametrization(run, workdir, "the checkpoint", optimizer=True)
     elif run.objective.init_from:
-        _check_same_parametrization(run, run.objective.init_from, "the run it starts from", _PARAMETRIZATION_KEYS)
+        _check_same_parametrization(run, run.objective.init_from, "the run it starts from", optimizer=False)
 
 
 def _train(run: RunSpec, workdir: str, quiet: bool, stop: guard.StopSignals, make_feed: Callable[[Job], Feed]) -> dict:
