@@ -62,22 +62,21 @@ def config(width: int, depth: int, lr: float, seed: int, parametrization: str, d
 
 def grid(study: str, seeds: list[int] = SEEDS, alpha: float = 1.0) -> list[dict]:
     """alpha: mup's output multiplier (1: sp's output at the base width; ALPHA_OUT: tuned there)."""
-    SEEDS = seeds  # noqa: N806 (the grids below read it)
     extra = {} if alpha == 1.0 else {"output_multiplier": alpha}
     if study == "width":
         return [dict(width=w, depth=2, lr=lr, seed=s, parametrization=p, depth_parametrization="none", **(extra if p == "mup" else {}))
-                for s in SEEDS for p in ("sp", "mup") for w in WIDTHS for lr in LRS]
+                for s in seeds for p in ("sp", "mup") for w in WIDTHS for lr in LRS]
     if study == "depth":
         return [dict(width=64, depth=d, lr=lr, seed=s, parametrization="mup", depth_parametrization=dp, **extra)
-                for s in SEEDS for dp in ("none", "completep") for d in DEPTHS for lr in LRS]
+                for s in seeds for dp in ("none", "completep") for d in DEPTHS for lr in LRS]
     if study == "big":  # the smallest width's fitted mup optimum, at the largest width (and depth: completep)
         fits = json.load(open(os.path.join(HERE, "fits.json")))
         w_lr = fits["width"][label(dict(parametrization="mup", output_multiplier=ALPHA_OUT), "width")][str(WIDTHS[0])]["lr"]
         d_lr = fits["depth"]["completep"][str(DEPTHS[0])]["lr"]
         return ([dict(width=WIDTHS[-1], depth=2, lr=w_lr, seed=s, parametrization="mup", depth_parametrization="none",
-                      output_multiplier=ALPHA_OUT) for s in SEEDS]
+                      output_multiplier=ALPHA_OUT) for s in seeds]
                 + [dict(width=64, depth=DEPTHS[-1], lr=d_lr, seed=s, parametrization="mup", depth_parametrization="completep")
-                   for s in SEEDS])
+                   for s in seeds])
     raise SystemExit(f"unknown study {study!r}")
 
 
