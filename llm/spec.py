@@ -65,7 +65,6 @@ class OptConfig:
     muon_learning_rate: float = 0.02
     muon_weight_decay: float = 0.0
     muon_momentum: float = 0.95
-    parametrization: Parametrization = Parametrization()  # the model's: per-parameter learning rates and epsilon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +266,7 @@ def from_config(cfg: ml_collections.ConfigDict | dict) -> RunSpec:
     data = DataConfig(**{f.name: d[f.name] for f in dataclasses.fields(DataConfig)})
     return RunSpec(
         name=cfg.name, seed=cfg.seed, batch_size=cfg.batch_size, seq_len=cfg.seq_len, model=model,
-        opt=OptConfig(num_train_steps=cfg.num_train_steps, parametrization=model.parametrization, **opt), data=data,
+        opt=OptConfig(num_train_steps=cfg.num_train_steps, **opt), data=data,
         mesh=MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.cpu_devices, rules_of(cfg.mesh.rules)),
         loop=LoopConfig(**{k: cfg[k] for k in LOOP_KEYS}),
         objective=ObjectiveConfig(cfg.objective, cfg.init_from, cfg.dpo.beta, GrpoConfig(**g.to_dict()), pretext),

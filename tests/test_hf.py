@@ -183,6 +183,13 @@ def test_a_mup_completep_run_exports_with_its_multipliers_folded_into_the_weight
     expected = our_logits(trained["mup"], tokens)
     assert np.std(expected) > 0.1
     np.testing.assert_allclose(torch_logits(llama, tokens), expected, atol=1e-4, rtol=0)
+    # Imported back, the Llama files are an sp model (their forward pass has no multipliers), whatever
+    # parametrization the importing config names.
+    mup_config = default.get_config()
+    mup_config.model.parametrization, mup_config.model.depth_parametrization = "mup", "completep"
+    hf.import_run(str(tmp_path / "hf"), str(tmp_path / "back"), mup_config.to_dict())
+    assert llm.load(str(tmp_path / "back")).model_config.parametrization.width == "sp"
+    np.testing.assert_allclose(our_logits(tmp_path / "back", tokens), expected, atol=1e-4, rtol=0)
 
 
 def _unscanned(run):

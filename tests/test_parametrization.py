@@ -75,9 +75,9 @@ def test_mup_and_completep_at_their_base_shape_are_sp_and_elsewhere_scale_init_r
     assert np.std(params["embed"]) == pytest.approx(0.02, rel=0.1)  # embeddings keep sp's init
 
     # Adam's first step moves every weight by its learning rate: hidden matrices by lr / m, the rest by lr.
-    opt = optimizer.make(spec.from_config(default_config(**{**SMALL, "model.parametrization": "mup", "model.base_width": 8,
-                                                             "opt.warmup_steps": 0, "opt.schedule": "constant",
-                                                             "opt.weight_decay": 0.0, "opt.clip_norm": 0.0})).opt)
+    adam_run = spec.from_config(default_config(**{**SMALL, "model.parametrization": "mup", "model.base_width": 8, "opt.warmup_steps": 0,
+                                                  "opt.schedule": "constant", "opt.weight_decay": 0.0, "opt.clip_norm": 0.0}))
+    opt = optimizer.make(adam_run.opt, adam_run.model.parametrization)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = opt.update(grads, opt.init(params), params)
     lr = cfg.opt.learning_rate

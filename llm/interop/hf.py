@@ -322,7 +322,8 @@ def import_run(hf_dir: str, workdir: str, base: dict, tokenizer_path: str = "") 
         d_model=hf.hidden_size, num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
         num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads, d_ff=hf.intermediate_size, vocab_size=hf.vocab_size,
         rope_theta=_rope_theta(hf), pos_encoding="rope", norm="rmsnorm", mlp="swiglu", norm_eps=float(hf.rms_norm_eps),
-        tie_embeddings=bool(hf.tie_word_embeddings))
+        tie_embeddings=bool(hf.tie_word_embeddings),
+        parametrization="sp", depth_parametrization="none", output_multiplier=1.0)  # Llama's plain forward pass
     config["seq_len"] = int(hf.max_position_embeddings)
     config["name"] = os.path.basename(os.path.normpath(hf_dir))
     tok = _import_tokenizer(hf_dir, tokenizer_path)

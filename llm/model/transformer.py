@@ -130,7 +130,7 @@ class Block(nn.Module):
         attention = lambda name, cross=False: Attention(cfg.H, cfg.G, cfg.K, cfg.pos_encoding, cfg.rope_theta, dtype, param_dtype,
                                                         out_std, cfg.attention, cfg.fused_qkv, cfg.trace, cross, std, qk_scale(p),
                                                         name=name)
-        branch = _branch_scale(residual_scale(p))
+        branch = _times(residual_scale(p))  # completep's residual-branch multiplier
         a_BxLxD, kv = attention("attn")(norm("attn_norm")(x_BxLxD), positions_BxL, mask, kv, cache_index, layer)
         a_BxLxD = branch(a_BxLxD)
         if cfg.trace:
@@ -153,8 +153,9 @@ class Block(nn.Module):
         return (x_BxLxD, kv, cross_kv), None
 
 
-def _branch_scale(scale: float) -> Callable:
-    """completep's residual-branch multiplier; sp's 1 adds no op (its programs stay as they were)."""
+def _times(scale: float) -> Callable:
+    """Multiplies by a parametrization's constant (llm/model/parametrization.py); sp's 1 adds no op, so
+    its programs stay as they were."""
     return (lambda a: a) if scale == 1.0 else (lambda a: a * jnp.asarray(scale, a.dtype))
 
 
@@ -319,7 +320,7 @@ class EncoderDecoder(nn.Module):
 
 def _output_scale(cfg: ModelConfig) -> Callable:
     """mup's output multiplier, on the final-normed stream before the head (the same as on the logits)."""
-    return _branch_scale(logit_scale(cfg.parametrization))
+    return _times(logit_scale(cfg.parametrization))
 
 
 def _unembed(cfg: ModelConfig, final_norm: Callable, out_weight: jax.Array, x_BxLxD: jax.Array) -> jax.Array:

@@ -111,10 +111,10 @@ def plot(rms: dict[int, list[dict[str, float]]], title: str, path: str) -> None:
 
 def run(cfg: ml_collections.ConfigDict, widths: list[int], steps: int, out: str) -> dict:
     rms = measure(cfg, widths, steps)
-    p = spec.parametrization_of(at_width(cfg, widths[0]))
-    name = p.width + ("+" + p.depth if p.completep else "")
+    m = cfg.model
+    name = m.parametrization + ("+" + m.depth_parametrization if m.depth_parametrization != "none" else "")
     os.makedirs(out, exist_ok=True)
     png = os.path.join(out, f"coordcheck_{name}.png")
     plot(rms, f"{cfg.name}: {name}, base width {cfg.model.base_width}", png)
-    return {"parametrization": p.width, "depth_parametrization": p.depth, "widths": widths, "steps": steps,
+    return {"parametrization": m.parametrization, "depth_parametrization": m.depth_parametrization, "widths": widths, "steps": steps,
             "slopes": slopes(rms), "rms": {str(w): rows for w, rows in rms.items()}, "plot": png}

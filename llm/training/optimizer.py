@@ -11,6 +11,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 from llm.model import parametrization
+from llm.model.parametrization import Parametrization
 from llm.spec import OptConfig
 
 
@@ -58,8 +59,7 @@ def _scale_by_tree(scales: Callable) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _adamw(c: OptConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    p = c.parametrization
+def _adamw(c: OptConfig, p: Parametrization, schedule: optax.Schedule) -> optax.GradientTransformation:
     mask = lambda params: decay_mask(params, c.decay_embeddings)
     if not (p.mup or p.completep):  # sp: optax's own AdamW, exactly as before mup existed
         return optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
@@ -109,7 +109,7 @@ def _is_dims(v) -> bool:
     return v is None or isinstance(v, MuonDimensionNumbers)
 
 
-def _muon(c: OptConfig) -> optax.GradientTransformation:
+def _muon(c: OptConfig, p: Parametrization) -> optax.GradientTransformation:
     hidden = optax.chain(
         scale_by_muon(beta=c.muon_momentum, weight_dimension_numbers=muon_dims),
         _scale_by_tree(_muon_shape_scales),
@@ -117,11 +117,12 @@ def _muon(c: OptConfig) -> optax.GradientTransformation:
         optax.scale_by_learning_rate(learning_rate(c, c.muon_learning_rate)),
     )
     labels = lambda params: jax.tree.map(lambda d: "adam" if d is None else "muon", muon_dims(params), is_leaf=_is_dims)
-    return optax.partition({"muon": hidden, "adam": _adamw(c, learning_rate(c))}, labels)
+    return optax.partition({"muon": hidden, "adam": _adamw(c, p, learning_rate(c))}, labels)
 
 
-def make(c: OptConfig) -> optax.GradientTransformation:
-    opt = _muon(c) if c.optimizer == "muon" else _adamw(c, learning_rate(c))
+def make(c: OptConfig, p: Parametrization = Parametrization()) -> optax.GradientTransformation:
+    """p: the model's parametrization (its per-parameter learning rates and epsilon; sp: none)."""
+    opt = _muon(c, p) if c.optimizer == "muon" else _adamw(c, p, learning_rate(c))
     if c.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(c.clip_norm), opt)
     return opt

@@ -106,7 +106,7 @@ def _opt_shardings(abstract_opt, abstract_params, param_sh, mesh: jax.sharding.M
 def setup(mc: ModelConfig, oc: OptConfig, mesh: jax.sharding.Mesh, rules: tuple, objective: str = "lm",
           **objective_options) -> Setup:
     """objective_options: objectives.make's (dpo_beta, clip_eps, kl_coef)."""
-    optimizer = optimizer_lib.make(oc)
+    optimizer = optimizer_lib.make(oc, mc.parametrization)
     reward_head = objective == "reward"
     boxed = jax.eval_shape(lambda: heads.init_params(mc, jax.random.key(0), reward_head))
     abstract_params = nn.unbox(boxed)
