@@ -10,7 +10,7 @@ import sys
 
 # What the commands import, all together (llm.cli imports most of it lazily, per command).
 COMMAND_MODULES = ("llm.cli", "llm.training.loop", "llm.training.rl", "llm.run.api", "llm.run.chat", "llm.data.corpus",
-                   "llm.interop.hf", "llm.scaling.sweep", "llm.scaling.fit", "llm.compile.plan", "llm.inspect.trace", "llm.bench")
+                   "llm.interop.hf", "llm.scaling.sweep", "llm.scaling.points", "llm.scaling.fit", "llm.compile.plan", "llm.inspect.trace", "llm.bench")
 # What export, import and eval --tasks import from the hf and harness extras, where they are installed.
 EXTRA_MODULES = ("safetensors.numpy", "transformers", "transformers.convert_slow_tokenizer", "transformers.models.llama.modeling_llama",
                  "lm_eval", "lm_eval.api.model", "lm_eval.tasks", "lm_eval.utils")

@@ -280,15 +280,15 @@ def test_seq2seq_runs_report_exact_match_and_answer_from_the_cli(corpus, tmp_pat
 
 def test_an_arch_sweep_repeats_every_point_per_arch_with_its_own_flops(tmp_path):
     from configs.sweeps import arch_isoflop_cpu
-    from llm.scaling import fit, sweep
+    from llm.scaling import fit, points as points_lib, sweep
 
-    points = sweep.expand(arch_isoflop_cpu.get_config())
+    points = points_lib.expand(arch_isoflop_cpu.get_config())
     by_arch = {arch: [p for p in points if p.name.startswith(f"{arch}-")] for arch in ("decoder", "encoder_decoder")}
     assert len(by_arch["decoder"]) == len(by_arch["encoder_decoder"]) == len(points) // 2
     for arch, chosen in by_arch.items():
         for p in chosen:
             assert p.config.model.arch == arch and p.config.name.endswith(p.name)
-            mc = config_lib.resolve(config_lib.from_config(p.config), sweep.sweep_tokenizer(p.config)).model
+            mc = config_lib.resolve(config_lib.from_config(p.config), points_lib.sweep_tokenizer(p.config)).model
             assert p.flops_per_token == model.flops_per_token(mc) and p.params == model.param_counts(mc)["total"]
             assert abs(p.flops / p.budget - 1) < 0.05  # each arch spends the budget on its own FLOPs
     # fit --arch reads one arch's rows of a mixed results.csv.

@@ -12,7 +12,7 @@ from conftest import REPO, tiny_config, train_run, write_corpus
 import llm
 from llm import bench, spec
 from llm.data import tokenizer as tokenizer_lib
-from llm.scaling import sweep
+from llm.scaling import points as points_lib
 
 BYTE_IDS = tokenizer_lib.NUM_SPECIAL + 256
 
@@ -59,7 +59,7 @@ def test_train_bench_sweep_api_and_hf_agree_on_the_vocabulary(trained, name, tmp
     # bench: its synthetic batch has no tokenizer, only the tokenizer's size.
     assert bench.bench_train(cfg, steps=1, peak_tflops=1.0)["vocab_size"] == expected
     # sweep: a point's params and FLOPs are counted with the vocabulary the point trains.
-    assert sweep._model_config(cfg).V == expected
+    assert points_lib._model_config(cfg).V == expected
     if name != "span_corruption":  # hf: an encoder-decoder is not a Llama model
         from llm.interop import hf
 

@@ -13,7 +13,7 @@ import pytest
 
 from configs import default
 from configs.sweeps import grid_example, isoflop_cpu
-from llm.scaling import fit, sweep
+from llm.scaling import fit, points as points_lib, sweep
 from llm.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def read_rows(workdir: Path) -> list[dict]:
 
 def test_isoflop_cpu_expands_to_3_budgets_x_5_sizes_of_at_least_100k_params():
     cfg = isoflop_cpu.get_config()
-    points = sweep.expand(cfg)
+    points = points_lib.expand(cfg)
     budgets = sorted({p.budget for p in points})
     assert len(budgets) >= 3
     for budget in budgets:
@@ -53,7 +53,7 @@ def test_isoflop_cpu_expands_to_3_budgets_x_5_sizes_of_at_least_100k_params():
 
 def test_isoflop_cpu_models_hit_their_target_sizes():
     cfg = isoflop_cpu.get_config()
-    points = sweep.expand(cfg)
+    points = points_lib.expand(cfg)
     targets = [t for budget_targets in cfg.targets for t in budget_targets]
     assert len(targets) == len(points)
     for p, target in zip(points, targets):
@@ -63,10 +63,10 @@ def test_isoflop_cpu_models_hit_their_target_sizes():
 @pytest.mark.parametrize("target", np.geomspace(1.3e5, 5e6, 9).tolist())
 def test_shape_rule_gives_two_or_more_layers_near_the_target(target):
     cfg = isoflop_cpu.get_config()
-    d_model, num_layers, num_heads, d_ff = sweep.shape_for(target, cfg.base, cfg.shape)
+    d_model, num_layers, num_heads, d_ff = points_lib.shape_for(target, cfg.base, cfg.shape)
     run = ml_collections.ConfigDict(cfg.base.to_dict())
-    sweep._set_shape(run, d_model, num_layers, num_heads, d_ff)
-    counts, _ = sweep._counts(run)
+    points_lib._set_shape(run, d_model, num_layers, num_heads, d_ff)
+    counts, _ = points_lib._counts(run)
     assert num_layers >= 2
     head_dim = d_model // num_heads
     assert d_model % num_heads == 0 and head_dim % 2 == 0  # rope rotates pairs
@@ -80,7 +80,7 @@ def test_per_size_overrides_pick_the_first_matching_entry():
     cfg = isoflop_cpu.get_config()
     cfg.overrides = [{"max_params": 2e5, "opt.learning_rate": 4e-3, "batch_size": 8},
                      {"max_params": 4e5, "opt.learning_rate": 2.5e-3}]
-    for p in sweep.expand(cfg):
+    for p in points_lib.expand(cfg):
         small, medium = p.non_embedding_params <= 2e5, p.non_embedding_params <= 4e5
         assert p.config.opt.learning_rate == (4e-3 if small else 2.5e-3 if medium else cfg.base.opt.learning_rate)
         assert p.config.batch_size == (8 if small else cfg.base.batch_size)
@@ -92,12 +92,12 @@ def test_unknown_override_key_is_refused():
     cfg = isoflop_cpu.get_config()
     cfg.overrides = [{"max_params": float("inf"), "opt.learning_rat": 1e-3}]
     with pytest.raises(ValueError, match="learning_rat"):
-        sweep.expand(cfg)
+        points_lib.expand(cfg)
 
 
 def test_grid_example_expands_sizes_times_tokens():
     cfg = grid_example.get_config()
-    points = sweep.expand(cfg)
+    points = points_lib.expand(cfg)
     assert len(points) == len(cfg.sizes) * len(cfg.tokens)
     assert len({p.name for p in points}) == len(points)
     for p in points:
@@ -107,12 +107,12 @@ def test_grid_example_expands_sizes_times_tokens():
 
 
 def test_shards_partition_the_points():
-    points = sweep.expand(grid_example.get_config())
-    shards = [sweep.select_shard(points, f"{i}/3") for i in range(3)]
+    points = points_lib.expand(grid_example.get_config())
+    shards = [points_lib.select_shard(points, f"{i}/3") for i in range(3)]
     names = [p.name for shard in shards for p in shard]
     assert sorted(names) == sorted(p.name for p in points)
     with pytest.raises(ValueError):
-        sweep.select_shard(points, "3/3")
+        points_lib.select_shard(points, "3/3")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_dry_run_prints_every_point_and_a_total_and_trains_nothing(tmp_path, cap
     workdir = tmp_path / "sweep"
     assert sweep.run(cfg, str(workdir), dry_run=True) == []
     out = capsys.readouterr().out
-    for p in sweep.expand(cfg):
+    for p in points_lib.expand(cfg):
         assert p.name in out
     assert "estimated total time" in out
     assert not workdir.exists()
@@ -184,7 +184,7 @@ def tiny(tmp_path_factory):
 
 def test_tiny_sweep_writes_one_row_per_point_with_the_issue_columns(tiny):
     cfg, workdir, _, _ = tiny
-    points = sweep.expand(cfg)
+    points = points_lib.expand(cfg)
     assert len(points) == 4
     with open(workdir / sweep.RESULTS, newline="") as f:
         header = next(csv.reader(f))
@@ -202,7 +202,7 @@ def test_tiny_sweep_writes_one_row_per_point_with_the_issue_columns(tiny):
 
 def test_shards_together_cover_every_point_once(tiny):
     cfg, workdir, rows_after_first, new_rows = tiny
-    names = [p.name for p in sweep.expand(cfg)]
+    names = [p.name for p in points_lib.expand(cfg)]
     assert [r["name"] for r in rows_after_first] == names[0::2]
     assert sorted(r["name"] for r in read_rows(workdir)) == sorted(names)
     assert len(new_rows) == len(names)
@@ -229,7 +229,7 @@ def test_lost_results_csv_is_rebuilt_from_the_markers_without_training(tiny, tmp
 
 def test_half_finished_point_resumes_from_its_checkpoint(tiny, tmp_path):
     cfg, workdir, _, _ = tiny
-    point = max(sweep.expand(cfg), key=lambda p: p.config.num_train_steps)
+    point = max(points_lib.expand(cfg), key=lambda p: p.config.num_train_steps)
     steps, every = point.config.num_train_steps, point.config.checkpoint_every_steps
     assert every < steps
     copy = tmp_path / "sweep"
@@ -254,7 +254,7 @@ def test_half_finished_point_resumes_from_its_checkpoint(tiny, tmp_path):
     assert trained == list(range(every + 1, steps + 1))  # only the steps after the checkpoint ran again
     # Same batches, same params: the resumed run ends where the uninterrupted one did.
     assert float(new_rows[0]["eval_loss"]) == pytest.approx(float(original["eval_loss"]), abs=1e-4)
-    assert len(read_rows(copy)) == len(sweep.expand(cfg))
+    assert len(read_rows(copy)) == len(points_lib.expand(cfg))
 
 
 def test_changed_config_for_a_started_point_is_refused(tiny, tmp_path):
