@@ -92,6 +92,19 @@ def write_shards(root: Path, docs: list[str], num_shards: int = 3, fmt: str = "j
     return f"{'parquet' if fmt == 'parquet' else 'jsonl'}:{root}/{pattern}"
 
 
+def write_domain_shards(root: Path, domains: dict[str, list[str]], num_shards: int = 2) -> str:
+    """Each domain's documents, interleaved, as {"text", "domain"} records over num_shards JSONL files;
+    returns the data.dataset value (a data.mixture names the domains)."""
+    import json
+
+    records = [{"text": docs[k], "domain": d} for k in range(max(map(len, domains.values()))) for d, docs in domains.items() if k < len(docs)]
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-len(records) // num_shards)
+    for s in range(num_shards):
+        (root / f"shard-{s:03d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[s * per : (s + 1) * per]))
+    return f"jsonl:{root}/*.jsonl"
+
+
 def streamed(dataset: str, **overrides) -> dict:
     """Overrides for cli_overrides/tiny_config that train on a streamed corpus."""
     return dict(data__dataset=dataset, data__tokenizer="byte", data__validation_fraction=0.1, **overrides)

@@ -142,3 +142,14 @@ def test_an_unknown_task_or_a_missing_file_is_one_clear_error(run):
     done = run_cli("eval", f"--workdir={run.workdir}", "--tasks=lambada_local", env={"LLM_LAMBADA": ""})
     assert done.returncode == 2 and "error: LLM_LAMBADA must name LAMBADA's test JSONL" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_eval_tasks_in_training_log_the_accuracy_eval_tasks_gives_on_the_same_params(tmp_path):
+    cfg = tiny_config(write_corpus(tmp_path / "corpus.txt", 6000), num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
+                      data__tokenizer="byte", eval_tasks="shakespeare_next_line", eval_tasks_limit=4)
+    summary = train_run(cfg, tmp_path / "run", quiet=True)
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in line]
+    assert logged[-1]["eval_acc_shakespeare_next_line"] == summary["eval_acc_shakespeare_next_line"]
+    got = harness.evaluate(llm.load(str(tmp_path / "run")), ["shakespeare_next_line"], limit=4)["tasks"]["shakespeare_next_line"]
+    assert summary["eval_acc_shakespeare_next_line"] == pytest.approx(got["acc,none"])
+    assert summary["eval_acc_norm_shakespeare_next_line"] == pytest.approx(got["acc_norm,none"])

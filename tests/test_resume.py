@@ -1,6 +1,6 @@
 """A run killed (SIGKILL) or stopped (SIGINT, then SIGTERM during its save) resumes to the params and
 losses of the run that was never interrupted: for every objective (lm on SFT data, reward, dpo, grpo),
-every arch (encoder, encoder-decoder) and the streamed corpus read by a data worker.
+every arch (encoder, encoder-decoder) and a streamed mixture of two domains read by a data worker.
 
 One fixture serves them all. A fresh process trains the uninterrupted twins (tests/resume_twins.py:
 no state an earlier test left in this pytest worker can change their programs) while the streamed
@@ -33,7 +33,7 @@ from conftest import (
     streamed,
     tiny_config,
     write_corpus,
-    write_shards,
+    write_domain_shards,
 )
 
 import llm
@@ -69,11 +69,13 @@ def _variants(sets, corpus) -> dict[str, tuple[dict, list[str]]]:
 
 
 def _streamed_command(root):
-    """The streamed CLI run: a sharded JSONL corpus through a data worker, document packing, evals; its
-    uninterrupted twin is a CLI run too, so that both see the same devices (the CLI splits the cores)."""
-    shards = write_shards(root / "shards", documents(300))
+    """The streamed CLI run: a sharded JSONL corpus of two domains mixed 0.7 / 0.3 (data.mixture) through a
+    data worker, document packing, per-domain evals; its uninterrupted twin is a CLI run too, so that both
+    see the same devices (the CLI splits the cores)."""
+    shards = write_domain_shards(root / "shards", {"verse": documents(150), "prose": documents(150, seed=1)})
     overrides = dict(num_train_steps=STREAMED_STEPS, checkpoint_every_steps=10, keep_checkpoints=2, log_every_steps=10,
-                     eval_every_steps=50, **streamed(shards, data__num_workers=1, data__packing="documents"))
+                     eval_every_steps=50, **streamed(shards, data__num_workers=1, data__packing="documents",
+                                                     data__mixture="verse=0.7,prose=0.3"))
     corpus = root / "corpus.txt"  # only places data.data_dir (the shards' index) beside it
     return lambda workdir: _command(workdir, cli_overrides(corpus, **overrides))
 
@@ -193,12 +195,14 @@ def test_a_sigkilled_run_of_each_arch_resumes_to_the_params_and_losses_of_an_uni
         _check_span_corruption_run(a, cfg, r["summary"])
 
 
-def test_killed_streamed_run_resumes_to_bit_identical_params(runs):
+def test_killed_streamed_mixture_run_resumes_to_bit_identical_params_and_per_domain_evals(runs):
     r = runs["streamed"]
     assert 20 <= r["killed_at"] < STREAMED_STEPS
     assert r["resumed"].returncode == 0, r["resumed"].stderr[-2000:]
     assert f"resuming {r['killed']} from step {r['killed_at']}" in r["resumed"].stderr
     jax.tree.map(np.testing.assert_array_equal, llm.load(str(r["killed"])).params, llm.load(str(r["reference"])).params)
+    evals = lambda w: [x for x in map(json.loads, open(os.path.join(w, "metrics.jsonl"))) if "eval_loss_verse" in x]
+    assert [e["eval_loss_prose"] for e in evals(r["killed"])][-1] == [e["eval_loss_prose"] for e in evals(r["reference"])][-1]
 
 
 def _wait_for_line(path, pattern: str, proc: subprocess.Popen, timeout: float = 60) -> re.Match:

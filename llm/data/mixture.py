@@ -95,7 +95,8 @@ def domain_split(dc: DataConfig, domain: Domain, split: str) -> sources.Split:
         held = (0.0, 0.0) if split == "all" else (dc.validation_fraction, dc.test_fraction)
         return sources.split(corpus, split, *held)
     if split == "validation" and dc.validation_dataset:
-        return sources.Subset(*_by_field(dc, dc.validation_dataset, domain.name))
+        corpus, ids = _by_field(dc, dc.validation_dataset, domain.name)
+        return sources.Subset(corpus, ids=ids)
     corpus, ids = _by_field(dc, dc.dataset, domain.name)
     held_out = 0.0 if dc.validation_dataset else dc.validation_fraction
     lo, hi, period = sources.held_out_range(len(ids), split, held_out, dc.test_fraction)
