@@ -8,6 +8,7 @@
     text.py       corpora in memory through a prepared TFDS builder (datasets/: the project's builders)
     sources.py    streamed corpora's shards (JSONL, .gz, .zst, Parquet): indexed, read one record at a time
     stream.py     streamed batches: Grain-shuffled documents, packed per row lane, tokenized by workers
+    mixture.py    data.mixture: a streamed corpus's named domains, their splits, rows drawn at fixed weights
     corpus.py     a text corpus by name, whichever path reads it: prepare, documents, train and eval batches
     examples.py   post-training sets: SFT, preference pairs, RL prompts ('sft:', 'preference:', 'prompts:')
     seq2seq.py    {"input", "target"} pairs for an encoder-decoder or a decoder ('seq2seq:')

@@ -133,10 +133,14 @@ class MixtureBatches:
         splits = {d.name: domain_split(dc, d, "train") for d in self.domains}
         self._reader = stream.Reader({name: stream.documents(s, tokenizer, dc.add_bos, _seed(seed, name)) for name, s in splits.items()},
                                      dc.num_workers)
-        self._corpora = {id(s.corpus): s.corpus.skipped for s in splits.values()}
-        self.streams = {name: stream.StreamBatches(s, tokenizer, batch_size, seq_len, seed, self.rows, dc.packing, dc.add_bos,
-                                                   skip_bad=dc.skip_bad_records, reader=self._reader, name=name)
-                        for name, s in splits.items()}
+        self._corpora = {id(s.corpus): s.corpus.skipped for s in splits.values()}  # domains of one corpus count its drops once
+        try:
+            self.streams = {name: stream.StreamBatches(s, tokenizer, batch_size, seq_len, seed, self.rows, dc.packing, dc.add_bos,
+                                                       skip_bad=dc.skip_bad_records, reader=self._reader, name=name)
+                            for name, s in splits.items()}
+        except DataError:
+            self._reader.close()
+            raise
 
     def domain_of(self, r: int, n: int) -> str:
         """The domain of row r of batch n."""
