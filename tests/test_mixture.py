@@ -73,6 +73,15 @@ def test_a_restored_mixture_position_continues_exactly_and_hosts_rows_make_the_g
     assert mixture.MixtureBatches.merge_states([halves[1][1], halves[0][1]]) == _take(dc, 6)[1]
 
 
+def test_domains_by_glob_draw_the_same_rows_as_the_same_domains_by_field(two_domains, tmp_path):
+    dc, _ = two_domains
+    for name in ("words", "numbers"):  # each domain's records, in corpus order, as a file of its own
+        records = [line for line in open(dc.dataset.removeprefix("jsonl:").replace("*", "shard-000")) if json.loads(line)["domain"] == name]
+        (tmp_path / f"{name}.jsonl").write_text("".join(records))
+    by_glob = f"words=0.7@jsonl:{tmp_path}/words.jsonl,numbers=0.3@jsonl:{tmp_path}/numbers.jsonl"
+    _same(_take(dataclasses.replace(dc, mixture=by_glob), 20)[0], _take(dc, 20)[0])
+
+
 def test_a_mixture_splits_each_domain_and_counts_the_tokens_before_any_domain_repeats(two_domains):
     dc, _ = two_domains
     words, numbers = (mixture.Domain(n, 1.0) for n in ("words", "numbers"))
