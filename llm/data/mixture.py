@@ -10,10 +10,11 @@ holds out its own documents (llm/data/sources.py's rule over the domain's docume
 weight of 0 evaluates a domain without training on it.
 
 Draws are of rows, not documents, so weights are shares of the training tokens whatever the domains'
-document lengths: row r of batch n comes from the domain a uniform draw keyed by (seed, r, n) picks, and
-each domain keeps, per row, the lane position a plain StreamBatches would (llm/data/stream.py). So the
-batches depend on nothing but the seed, the weights and the corpus: not on the worker count or the number
-of hosts, and a checkpoint's data position (each domain's lanes and the batches drawn) resumes exactly.
+document lengths: row r of batch n comes from the domain that the r-th of batch_size uniform draws keyed by
+(seed, n) picks (every host draws them all), and each domain keeps, per row, the lane position a plain
+StreamBatches would (llm/data/stream.py). So the batches depend on nothing but the seed, the weights and
+the corpus: not on the worker count or the number of hosts, and a checkpoint's data position (each
+domain's lanes and the batches drawn) resumes exactly.
 """
 
 import dataclasses
@@ -128,7 +129,7 @@ class MixtureBatches:
         self.domains = [d for d in parse(dc.mixture) if d.weight > 0]
         weights = np.array([d.weight for d in self.domains])
         self.cumulative = np.cumsum(weights / weights.sum())
-        self.seed, self.packing, self.drawn = seed, dc.packing, 0
+        self.seed, self.batch_size, self.packing, self.drawn = seed, batch_size, dc.packing, 0
         self.rows = rows or (0, batch_size)
         splits = {d.name: domain_split(dc, d, "train") for d in self.domains}
         self._reader = stream.Reader({name: stream.documents(s, tokenizer, dc.add_bos, _seed(seed, name)) for name, s in splits.items()},
@@ -142,10 +143,12 @@ class MixtureBatches:
             self._reader.close()
             raise
 
-    def domain_of(self, r: int, n: int) -> str:
-        """The domain of row r of batch n."""
-        u = np.random.default_rng([self.seed, r, n]).random()
-        return self.domains[min(int(np.searchsorted(self.cumulative, u, "right")), len(self.domains) - 1)].name
+    def domains_of(self, n: int) -> list[str]:
+        """The domain of each of this host's rows of batch n: drawn for the whole global batch, so that
+        every host (any number of them) agrees."""
+        u_B = np.random.default_rng([self.seed, n]).random(self.batch_size)
+        picks = np.minimum(np.searchsorted(self.cumulative, u_B[slice(*self.rows)], "right"), len(self.domains) - 1)
+        return [self.domains[k].name for k in picks]
 
     @property
     def skipped(self) -> int:
@@ -155,7 +158,7 @@ class MixtureBatches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = [self.streams[self.domain_of(r, self.drawn)].row(r) for r in range(*self.rows)]
+        rows = [self.streams[name].row(r) for r, name in zip(range(*self.rows), self.domains_of(self.drawn))]
         for s in self.streams.values():
             s.schedule()
         self.drawn += 1
