@@ -105,6 +105,17 @@ def write_domain_shards(root: Path, domains: dict[str, list[str]], num_shards: i
     return f"jsonl:{root}/*.jsonl"
 
 
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    """Two lists of host batches are equal, array by array."""
+    import numpy as np
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
 def streamed(dataset: str, **overrides) -> dict:
     """Overrides for cli_overrides/tiny_config that train on a streamed corpus."""
     return dict(data__dataset=dataset, data__tokenizer="byte", data__validation_fraction=0.1, **overrides)

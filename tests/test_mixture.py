@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 import pytest
-from conftest import REPO, cli_overrides, documents, run_cli, streamed, tiny_config, train_run, write_domain_shards
+from conftest import REPO, assert_same_batches, cli_overrides, documents, run_cli, streamed, tiny_config, train_run, write_domain_shards
 
 import llm
 from llm import spec
@@ -44,11 +44,7 @@ def _take(dc: DataConfig, n: int, rows=None, state=None):
         batches.close()
 
 
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+_same = assert_same_batches
 
 
 def test_mixture_rows_follow_the_weights_and_are_the_same_for_any_number_of_workers(two_domains):

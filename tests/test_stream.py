@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import cli_overrides, documents, run_cli, streamed, tiny_config, train_run, write_shards
+from conftest import assert_same_batches, cli_overrides, documents, run_cli, streamed, tiny_config, train_run, write_shards
 
 from llm import data
 from llm.data import corpus as corpus_lib, stream as stream_lib, text as text_lib, tokenizer
@@ -88,12 +88,7 @@ def _take(split, n, packing="concat", **kw):
         batches.close()
 
 
-def _same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
+_same = assert_same_batches
 
 
 @pytest.mark.parametrize("packing,worker_counts", [("documents", (1, 2)), ("concat", (2,))], ids=["documents", "concat"])
