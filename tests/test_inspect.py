@@ -461,3 +461,38 @@ def _check_table(kind: str, run, table: list[str], result: dict) -> None:
         assert np.asarray(printed_NxH) == pytest.approx(np.asarray(change_NxH), abs=5.1e-5)
         expected = run.intervention_effect(PROMPT, ablate={"block_1/heads": [2]})
         assert change_NxH[1][2] == pytest.approx(expected["loss_change"], abs=1e-6) and expected["loss_change"] != 0
+
+
+@pytest.fixture(scope="module")
+def packed_runs(tmp_path_factory):
+    """Two tiny runs on many short documents packed with packing='documents' (so rows hold several
+    documents, each numbered from 0), one with learned and one with sinusoidal positions."""
+    root = tmp_path_factory.mktemp("packed")
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(["the", "king", "sweet", "love", "hath"], rng.integers(8, 30))) + "\n")
+    runs = {}
+    for pos in ("learned", "sinusoidal"):
+        cfg = tiny_config(root / "doc00.txt", num_train_steps=2, checkpoint_every_steps=2, model__pos_encoding=pos, data__packing="documents")
+        cfg.data.dataset = f"text:{root}/doc*.txt"
+        train_run(cfg, str(root / pos), quiet=True)
+        runs[pos] = llm.load(str(root / pos))
+    return runs
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
+def test_trace_of_packed_documents_reproduces_the_eval_steps_logits(packed_runs, pos):
+    run = packed_runs[pos]
+    batch = next(iter(run._eval_batches("validation", 4)))
+    assert (batch["positions"] != np.arange(batch["inputs"].shape[1])).any()  # rows hold several documents
+    eval_logits = np.asarray(jax.jit(lambda p, b: model.forward(run.model_config, p, b))(run.params, batch))[..., : run.tokenizer.vocab_size]
+    real = batch["weights"] > 0
+    logits, _ = run.trace(batch["inputs"], names=[], segment_ids=batch["segment_ids"])
+    np.testing.assert_allclose(logits[real], eval_logits[real], atol=1e-5)
+    # positions 0..L-1 (what trace used before) give other logits: the check above can fail
+    wrong, _ = run.trace(batch["inputs"], names=[], segment_ids=batch["segment_ids"], positions=np.arange(batch["inputs"].shape[1]))
+    assert np.abs(wrong[real] - eval_logits[real]).max() > 1e-3
+    losses = run.lens_split("validation", max_batches=2, batch_size=4)
+    result = evaluate_lib.evaluate(jax.jit(evaluate_lib.make_eval_step(run.model_config)), run.params, run._eval_batches("validation", 4),
+                                   run.tokenizer.token_bytes(), lambda b: {k: jnp.asarray(v) for k, v in b.items()}, max_batches=2)
+    assert losses["block_1"] == pytest.approx(result["loss"], abs=1e-5)

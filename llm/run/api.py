@@ -110,18 +110,20 @@ class Run:
         return out
 
     def trace(self, text_or_tokens, names=None, patch: dict | None = None, ablate: dict | None = None,
-              mean_over=None, segment_ids=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+              mean_over=None, segment_ids=None, positions=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(logits [B, L, vocab], {name: activation}) of one forward pass; a 1-D input is a batch of one.
 
         names: globs, a predicate or None (all; see llm/inspect/trace.py). patch: {name: array} replaces
         activations; ablate: {"block_0/heads": [1, 3], "block_1/neurons": [5]} zeroes those units, or
-        sets them to their mean over the text or tokens `mean_over`.
+        sets them to their mean over the text or tokens `mean_over`. segment_ids: packed documents, which
+        also number positions per document as training does, unless `positions` are given.
         """
         self.require_arch("trace", ("decoder", "encoder"))
         tokens_BxL = self.tokens_BxL(text_or_tokens)
         segments = None if segment_ids is None else jnp.asarray(np.broadcast_to(segment_ids, tokens_BxL.shape), jnp.int32)
+        positions = None if positions is None else jnp.asarray(np.broadcast_to(positions, tokens_BxL.shape), jnp.int32)
         logits, cache = trace_lib.trace(self.model_config, self.params, tokens_BxL, segments, names,
-                                        self._interventions(patch, ablate, mean_over))
+                                        self._interventions(patch, ablate, mean_over), positions)
         order = trace_lib.all_names(self.model_config)
         cache = {name: np.asarray(cache[name]) for name in sorted(cache, key=order.index)}
         return np.asarray(logits)[..., : self.tokenizer.vocab_size], cache
