@@ -29,7 +29,7 @@ from llm.training import checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ALPHABET = "abcdefghijklmnop"
-STRING = 16  # held-out lines: strings of 16 distinct symbols, so every prefix match is one position
+STRING = 12  # held-out lines: strings of 12 distinct symbols (every prefix match is one position; 4 symbols spare)
 BANDS = ((4, 16), (16, 48), (48, 80), (80, 127))
 
 
@@ -37,29 +37,35 @@ def lines(rng, num: int, length: int = STRING) -> list[str]:
     return ["".join(rng.permutation(list(ALPHABET))[:length]) for _ in range(num)]
 
 
-def triple_rows(run, strings: list[str]) -> np.ndarray:
-    return np.stack([run.tokenizer.encode(f"{s} {s} {s}\n") for s in strings]).astype(np.int32)
+def triple_rows(run, strings: list[str], anchored: bool) -> np.ndarray:
+    """"\ns s s\n" as every training line starts (after the line before it), or without the leading
+    newline, which leaves only the symbols themselves to find copy 1 by."""
+    return np.stack([run.tokenizer.encode(("\n" if anchored else "") + f"{s} {s} {s}\n") for s in strings]).astype(np.int32)
 
 
-def copy_losses(cfg, params, rows_BxL) -> list[float]:
+def copy_starts(anchored: bool) -> list[int]:
+    return [int(anchored) + c * (STRING + 1) for c in range(3)]
+
+
+def copy_losses(cfg, params, rows_BxL, anchored: bool) -> list[float]:
     """Mean loss predicting copy c's tokens 2..n (c = 1, 2, 3), from the position before each."""
     loss_BxL1 = induction.token_losses(trace(cfg, params, rows_BxL, names=[])[0], rows_BxL)
-    n = STRING
-    return [float(loss_BxL1[:, c * (n + 1) : c * (n + 1) + n - 1].mean()) for c in range(3)]
+    return [float(loss_BxL1[:, a : a + STRING - 1].mean()) for a in copy_starts(anchored)]
 
 
-def head_scores(cfg, params, rows_BxL) -> tuple[np.ndarray, np.ndarray]:
-    """[H] layer-0 previous-token scores (attention from i to i - 1 within copies 2-3) and [N, H]
-    prefix-matching scores: from a token of copy 2 to the token after its occurrence in copy 1."""
-    n = STRING
+def head_scores(cfg, params, rows_BxL, anchored: bool) -> dict:
+    """Per head: layer 0's previous-token score (attention from i to i - 1 within copies 2-3), and every
+    layer's prefix-matching scores from copy 2 to copy 1 and from copy 3 to copy 2 (attention from a
+    token to the token after its occurrence in the copy before)."""
     _, cache = trace(cfg, params, rows_BxL, names="block_*/attn_probs_BxHxLxS")
     probs = [np.asarray(cache[f"block_{i}/attn_probs_BxHxLxS"]) for i in range(cfg.N)]
-    queries = np.arange(n + 1, 2 * n + 1)[:-1]  # copy 2's tokens but its last
-    keys = queries - (n + 1) + 1
-    prev = np.arange(n + 2, 3 * n + 2)
-    previous_token_H = probs[0][:, :, prev, prev - 1].mean(axis=(0, 2))
-    prefix_NxH = np.stack([p[:, :, queries, keys].mean(axis=(0, 2)) for p in probs])
-    return previous_token_H, prefix_NxH
+    c1, c2, c3 = copy_starts(anchored)
+    prev = np.arange(c2 + 1, c3 + STRING)
+    out = {"previous_token": probs[0][:, :, prev, prev - 1].mean(axis=(0, 2)).tolist()}
+    for name, (src, dst) in (("prefix_matching", (c2, c1)), ("prefix_matching_3", (c3, c2))):
+        queries = np.arange(src, src + STRING - 1)
+        out[name] = np.stack([p[:, :, queries, queries - src + dst + 1].mean(axis=(0, 2)) for p in probs]).tolist()
+    return out
 
 
 def held_out_windows(run, num: int, seed: int) -> np.ndarray:
@@ -102,16 +108,16 @@ def natural_scores(cfg, params, rows_BxL, offset: int, chunk: int, induction_hea
 
 
 def patching_against_attribution(run, params, rng, num: int) -> dict:
-    """Per prompt (held-out string s, then s again up to a random point), corrupted by changing the
-    symbol before the answer's source in copy 1: heads and positions swept by real patching and
+    """Per prompt (a newline, a held-out string s, then s again up to a random point), corrupted by
+    changing, in copy 1, the symbol the prompt ends with (so no earlier token is followed by the answer): heads and positions swept by real patching and
     estimated by attribution patching, pooled."""
     cfg = run.model_config
     real, estimate, path, restored_heads = {"heads": [], "positions": []}, {"heads": [], "positions": []}, [], []
     for s in lines(rng, num):
         cut = int(rng.integers(3, STRING - 1))  # the prompt ends at copy 2's token cut - 1; the answer is s[cut]
-        clean = f"{s} {s[:cut]}"
+        clean = f"\n{s} {s[:cut]}"
         other = next(c for c in ALPHABET if c not in s)
-        corrupted = f"{s[:cut - 2]}{other}{s[cut - 1:]} {s[:cut]}"  # the symbol before the answer's source
+        corrupted = f"\n{s[:cut - 1]}{other}{s[cut:]} {s[:cut]}"  # in copy 1, the symbol before the answer's source
         clean_1xL, corrupted_1xL = run.tokens_BxL(clean)[:1], run.tokens_BxL(corrupted)[:1]
         metric = patching.Metric(run.token_id(s[cut]))
         for what, at in (("heads", "head_out"), ("positions", "resid_pre")):
@@ -147,10 +153,13 @@ def plot(points: list[dict], path: str) -> None:
     for c in range(3):
         ax_loss.plot(steps, [p["copy_loss"][c] for p in points], "o-", ms=2, label=f"copy {c + 1}")
     ax_loss.plot(steps, [p["train_loss"] for p in points], "k--", lw=1, label="train loss")
+    ax_loss.plot(steps, [p["bare"]["copy_loss"][1] for p in points], ":", color="C1", label="copy 2, no leading newline")
     ax_loss.set_title('loss on held-out "s s s" lines')
     ax_loss.legend(fontsize=7)
     ax_heads.plot(steps, [max(p["previous_token"]) for p in points], "o-", ms=2, label="block_0 best previous-token")
-    ax_heads.plot(steps, [max(p["prefix_matching"][1]) for p in points], "o-", ms=2, label="block_1 best prefix-matching")
+    ax_heads.plot(steps, [max(p["prefix_matching"][1]) for p in points], "o-", ms=2, label="block_1 best prefix-matching, copy 2")
+    ax_heads.plot(steps, [max(p["prefix_matching_3"][1]) for p in points], "o-", ms=2, label="block_1 best prefix-matching, copy 3")
+    ax_heads.plot(steps, [max(p["bare"]["prefix_matching"][1]) for p in points], ":", label="copy 2, no leading newline")
     ax_heads.axhline(0.5, color="k", lw=0.5)
     ax_heads.set_ylim(0, 1)
     ax_heads.set_title("head scores")
@@ -178,7 +187,8 @@ def main():
     run = llm.load(args.workdir)
     cfg = run.model_config
     rng = np.random.default_rng(0)
-    rows_BxL = triple_rows(run, lines(rng, 256))
+    strings = lines(rng, 256)
+    rows_BxL, bare_BxL = triple_rows(run, strings, True), triple_rows(run, strings, False)
     windows = held_out_windows(run, args.windows, seed=1)
     train_loss = {}
     with open(os.path.join(args.workdir, "metrics.jsonl")) as f:
@@ -192,14 +202,16 @@ def main():
     points = []
     for step in [0] + steps:
         params = nn.unbox(model.init(cfg, jax.random.key(run.config.seed))) if step == 0 else llm.load(args.workdir, step).params
-        previous_H, prefix_NxH = head_scores(cfg, params, rows_BxL)
-        points.append({"step": int(step), "train_loss": train_loss.get(step, float("nan")), "copy_loss": copy_losses(cfg, params, rows_BxL),
-                       "previous_token": previous_H.tolist(), "prefix_matching": prefix_NxH.tolist(),
+        bare = head_scores(cfg, params, bare_BxL, False)
+        points.append({"step": int(step), "train_loss": train_loss.get(step, float("nan")), "copy_loss": copy_losses(cfg, params, rows_BxL, True),
+                       **head_scores(cfg, params, rows_BxL, True),
+                       "bare": {"copy_loss": copy_losses(cfg, params, bare_BxL, False), "prefix_matching": bare["prefix_matching"]},
                        "in_context": induction.in_context_bands(cfg, params, windows, BANDS),
                        "composition": attribution.composition_scores(cfg, params)})
         p = points[-1]
-        print(json.dumps({"step": step, "copy_loss": np.round(p["copy_loss"], 3).tolist(), "prev": round(max(p["previous_token"]), 3),
-                          "prefix": round(max(p["prefix_matching"][1]), 3), "icl": round(p["in_context"]["score"], 3),
+        print(json.dumps({"step": step, "copy_loss": np.round(p["copy_loss"], 3).tolist(), "bare": np.round(p["bare"]["copy_loss"], 3).tolist(),
+                          "prev": round(max(p["previous_token"]), 3), "prefix": round(max(p["prefix_matching"][1]), 3),
+                          "prefix3": round(max(p["prefix_matching_3"][1]), 3), "prefix_bare": round(max(p["bare"]["prefix_matching"][1]), 3), "icl": round(p["in_context"]["score"], 3),
                           "kcomp": round(float(np.max(p["composition"]["k"])), 3)}), flush=True)
     final = run.params
     prev_head = int(np.argmax(points[-1]["previous_token"]))
