@@ -85,26 +85,31 @@ def natural_text(run) -> str:
     return re.sub(" +", " ", mapped)
 
 
-def natural_repeats(run, text: str, num: int, chunk: int, gap: int, seed: int) -> tuple[np.ndarray, int]:
-    """Rows: a chunk of text, `gap` other characters, the chunk again (and a position offset of the repeat)."""
+def natural_repeats(run, text: str, num: int, chunk: int, gap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows: a chunk of text, `gap` other characters, the chunk again; and control rows with another chunk
+    of text in place of the repeat."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for s, g in zip(rng.integers(0, len(text) - chunk, num), rng.integers(0, len(text) - gap, num)):
-        rows.append(run.tokenizer.encode(text[s : s + chunk] + text[g : g + gap] + text[s : s + chunk]))
-    return np.asarray(rows, np.int32), chunk + gap
+    repeated, control = [], []
+    for s, g, o in zip(*(rng.integers(0, len(text) - n, num) for n in (chunk, gap, chunk))):
+        head = text[s : s + chunk] + text[g : g + gap]
+        repeated.append(run.tokenizer.encode(head + text[s : s + chunk]))
+        control.append(run.tokenizer.encode(head + text[o : o + chunk]))
+    return np.asarray(repeated, np.int32), np.asarray(control, np.int32)
 
 
-def natural_scores(cfg, params, rows_BxL, offset: int, chunk: int, induction_head: tuple[int, int]) -> dict:
-    loss_BxL1 = induction.token_losses(trace(cfg, params, rows_BxL, names=[])[0], rows_BxL)
-    _, cache = trace(cfg, params, rows_BxL, names=f"block_{induction_head[0]}/attn_probs_BxHxLxS")
+def natural_scores(cfg, params, repeated_BxL, control_BxL, chunk: int, induction_head: tuple[int, int]) -> dict:
+    """The loss on the repeated chunk against the same position's loss in the control rows (the difference
+    per row: mean and standard error), and the induction head's prefix-matching score on the repeat."""
+    offset = repeated_BxL.shape[1] - chunk
+    loss = lambda rows: induction.token_losses(trace(cfg, params, rows, names=[])[0], rows)[:, offset + 1 : offset + chunk - 1].mean(axis=1)
+    repeat, control = loss(repeated_BxL), loss(control_BxL)
+    _, cache = trace(cfg, params, repeated_BxL, names=f"block_{induction_head[0]}/attn_probs_BxHxLxS")
     probs_BxLxS = np.asarray(cache[f"block_{induction_head[0]}/attn_probs_BxHxLxS"])[:, induction_head[1]]
     queries = np.arange(offset + 1, offset + chunk - 1)
-    first, second = loss_BxL1[:, 1 : chunk - 1].mean(axis=1), loss_BxL1[:, offset + 1 : offset + chunk - 1].mean(axis=1)
-    diff = second - first
-    return {"first_occurrence_loss": float(first.mean()), "repeat_loss": float(second.mean()),
-            "repeat_minus_first": float(diff.mean()), "repeat_minus_first_se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
-            "prefix_matching": float(probs_BxLxS[:, queries, queries - offset + 1].mean()),
-            "rows": len(rows_BxL), "chunk": chunk, "offset": offset}
+    diff = repeat - control
+    return {"repeat_loss": float(repeat.mean()), "control_loss": float(control.mean()), "repeat_minus_control": float(diff.mean()),
+            "repeat_minus_control_se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
+            "prefix_matching": float(probs_BxLxS[:, queries, queries - offset + 1].mean()), "rows": len(diff), "chunk": chunk, "offset": offset}
 
 
 def patching_against_attribution(run, params, rng, num: int) -> dict:
@@ -131,7 +136,9 @@ def patching_against_attribution(run, params, rng, num: int) -> dict:
     out = {}
     for what in real:
         r, e = np.concatenate(real[what]), np.concatenate(estimate[what])
-        out[what] = {"pearson": float(np.corrcoef(r, e)[0, 1]), "points": len(r), "real": r.tolist(), "estimate": e.tolist()}
+        rank = lambda x: np.argsort(np.argsort(x))
+        out[what] = {"pearson": float(np.corrcoef(r, e)[0, 1]), "spearman": float(np.corrcoef(rank(r), rank(e))[0, 1]),
+                     "points": len(r), "real": r.tolist(), "estimate": e.tolist()}
     out["restored_heads_mean"] = np.nanmean(np.asarray(restored_heads, np.float64), axis=0).tolist()
     return out, path
 
@@ -146,7 +153,9 @@ def path_scores(run, params, prompts, sender_layer: int, receiver: tuple[int, in
     return out
 
 
-def plot(points: list[dict], path: str) -> None:
+def plot(points: list[dict], path: str, sender: int, receiver: int) -> None:
+    """The curves against the step; composition of the circuit's pair (sender head of block_0, receiver head
+    of block_1, found at the last checkpoint), the best pair dotted."""
     steps = [p["step"] for p in points]
     fig = Figure(figsize=(16, 3.8), layout="constrained")
     ax_loss, ax_heads, ax_icl, ax_comp = fig.subplots(1, 4)
@@ -168,12 +177,28 @@ def plot(points: list[dict], path: str) -> None:
     ax_icl.errorbar(steps, [i["score"] for i in icl], yerr=[2 * i["score_se"] for i in icl], fmt="o-", ms=2, color="C3")
     ax_icl.axhline(0, color="k", lw=0.5)
     ax_icl.set_title(f"in-context score, band {BANDS[-1]} - {BANDS[0]} (±2 SE)")
-    for kind in ("q", "k", "v"):
-        ax_comp.plot(steps, [np.max(p["composition"][kind]) for p in points], "o-", ms=2, label=f"max {kind.upper()}-composition")
-    ax_comp.set_title("composition, block_0 heads into block_1")
+    for c, kind in enumerate(("q", "k", "v")):
+        ax_comp.plot(steps, [p["composition"][kind][sender][receiver] for p in points], "o-", ms=2, color=f"C{c}",
+                     label=f"{kind.upper()}-composition")
+        ax_comp.plot(steps, [np.max(p["composition"][kind]) for p in points], ":", lw=1, color=f"C{c}")
+    ax_comp.set_title(f"block_0 head {sender} into block_1 head {receiver} (dotted: best pair)", fontsize=9)
     ax_comp.legend(fontsize=7)
     for ax in (ax_loss, ax_heads, ax_icl, ax_comp):
         ax.set_xlabel("step")
+    fig.savefig(path, dpi=110)
+
+
+def plot_attribution(versus: dict, path: str) -> None:
+    """Attribution patching's estimate against real patching, one point per prompt and row."""
+    fig = Figure(figsize=(8, 3.8), layout="constrained")
+    for ax, what in zip(fig.subplots(1, 2), ("heads", "positions")):
+        real, estimate = np.asarray(versus[what]["real"]), np.asarray(versus[what]["estimate"])
+        ax.scatter(real, estimate, s=6, alpha=0.5)
+        bound = float(max(np.abs(real).max(), np.abs(estimate).max()))
+        ax.plot([-bound, bound], [-bound, bound], "k", lw=0.5)
+        ax.set_title(f"{what}: Pearson {versus[what]['pearson']:.2f}, Spearman {versus[what]['spearman']:.2f}", fontsize=9)
+        ax.set_xlabel("patched - corrupted loss (real patching)")
+        ax.set_ylabel("attribution patching's estimate")
     fig.savefig(path, dpi=110)
 
 
@@ -182,6 +207,7 @@ def main():
     ap.add_argument("--workdir", default="/tmp/induction_exp/control")
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--windows", type=int, default=2048)
+    ap.add_argument("--final_only", action="store_true", help="reuse positive_control.json's curves; redo the final analyses")
     args = ap.parse_args()
     started = time.time()
     run = llm.load(args.workdir)
@@ -200,7 +226,11 @@ def main():
     steps = sorted(reader.all_steps())
     reader.close()
     points = []
-    for step in [0] + steps:
+    saved = os.path.join(args.out, "positive_control.json")
+    if args.final_only:  # the checkpoints' curves from the last full run; only the final analyses again
+        with open(saved) as f:
+            points, steps = json.load(f)["points"], []
+    for step in [] if args.final_only else [0] + steps:
         params = nn.unbox(model.init(cfg, jax.random.key(run.config.seed))) if step == 0 else llm.load(args.workdir, step).params
         bare = head_scores(cfg, params, bare_BxL, False)
         points.append({"step": int(step), "train_loss": train_loss.get(step, float("nan")), "copy_loss": copy_losses(cfg, params, rows_BxL, True),
@@ -219,10 +249,9 @@ def main():
     change = next((p["step"] for p in points if max(p["prefix_matching"][1]) > 0.5), None)
     versus, prompts = patching_against_attribution(run, final, np.random.default_rng(2), 24)
     text = natural_text(run)
-    natural = {"induction_head": list(induction_head),
-               "repeated": natural_scores(cfg, final, *natural_repeats(run, text, 512, 40, 60, seed=3), 40, induction_head),
-               "at_init": natural_scores(cfg, nn.unbox(model.init(cfg, jax.random.key(run.config.seed))),
-                                         *natural_repeats(run, text, 512, 40, 60, seed=3), 40, induction_head),
+    rows = natural_repeats(run, text, 2048, 30, 40, seed=3)
+    natural = {"induction_head": list(induction_head), "final": natural_scores(cfg, final, *rows, 30, induction_head),
+               "at_init": natural_scores(cfg, nn.unbox(model.init(cfg, jax.random.key(run.config.seed))), *rows, 30, induction_head),
                "in_context_natural": induction.in_context_bands(cfg, final, np.asarray(
                    [run.tokenizer.encode(text[s : s + run.context]) for s in np.random.default_rng(4).integers(0, len(text) - run.context, args.windows)],
                    np.int32), BANDS)}
@@ -238,7 +267,8 @@ def main():
               "seconds": time.time() - started}
     with open(os.path.join(args.out, "positive_control.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(points, os.path.join(args.out, "positive_control.png"))
+    plot(points, os.path.join(args.out, "positive_control.png"), prev_head, induction_head[1])
+    plot_attribution(versus, os.path.join(args.out, "positive_control_attribution.png"))
     print(json.dumps({k: result[k] for k in ("previous_token_head", "induction_head", "first_step_prefix_matching_above_half", "path_patching", "seconds")}))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk in ("pearson", "points")} for k, v in versus.items() if k != "restored_heads_mean"}))
     print(json.dumps(natural))
