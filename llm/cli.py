@@ -54,7 +54,7 @@ flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at
 flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
 flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/); "
                     "coordcheck: directory for its PNG (default: coordcheck_out/); "
-                    "export: the HF directory; inspect lens|attention|heads: a directory for PNG plots.")
+                    "export: the HF directory; inspect lens|attention|heads|patch|attribute: a directory for PNG plots.")
 flags.DEFINE_string("arch", "", "fit: only the rows of this model.arch (a sweep over `archs` names them '<arch>-...').")
 flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for standard errors.")
 flags.DEFINE_string("hf", "", "import: a local Hugging Face Llama model directory.")

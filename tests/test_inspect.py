@@ -413,7 +413,7 @@ def test_inspect_neurons_cli_lists_the_top_contexts_and_refuses_bad_units_in_one
     F = run.model_config.F
     refusals = [(["--layer=0", f"--neuron={F}"], f"error: neuron must lie in 0..{F - 1} (the MLP's hidden width), not {F}"),
                 (["--neuron=1"], "error: inspect neurons needs --layer"),
-                (["--layer=0", "--neuron=1", "--out=x"], "error: --out draws lens, attention, heads; inspect neurons has no plot")]
+                (["--layer=0", "--neuron=1", "--out=x"], "error: --out draws lens, attention, heads, patch, attribute; inspect neurons has no plot")]
     for flags_, message in refusals:
         bad = run_cli("inspect", "neurons", f"--workdir={run.workdir}", *flags_)
         assert bad.returncode != 0 and bad.stdout == ""
