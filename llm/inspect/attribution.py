@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm.inspect.patching import _HEAD_AXIS, LEAVES, Metric, Site, _positions_axis, _rows, head_writes
+from llm.inspect.patching import HEAD_AXIS, LEAVES, Metric, Site, head_writes, positions_axis, sweep_rows
 from llm.inspect.trace import FINAL, apply, nested, trace, traced, unscanned
 from llm.model import ModelConfig
 from llm.model.parametrization import logit_scale
@@ -20,7 +20,7 @@ def attribution_patch(cfg: ModelConfig, params, clean_1xL, corrupted_1xL, metric
     """The estimated patched-minus-corrupted metric of every row `patching.patch` would run, as a
     layers x (positions | heads | 1) matrix."""
     cfg, params = unscanned(cfg, params)
-    rows = _rows(cfg, site, what, np.shape(clean_1xL)[-1])
+    rows = sweep_rows(cfg, site, what, np.shape(clean_1xL)[-1])
     layers = list(range(cfg.N)) if site.layer is None else [site.layer]
     names = [f"block_{i}/{LEAVES[site.leaf]}" for i in layers]
     _, clean = trace(cfg, params, clean_1xL, names=names)
@@ -32,12 +32,12 @@ def attribution_patch(cfg: ModelConfig, params, clean_1xL, corrupted_1xL, metric
         return metric(logits_1xLxV)[0]
 
     grads = jax.jit(jax.grad(value))({name: jnp.zeros_like(corrupted[name]) for name in names}, params)
-    keep = {"layers": None, "positions": _positions_axis(site.leaf), "heads": _HEAD_AXIS.get(site.leaf)}[what]
+    keep = {"layers": None, "positions": positions_axis(site.leaf), "heads": HEAD_AXIS.get(site.leaf)}[what]
     out = []
     for name in names:
         score = np.asarray(grads[name] * (clean[name] - corrupted[name]))[0]  # drop the batch axis
         if site.head is not None:  # the one head asked for, by the leaf's own head axis
-            score = np.take(score, [site.head], axis=_HEAD_AXIS[site.leaf] - 1)
+            score = np.take(score, [site.head], axis=HEAD_AXIS[site.leaf] - 1)
         out.append(score.sum() if keep is None else score.sum(axis=tuple(a for a in range(score.ndim) if a != keep - 1)))
     return {"metric": metric.name, "at": site.leaf, "what": what, "layers": [f"block_{i}" for i in layers],
             "estimate": np.asarray(out, np.float64).reshape(len(layers), -1).tolist(), "rows": len(rows)}

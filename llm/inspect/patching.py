@@ -24,7 +24,7 @@ from llm.model.parametrization import residual_scale
 LEAVES = {"resid_pre": "resid_pre_BxLxD", "resid_mid": "resid_mid_BxLxD", "resid_post": "resid_post_BxLxD",
           "write_attn": "write_attn_BxLxD", "write_mlp": "write_mlp_BxLxD", "mlp_hidden": "mlp_hidden_BxLxF",
           "q": "q_BxLxHxK", "k": "k_BxLxGxK", "v": "v_BxLxGxK", "attn_probs": "attn_probs_BxHxLxS", "head_out": "head_out_BxLxHxK"}
-_HEAD_AXIS = {"q": 2, "k": 2, "v": 2, "head_out": 2, "attn_probs": 1}  # the rest have none
+HEAD_AXIS = {"q": 2, "k": 2, "v": 2, "head_out": 2, "attn_probs": 1}  # the rest have none
 WHAT = ("layers", "positions", "heads")
 CHUNK = 64  # patched rows per forward pass
 
@@ -67,31 +67,31 @@ def parse_site(cfg: ModelConfig, at: str) -> Site:
     if leaf in ("mlp_hidden", "write_mlp") and not cfg.F:
         raise InspectError(f"--at={at!r}: this model is attention-only (model.d_ff=0): it has no MLP")
     if head is not None:
-        if leaf not in _HEAD_AXIS:
-            raise InspectError(f"--at={at!r}: {leaf} has no heads to pick (those that do: {', '.join(_HEAD_AXIS)})")
+        if leaf not in HEAD_AXIS:
+            raise InspectError(f"--at={at!r}: {leaf} has no heads to pick (those that do: {', '.join(HEAD_AXIS)})")
         if int(head) >= heads_of(cfg, leaf):
             raise InspectError(f"--at={at!r}: the head must lie in 0..{heads_of(cfg, leaf) - 1}")
     return Site(leaf, layer, None if head is None else int(head))
 
 
-def _positions_axis(leaf: str) -> int:
+def positions_axis(leaf: str) -> int:
     return 2 if leaf == "attn_probs" else 1  # attn_probs: the query position
 
 
-def _rows(cfg: ModelConfig, site: Site, what: str, L: int) -> list[tuple[int, dict]]:
+def sweep_rows(cfg: ModelConfig, site: Site, what: str, L: int) -> list[tuple[int, dict]]:
     """One (layer, {axis: index}) per patched row, in the order the result's matrix reads."""
     if what not in WHAT:
         raise InspectError(f"--what must be one of {', '.join(WHAT)}, not {what!r}")
-    if what == "heads" and site.leaf not in _HEAD_AXIS:
-        raise InspectError(f"--what=heads patches an activation with heads ({', '.join(_HEAD_AXIS)}), not {site.leaf}")
+    if what == "heads" and site.leaf not in HEAD_AXIS:
+        raise InspectError(f"--what=heads patches an activation with heads ({', '.join(HEAD_AXIS)}), not {site.leaf}")
     layers = range(cfg.N) if site.layer is None else [site.layer]
-    fixed = {} if site.head is None else {_HEAD_AXIS[site.leaf]: site.head}
+    fixed = {} if site.head is None else {HEAD_AXIS[site.leaf]: site.head}
     if what == "layers":
         return [(i, fixed) for i in layers]
     if what == "positions":
-        return [(i, {**fixed, _positions_axis(site.leaf): p}) for i in layers for p in range(L)]
+        return [(i, {**fixed, positions_axis(site.leaf): p}) for i in layers for p in range(L)]
     heads = range(heads_of(cfg, site.leaf)) if site.head is None else [site.head]
-    return [(i, {_HEAD_AXIS[site.leaf]: h}) for i in layers for h in heads]
+    return [(i, {HEAD_AXIS[site.leaf]: h}) for i in layers for h in heads]
 
 
 def _where(shape: tuple[int, ...], rows: list[tuple[int, dict]], layer: int) -> np.ndarray:
@@ -128,7 +128,7 @@ def patch(cfg: ModelConfig, params, clean_1xL, corrupted_1xL, metric: Metric, si
         raise InspectError(f"the clean and corrupted inputs must have the same length in tokens, not {np.shape(clean_1xL)[-1]} "
                            f"and {np.shape(corrupted_1xL)[-1]}")
     L = np.shape(clean_1xL)[-1]
-    rows = _rows(cfg, site, what, L)
+    rows = sweep_rows(cfg, site, what, L)
     layers = list(range(cfg.N)) if site.layer is None else [site.layer]
     clean_logits, clean_cache = trace(cfg, params, clean_1xL, names=[f"block_{i}/{LEAVES[site.leaf]}" for i in layers])
     corrupted_logits, _ = trace(cfg, params, corrupted_1xL, names=[])

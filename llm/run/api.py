@@ -163,6 +163,9 @@ class Run:
             raise InspectError(f"the clean and corrupted inputs must be as long in tokens, not {clean_1xL.shape[1]} and {corrupted_1xL.shape[1]}")
         return clean_1xL, corrupted_1xL
 
+    def _site(self, at: str | None, what: str) -> patching.Site:
+        return patching.parse_site(self.model_config, at or ("head_out" if what == "heads" else "resid_pre"))
+
     def patch(self, clean, corrupted, at: str | None = None, what: str = "layers", token=None, against=None) -> dict:
         """Activation patching: the corrupted input run with the clean run's activation at each layer
         (what='layers'), each layer and position ('positions') or each layer and head ('heads'); `at`
@@ -170,16 +173,16 @@ class Run:
         else resid_pre). The metric at the last position: the loss of `token`, or logit(token) -
         logit(against). {"patched": layers x rows, "restored": the fraction of the clean - corrupted gap}."""
         clean_1xL, corrupted_1xL = self._pair(clean, corrupted)
-        site = patching.parse_site(self.model_config, at or ("head_out" if what == "heads" else "resid_pre"))
+        site = self._site(at, what)
         metric = self._metric(clean_1xL, token, against)
         result = patching.patch(self.model_config, self.params, clean_1xL, corrupted_1xL, metric, site, what)
         return {"token": self.tokenizer.decode([metric.token]), "against": None if metric.against is None else self.tokenizer.decode([metric.against]),
                 **result}
 
-    def attribution_patch(self, clean, corrupted, at: str | None = None, what: str = "heads", token=None, against=None) -> dict:
-        """patch's effects (patched - corrupted) estimated from one forward and one backward pass."""
+    def attribution_patch(self, clean, corrupted, at: str | None = None, what: str = "layers", token=None, against=None) -> dict:
+        """patch's effects (patched - corrupted) estimated from one forward and one backward pass: {"estimate": layers x rows}."""
         clean_1xL, corrupted_1xL = self._pair(clean, corrupted)
-        site = patching.parse_site(self.model_config, at or ("head_out" if what == "heads" else "resid_pre"))
+        site = self._site(at, what)
         return attribution.attribution_patch(self.model_config, self.params, clean_1xL, corrupted_1xL,
                                              self._metric(clean_1xL, token, against), site, what)
 
@@ -217,7 +220,9 @@ class Run:
             raise InspectError(f"ablation is zero, mean or resample, not {kind!r}")
         if batch["inputs"].shape[1] < length:
             raise InspectError(f"resample ablation draws held-out windows of the prompt's {length} tokens; rows hold {batch['inputs'].shape[1]}")
-        _, cache = trace_lib.trace(self.model_config, self.params, batch["inputs"][:, :length], names="block_*/head_out_BxLxHxK")
+        segments = batch.get("segment_ids")
+        _, cache = trace_lib.trace(self.model_config, self.params, batch["inputs"][:, :length], None if segments is None else segments[:, :length],
+                                   names="block_*/head_out_BxLxHxK")
         return dict(cache)
 
     def lens(self, prompt: str, k: int = 5) -> list[dict]:
