@@ -454,7 +454,8 @@ def _check_table(kind: str, run, table: list[str], result: dict) -> None:
             assert [float(p) for _, _, p in printed] == pytest.approx(probs_S[row["positions"]], abs=0.0051)
     elif kind == "attribute":
         expected = run.attribute(PROMPT)
-        assert table[0].startswith(f"direct logit attribution of {expected['text']!r}") and np.asarray(result["heads"]) == pytest.approx(np.asarray(expected["heads"]), abs=1e-5)
+        assert table[0].startswith(f"direct logit attribution of {expected['text']!r}")
+        assert np.asarray(result["heads"]) == pytest.approx(np.asarray(expected["heads"]), abs=1e-5)
         printed_NxC = [[float(c) for c in line.split()[1:]] for line in table[2:]]
         assert np.asarray(printed_NxC) == pytest.approx(np.concatenate([expected["heads"], np.asarray(expected["mlps"])[:, None]], 1), abs=5.1e-5)
     else:

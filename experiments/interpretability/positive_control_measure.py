@@ -77,7 +77,7 @@ def held_out_windows(run, num: int, seed: int) -> np.ndarray:
     return np.stack([stream[s : s + run.context] for s in starts]).astype(np.int32)
 
 
-def natural_text(run) -> str:
+def natural_text() -> str:
     """Shakespeare lower-cased, each letter put onto the 16 symbols (by its alphabet index mod 16), the rest
     one space: English's word lengths and letter statistics in the model's alphabet."""
     raw = " ".join(open(p, encoding="utf-8").read() for p in list(shakespeare.works().values())[:5]).lower()
@@ -161,7 +161,7 @@ def plot(points: list[dict], path: str, sender: int, receiver: int) -> None:
     ax_loss, ax_heads, ax_icl, ax_comp = fig.subplots(1, 4)
     for c in range(3):
         ax_loss.plot(steps, [p["copy_loss"][c] for p in points], "o-", ms=2, label=f"copy {c + 1}")
-    ax_loss.plot(steps, [p["train_loss"] for p in points], "k--", lw=1, label="train loss")
+    ax_loss.plot(steps, [np.nan if p["train_loss"] is None else p["train_loss"] for p in points], "k--", lw=1, label="train loss")
     ax_loss.plot(steps, [p["bare"]["copy_loss"][1] for p in points], ":", color="C1", label="copy 2, no leading newline")
     ax_loss.set_title('loss on held-out "s s s" lines')
     ax_loss.legend(fontsize=7)
@@ -233,7 +233,7 @@ def main():
     for step in [] if args.final_only else [0] + steps:
         params = nn.unbox(model.init(cfg, jax.random.key(run.config.seed))) if step == 0 else llm.load(args.workdir, step).params
         bare = head_scores(cfg, params, bare_BxL, False)
-        points.append({"step": int(step), "train_loss": train_loss.get(step, float("nan")), "copy_loss": copy_losses(cfg, params, rows_BxL, True),
+        points.append({"step": int(step), "train_loss": train_loss.get(step), "copy_loss": copy_losses(cfg, params, rows_BxL, True),
                        **head_scores(cfg, params, rows_BxL, True),
                        "bare": {"copy_loss": copy_losses(cfg, params, bare_BxL, False), "prefix_matching": bare["prefix_matching"]},
                        "in_context": induction.in_context_bands(cfg, params, windows, BANDS),
@@ -241,14 +241,15 @@ def main():
         p = points[-1]
         print(json.dumps({"step": step, "copy_loss": np.round(p["copy_loss"], 3).tolist(), "bare": np.round(p["bare"]["copy_loss"], 3).tolist(),
                           "prev": round(max(p["previous_token"]), 3), "prefix": round(max(p["prefix_matching"][1]), 3),
-                          "prefix3": round(max(p["prefix_matching_3"][1]), 3), "prefix_bare": round(max(p["bare"]["prefix_matching"][1]), 3), "icl": round(p["in_context"]["score"], 3),
+                          "prefix3": round(max(p["prefix_matching_3"][1]), 3), "prefix_bare": round(max(p["bare"]["prefix_matching"][1]), 3),
+                          "icl": round(p["in_context"]["score"], 3),
                           "kcomp": round(float(np.max(p["composition"]["k"])), 3)}), flush=True)
     final = run.params
     prev_head = int(np.argmax(points[-1]["previous_token"]))
     induction_head = (1, int(np.argmax(points[-1]["prefix_matching"][1])))
     change = next((p["step"] for p in points if max(p["prefix_matching"][1]) > 0.5), None)
     versus, prompts = patching_against_attribution(run, final, np.random.default_rng(2), 24)
-    text = natural_text(run)
+    text = natural_text()
     rows = natural_repeats(run, text, 2048, 30, 40, seed=3)
     natural = {"induction_head": list(induction_head), "final": natural_scores(cfg, final, *rows, 30, induction_head),
                "at_init": natural_scores(cfg, nn.unbox(model.init(cfg, jax.random.key(run.config.seed))), *rows, 30, induction_head),

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from llm.inspect import InspectError
 from llm.model import ModelConfig, transformer
 
-BLOCK_LEAVES = ("resid_pre_BxLxD", "q_BxLxHxK", "k_BxLxGxK", "v_BxLxGxK", "attn_probs_BxHxLxS", "head_out_BxLxHxK", "write_attn_BxLxD", "resid_mid_BxLxD", "mlp_hidden_BxLxF",
-                "write_mlp_BxLxD", "resid_post_BxLxD")
+BLOCK_LEAVES = ("resid_pre_BxLxD", "q_BxLxHxK", "k_BxLxGxK", "v_BxLxGxK", "attn_probs_BxHxLxS", "head_out_BxLxHxK", "write_attn_BxLxD",
+                "resid_mid_BxLxD", "mlp_hidden_BxLxF", "write_mlp_BxLxD", "resid_post_BxLxD")
 FINAL = "final_resid_BxLxD"
 _SUBMODULE = {"q_BxLxHxK": "attn", "k_BxLxGxK": "attn", "v_BxLxGxK": "attn", "attn_probs_BxHxLxS": "attn", "head_out_BxLxHxK": "attn",
               "mlp_hidden_BxLxF": "mlp"}  # sown below the block

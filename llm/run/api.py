@@ -176,8 +176,8 @@ class Run:
         site = self._site(at, what)
         metric = self._metric(clean_1xL, token, against)
         result = patching.patch(self.model_config, self.params, clean_1xL, corrupted_1xL, metric, site, what)
-        return {"token": self.tokenizer.decode([metric.token]), "against": None if metric.against is None else self.tokenizer.decode([metric.against]),
-                **result}
+        against = None if metric.against is None else self.tokenizer.decode([metric.against])
+        return {"token": self.tokenizer.decode([metric.token]), "against": against, **result}
 
     def attribution_patch(self, clean, corrupted, at: str | None = None, what: str = "layers", token=None, against=None) -> dict:
         """patch's effects (patched - corrupted) estimated from one forward and one backward pass: {"estimate": layers x rows}."""
