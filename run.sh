@@ -55,6 +55,8 @@ usage: ./run.sh COMMAND [flags]
   import --hf=HF_DIR --workdir=D [--tokenizer=F.model] [--config.KEY=V ...]   a Llama model as a run
   inspect lens|attention|heads|neighbours --workdir=D --prompt=TEXT [--k=N] [--out=PNG_DIR]   look inside a trained model
   inspect neurons --workdir=D --layer=I --neuron=N [--k=N] [--split=validation]   contexts that fire an MLP neuron
+  inspect patch --workdir=D --clean=TEXT --corrupted=TEXT [--what=heads|positions|layers] [--at=SITE] [--token=T] [--out=DIR]   activation patching
+  inspect attribute --workdir=D --prompt=TEXT [--token=T] [--out=DIR]   direct logit attribution per head and MLP
   launch-local N COMMAND [flags]   N local CPU processes joined as one multi-host job
   test   [pytest args]          run the test suite
 USAGE

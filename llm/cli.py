@@ -54,7 +54,7 @@ flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at
 flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
 flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/); "
                     "coordcheck: directory for its PNG (default: coordcheck_out/); "
-                    "export: the HF directory; inspect lens|attention|heads: a directory for PNG plots.")
+                    "export: the HF directory; inspect lens|attention|heads|patch|attribute: a directory for PNG plots.")
 flags.DEFINE_string("arch", "", "fit: only the rows of this model.arch (a sweep over `archs` names them '<arch>-...').")
 flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for standard errors.")
 flags.DEFINE_string("hf", "", "import: a local Hugging Face Llama model directory.")
@@ -65,12 +65,23 @@ flags.DEFINE_list("widths", ["64", "128", "256", "512", "1024"], "coordcheck: th
 flags.DEFINE_string("topology", "", "compile: the slice to compile for, by its Cloud TPU name (v4-8, v5e-16, v5p-64, v6e-8, ...).")
 flags.DEFINE_bool("find_batch", False, "compile: also the largest global batch that fits, for each model.remat policy.")
 flags.DEFINE_integer("seq_len", 0, "compile: the context to compile at (default: the config's seq_len).")
-flags.DEFINE_enum("what", "train", ["train", "sample"], "compile: the train step, or the sampler's prefill and decode step.")
+flags.DEFINE_string("what", "", "compile: train (default) | sample, the train step or the sampler's prefill and decode step; "
+                    "inspect patch: heads | positions | layers (default), what one patched row swaps.")
 flags.DEFINE_integer("cache_len", 0, "compile --what=sample: KV cache slots (default: seq_len).")
 flags.DEFINE_float("peak_tflops", 0.0, "bench: published peak TFLOP/s (default: measure a large matmul).")
 flags.DEFINE_integer("k", 5, "inspect: top tokens (lens), attended positions (attention), neighbours or contexts (neurons) to list.")
 flags.DEFINE_integer("layer", None, "inspect neurons: the block whose MLP holds the neuron (0-based).")
 flags.DEFINE_integer("neuron", None, "inspect neurons: the MLP hidden unit (0-based, below model.d_ff).")
+flags.DEFINE_string("clean", "", "inspect patch: the input whose activations are patched in.")
+flags.DEFINE_string("corrupted", "", "inspect patch: the input that runs with them (as many tokens as --clean).")
+flags.DEFINE_string("at", "", "inspect patch: the activation, [block_I/]LEAF[:HEAD] (default: head_out for --what=heads, else resid_pre).")
+flags.DEFINE_string("token", "", "inspect patch|attribute: the answer token (default: the clean run's / the model's top next token).")
+flags.DEFINE_string("against", "", "inspect patch: a second token; the metric becomes logit(token) - logit(against) instead of the loss of token.")
+flags.DEFINE_string("sender", "", "inspect patch: path patching from this head, block_I:H ...")
+flags.DEFINE_string("receiver", "", "inspect patch: ... into this later head, block_J:H ...")
+flags.DEFINE_string("via", "k", "inspect patch: ... through its q, k or v.")
+flags.DEFINE_enum("ablation", "zero", ["zero", "mean", "resample"], "inspect heads: set a head's output to 0, to its mean over "
+                  "held-out text, or to its output on held-out text (averaged over the resampled rows).")
 FLAGS = flags.FLAGS
 
 
@@ -261,6 +272,8 @@ def cmd_compile() -> None:
 
     if not FLAGS.topology:
         raise app.UsageError("--topology is required: a slice such as v5e-8, v4-8, v5p-64 or v6e-8")
+    if FLAGS.what not in ("", "train", "sample"):
+        raise app.UsageError(f"compile --what is train or sample, not {FLAGS.what!r}")
     tpu = topology.parse(FLAGS.topology)  # an unknown name fails here, before JAX starts
     run = spec.from_config(_CONFIG.value)
     devices = topology.devices(tpu)
@@ -293,10 +306,13 @@ def cmd_import() -> None:
     print(json.dumps(hf.import_run(FLAGS.hf, _need_workdir(), _CONFIG.value.to_dict(), FLAGS.tokenizer)))
 
 
-INSPECT = ("lens", "attention", "heads", "neurons", "neighbours")
-PLOTTED = ("lens", "attention", "heads")
+INSPECT = ("lens", "attention", "heads", "neurons", "neighbours", "patch", "attribute")
+PLOTTED = ("lens", "attention", "heads", "patch", "attribute")
 INSPECT_USAGE = (f"usage: ./run.sh inspect {'|'.join(INSPECT)} --workdir=D --prompt=TEXT [--out=DIR]\n"
-                 "       ./run.sh inspect neurons --workdir=D --layer=I --neuron=N [--k=K] [--split=S]")
+                 "       ./run.sh inspect neurons --workdir=D --layer=I --neuron=N [--k=K] [--split=S]\n"
+                 "       ./run.sh inspect patch --workdir=D --clean=TEXT --corrupted=TEXT [--what=heads|positions|layers] [--at=SITE]\n"
+                 "                             [--token=T [--against=U]] [--sender=block_I:H --receiver=block_J:H --via=q|k|v] [--out=DIR]\n"
+                 "       ./run.sh inspect attribute --workdir=D --prompt=TEXT [--token=T] [--out=DIR]")
 
 
 def _plot_path(name: str) -> str:
@@ -312,11 +328,56 @@ def _inspect_neuron(run) -> dict:
     return {"layer": FLAGS.layer, "neuron": FLAGS.neuron, "split": FLAGS.split, "contexts": contexts}
 
 
+def _site_head(text: str, flag: str, cfg) -> tuple[int, int]:
+    from llm.inspect import InspectError
+
+    match = re.fullmatch(r"block_(\d+):(\d+)", text)
+    if not match:
+        raise InspectError(f"--{flag}={text!r} is not block_I:H")
+    layer, head = int(match.group(1)), int(match.group(2))
+    if layer >= cfg.N or head >= cfg.H:
+        raise InspectError(f"--{flag}={text!r}: layers lie in 0..{cfg.N - 1} and heads in 0..{cfg.H - 1}")
+    return layer, head
+
+
+def _inspect_patch(run) -> dict:
+    """Activation patching (with attribution patching's estimate of the same rows), or with --sender path patching."""
+    import numpy as np
+
+    from llm.inspect import plots
+
+    against = FLAGS.against or None
+    if FLAGS.sender or FLAGS.receiver:
+        sender, receiver = _site_head(FLAGS.sender, "sender", run.model_config), _site_head(FLAGS.receiver, "receiver", run.model_config)
+        result = run.path_patch(FLAGS.clean, FLAGS.corrupted, sender, receiver, FLAGS.via, FLAGS.token or None, against)
+        print(f"path {result['sender']} -> {result['receiver']}.{result['via']}: {result['metric']} clean {result['clean']:.4f}, "
+              f"corrupted {result['corrupted']:.4f}, patched {result['patched']:.4f} (restored {result['restored']})")
+        return result
+    what = FLAGS.what or "layers"
+    result = run.patch(FLAGS.clean, FLAGS.corrupted, FLAGS.at or None, what, FLAGS.token or None, against)
+    result["attribution"] = run.attribution_patch(FLAGS.clean, FLAGS.corrupted, FLAGS.at or None, what, FLAGS.token or None, against)["estimate"]
+    columns = {"layers": ["all"], "positions": [run.tokenizer.decode([int(t)]) for t in run.tokens_BxL(FLAGS.corrupted)[0]],
+               "heads": [f"head {h}" for h in range(len(result["patched"][0]))]}[what]
+    print(f"{result['metric']} of {result['token']!r}" + (f" - {result['against']!r}" if against else "") +
+          f": clean {result['clean']:.4f}, corrupted {result['corrupted']:.4f}; patched {result['at']} per {what[:-1]} "
+          "(the fraction of the gap restored)")
+    restored = result["restored"] or [[float("nan")] * len(row) for row in result["patched"]]
+    for layer, row in zip(result["layers"], restored):
+        print(f"{layer:<8} " + " ".join(f"{c:>+7.3f}" for c in row))
+    if FLAGS.out:
+        shown = np.asarray(result["restored"] if result["restored"] else np.asarray(result["patched"]) - result["corrupted"])
+        os.makedirs(FLAGS.out, exist_ok=True)
+        result["plots"] = [plots.layer_heatmap(shown, os.path.join(FLAGS.out, f"patch_{what}.png"), result["layers"], columns,
+                                               f"patching {result['at']} from clean into corrupted",
+                                               "fraction restored" if result["restored"] else "metric change")]
+    return result
+
+
 def cmd_inspect(kind: str) -> None:
     """A short table on stdout, then one JSON line; the flags and prompt are checked before anything compiles."""
     import numpy as np
 
-    from llm.inspect import InspectError, neurons, plots
+    from llm.inspect import InspectError, neurons, patching, plots
     from llm.run import api
 
     if kind not in INSPECT:
@@ -329,10 +390,18 @@ def cmd_inspect(kind: str) -> None:
         missing = [f"--{name}" for name in ("layer", "neuron") if FLAGS[name].value is None]
         if missing:
             raise InspectError(f"inspect neurons needs {' and '.join(missing)}")
+    if kind == "patch":
+        if not FLAGS.clean or not FLAGS.corrupted:
+            raise InspectError("inspect patch needs --clean=TEXT and --corrupted=TEXT")
+        if FLAGS.what not in ("", *patching.WHAT):
+            raise InspectError(f"inspect patch --what is one of {', '.join(patching.WHAT)}, not {FLAGS.what!r}")
     run = api.load(_need_workdir(), FLAGS.step)
     if kind == "neurons":
         neurons.check_neuron(run.model_config, FLAGS.layer, FLAGS.neuron)
         print(json.dumps(_inspect_neuron(run)))
+        return
+    if kind == "patch":
+        print(json.dumps(_inspect_patch(run)))
         return
     tokens = run.tokens_BxL(FLAGS.prompt)[0]
     if FLAGS.out and kind == "lens" and len(tokens) < 2:
@@ -368,15 +437,29 @@ def cmd_inspect(kind: str) -> None:
         cfg = run.model_config
         if len(tokens) < 2:
             raise InspectError("--prompt needs at least 2 tokens: ablation is measured on next-token loss")
-        effects = [[run.intervention_effect(tokens, ablate={f"block_{i}/heads": [h]}) for h in range(cfg.H)] for i in range(cfg.N)]
+        values = run.ablation_values(FLAGS.ablation, len(tokens))
+        effects = [[run.intervention_effect(tokens, ablate={f"block_{i}/heads": [h]}, values=values) for h in range(cfg.H)]
+                   for i in range(cfg.N)]
         change = [[e["loss_change"] for e in row] for row in effects]
-        print("prompt loss change when one head is zero-ablated")
+        print(f"prompt loss change when one head is {FLAGS.ablation}-ablated")
         print(f"{'':<8} " + " ".join(f"{'head ' + str(h):>9}" for h in range(cfg.H)))
         for i, row in enumerate(change):
             print(f"{'block_' + str(i):<8} " + " ".join(f"{c:>+9.4f}" for c in row))
-        result = {"loss": effects[0][0]["loss_clean"], "head_ablation_loss_change": change}
+        result = {"loss": effects[0][0]["loss_clean"], "ablation": FLAGS.ablation, "head_ablation_loss_change": change}
         if FLAGS.out:
-            written.append(plots.head_ablation_heatmap(np.asarray(change), _plot_path("heads.png"), layers))
+            written.append(plots.head_ablation_heatmap(np.asarray(change), _plot_path("heads.png"), layers, FLAGS.ablation))
+    elif kind == "attribute":
+        result = run.attribute(FLAGS.prompt, FLAGS.token or None)
+        print(f"direct logit attribution of {result['text']!r} (logit {result['logit']:.3f}; embedding {result['embed']:+.3f}, "
+              f"norm bias {result['bias']:+.3f})")
+        print(f"{'':<8} " + " ".join(f"{'head ' + str(h):>9}" for h in range(run.model_config.H)) + f" {'mlp':>9}")
+        for i, (row, mlp) in enumerate(zip(result["heads"], result["mlps"])):
+            print(f"{'block_' + str(i):<8} " + " ".join(f"{c:>+9.4f}" for c in row) + f" {mlp:>+9.4f}")
+        if FLAGS.out:
+            table_NxC = np.concatenate([np.asarray(result["heads"]), np.asarray(result["mlps"])[:, None]], axis=1)
+            columns = [f"head {h}" for h in range(run.model_config.H)] + ["mlp"]
+            written.append(plots.layer_heatmap(table_NxC, _plot_path("attribute.png"), layers, columns,
+                                               f"direct logit attribution of {result['text']!r}", "logit contribution"))
     else:
         if len(tokens) != 1:
             raise InspectError(f"--prompt must be one token for neighbours, and {FLAGS.prompt!r} is {len(tokens)}")

@@ -14,7 +14,7 @@ from conftest import run_cli, tiny_config, train_run, write_corpus
 import llm
 from llm import model, spec as config_lib
 from llm.data import text as text_lib, tokenizer as tokenizer_lib
-from llm.inspect import InspectError, embeddings, induction, intervene, lens, neurons, trace as trace_lib
+from llm.inspect import InspectError, attribution, embeddings, induction, intervene, lens, neurons, patching, trace as trace_lib
 from llm.inspect.trace import all_names
 from llm.model import attention as attention_lib
 from llm.training import checkpoint, evaluate as evaluate_lib, optimizer as optim, sharding, state as state_lib
@@ -413,14 +413,14 @@ def test_inspect_neurons_cli_lists_the_top_contexts_and_refuses_bad_units_in_one
     F = run.model_config.F
     refusals = [(["--layer=0", f"--neuron={F}"], f"error: neuron must lie in 0..{F - 1} (the MLP's hidden width), not {F}"),
                 (["--neuron=1"], "error: inspect neurons needs --layer"),
-                (["--layer=0", "--neuron=1", "--out=x"], "error: --out draws lens, attention, heads; inspect neurons has no plot")]
+                (["--layer=0", "--neuron=1", "--out=x"], "error: --out draws lens, attention, heads, patch, attribute; inspect neurons has no plot")]
     for flags_, message in refusals:
         bad = run_cli("inspect", "neurons", f"--workdir={run.workdir}", *flags_)
         assert bad.returncode != 0 and bad.stdout == ""
         assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [message]
 
 
-@pytest.mark.parametrize("kind", ["lens", "attention", "heads"])
+@pytest.mark.parametrize("kind", ["lens", "attention", "heads", "attribute"])
 def test_inspect_out_writes_a_readable_png_and_lists_it(run, kind, tmp_path):
     from matplotlib import image
 
@@ -452,8 +452,14 @@ def _check_table(kind: str, run, table: list[str], result: dict) -> None:
             # the listed positions are the k most attended (in an order that near-ties may swap)
             assert sorted(probs_S[row["positions"]]) == pytest.approx(sorted(probs_S)[-5:], abs=1e-6)
             assert [float(p) for _, _, p in printed] == pytest.approx(probs_S[row["positions"]], abs=0.0051)
+    elif kind == "attribute":
+        expected = run.attribute(PROMPT)
+        assert table[0].startswith(f"direct logit attribution of {expected['text']!r}")
+        assert np.asarray(result["heads"]) == pytest.approx(np.asarray(expected["heads"]), abs=1e-5)
+        printed_NxC = [[float(c) for c in line.split()[1:]] for line in table[2:]]
+        assert np.asarray(printed_NxC) == pytest.approx(np.concatenate([expected["heads"], np.asarray(expected["mlps"])[:, None]], 1), abs=5.1e-5)
     else:
-        assert table[0] == "prompt loss change when one head is zero-ablated"
+        assert table[0] == "prompt loss change when one head is zero-ablated" and result["ablation"] == "zero"
         assert table[1].split() == [w for h in range(cfg.H) for w in ("head", str(h))]
         assert [line.split()[0] for line in table[2:]] == [f"block_{i}" for i in range(cfg.N)]
         printed_NxH = [[float(c) for c in line.split()[1:]] for line in table[2:]]
@@ -461,3 +467,139 @@ def _check_table(kind: str, run, table: list[str], result: dict) -> None:
         assert np.asarray(printed_NxH) == pytest.approx(np.asarray(change_NxH), abs=5.1e-5)
         expected = run.intervention_effect(PROMPT, ablate={"block_1/heads": [2]})
         assert change_NxH[1][2] == pytest.approx(expected["loss_change"], abs=1e-6) and expected["loss_change"] != 0
+
+
+@pytest.fixture(scope="module")
+def packed_runs(tmp_path_factory):
+    """Two tiny runs on many short documents packed with packing='documents' (so rows hold several
+    documents, each numbered from 0), one with learned and one with sinusoidal positions."""
+    root = tmp_path_factory.mktemp("packed")
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(["the", "king", "sweet", "love", "hath"], rng.integers(8, 30))) + "\n")
+    runs = {}
+    for pos in ("learned", "sinusoidal"):
+        cfg = tiny_config(root / "doc00.txt", num_train_steps=2, checkpoint_every_steps=2, model__pos_encoding=pos, data__packing="documents")
+        cfg.data.dataset = f"text:{root}/doc*.txt"
+        train_run(cfg, str(root / pos), quiet=True)
+        runs[pos] = llm.load(str(root / pos))
+    return runs
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
+def test_trace_of_packed_documents_reproduces_the_eval_steps_logits(packed_runs, pos):
+    run = packed_runs[pos]
+    batch = next(iter(run._eval_batches("validation", 4)))
+    assert (batch["positions"] != np.arange(batch["inputs"].shape[1])).any()  # rows hold several documents
+    eval_logits = np.asarray(jax.jit(lambda p, b: model.forward(run.model_config, p, b))(run.params, batch))[..., : run.tokenizer.vocab_size]
+    real = batch["weights"] > 0
+    logits, _ = run.trace(batch["inputs"], names=[], segment_ids=batch["segment_ids"])
+    np.testing.assert_allclose(logits[real], eval_logits[real], atol=1e-5)
+    # positions 0..L-1 (what trace used before) give other logits: the check above can fail
+    wrong, _ = run.trace(batch["inputs"], names=[], segment_ids=batch["segment_ids"], positions=np.arange(batch["inputs"].shape[1]))
+    assert np.abs(wrong[real] - eval_logits[real]).max() > 1e-3
+    losses = run.lens_split("validation", max_batches=2, batch_size=4)
+    result = evaluate_lib.evaluate(jax.jit(evaluate_lib.make_eval_step(run.model_config)), run.params, run._eval_batches("validation", 4),
+                                   run.tokenizer.token_bytes(), lambda b: {k: jnp.asarray(v) for k, v in b.items()}, max_batches=2)
+    assert losses["block_1"] == pytest.approx(result["loss"], abs=1e-5)
+
+
+def _induction_prompts(T: int = 8):
+    """The hand-set induction model, a prompt ending one token into... the repeat's last token but one,
+    and its corruption: the token before the answer's source in the first copy replaced."""
+    cfg, params = _induction_model(T)
+    tokens = induction.repeated_tokens(seed=0, batch=1, half=T, low=0, high=16)
+    clean_1xL = tokens[:, :-1]  # the last token's answer is tokens[0, -1], whose source is position T - 1
+    corrupted_1xL = clean_1xL.copy()
+    corrupted_1xL[0, T - 2] = next(t for t in range(16) if t not in tokens[0])
+    return cfg, params, clean_1xL, corrupted_1xL, patching.Metric(int(tokens[0, -1]))
+
+
+def test_patching_with_its_own_activations_changes_nothing_and_a_whole_layer_is_the_other_run():
+    cfg, params, clean_1xL, corrupted_1xL, metric = _induction_prompts()
+    same = patching.patch(cfg, params, corrupted_1xL, corrupted_1xL, metric, patching.parse_site(cfg, "k"), "positions")
+    assert np.all(np.asarray(same["patched"]) == same["corrupted"])
+    # every position of a layer's input from the clean run: from that layer on it is the clean run
+    whole = patching.patch(cfg, params, clean_1xL, corrupted_1xL, metric, patching.parse_site(cfg, "resid_pre"), "layers")
+    np.testing.assert_allclose(whole["patched"], [[whole["clean"]]] * cfg.N, atol=1e-5)
+    assert whole["corrupted"] - whole["clean"] > 5  # the corruption breaks the copy
+
+
+def test_the_hand_set_induction_models_heads_are_found_by_patching():
+    cfg, params, clean_1xL, corrupted_1xL, metric = _induction_prompts()
+    heads = patching.patch(cfg, params, clean_1xL, corrupted_1xL, metric, patching.parse_site(cfg, "head_out"), "heads")
+    assert np.asarray(heads["restored"]).min() > 0.9  # each layer's one head carries the circuit
+    positions = patching.patch(cfg, params, clean_1xL, corrupted_1xL, metric, patching.parse_site(cfg, "block_0/resid_pre"), "positions")
+    T = clean_1xL.shape[1] // 2 + 1
+    assert np.argmax(positions["restored"][0]) == T - 2  # only the corrupted position matters at the embedding
+    via = {v: patching.path_patch(cfg, params, clean_1xL, corrupted_1xL, metric, (0, 0), (1, 0), v)["restored"] for v in "qkv"}
+    assert via["k"] > 0.9 and abs(via["q"]) < 0.05 and abs(via["v"]) < 0.05, via  # the previous-token head feeds the keys
+
+
+def test_attribution_patching_equals_real_patching_where_the_metric_is_linear_in_the_activation():
+    # attention only, and a final norm whose huge epsilon makes it a fixed scale: from the last layer's
+    # head outputs to a logit difference everything is linear, so the first-order estimate is exact
+    cfg, params = tiny_model(F=0, norm_eps=1e8)
+    block_1 = {**params["block_1"], "attn": {**params["block_1"]["attn"], "wo": params["block_1"]["attn"]["wo"] * 1e5}}
+    params = {**params, "block_1": block_1, "final_norm": {"scale": params["final_norm"]["scale"] * 1e6}}  # logits of order 1
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 64)
+    clean_1xL, corrupted_1xL = np.asarray(tokens[:1]), np.asarray(tokens[1:])
+    metric = patching.Metric(3, against=7)
+    for what in ("heads", "positions"):
+        site = patching.parse_site(cfg, "block_1/head_out")
+        real = patching.patch(cfg, params, clean_1xL, corrupted_1xL, metric, site, what)
+        estimate = attribution.attribution_patch(cfg, params, clean_1xL, corrupted_1xL, metric, site, what)["estimate"]
+        effect = np.asarray(real["patched"]) - real["corrupted"]
+        assert np.abs(effect).max() > 1e-4
+        np.testing.assert_allclose(estimate, effect, rtol=1e-3, atol=1e-3 * np.abs(effect).max(), err_msg=what)
+
+
+def test_direct_logit_attributions_sum_to_the_logit_less_the_embedding_and_bias(run):
+    tokens_1xL = run.tokens_BxL(PROMPT)[:1]
+    for cfg, params in ((run.model_config, run.params), tiny_model(norm="layernorm")):
+        token = 11
+        d = attribution.direct_logit_attribution(cfg, params, tokens_1xL % cfg.V, token)
+        assert len(d["heads"]) == len(d["mlps"]) == cfg.N and len(d["heads"][0]) == cfg.H
+        assert np.sum(d["heads"]) + np.sum(d["mlps"]) == pytest.approx(d["logit"] - d["embed"] - d["bias"], abs=1e-4)
+        assert np.abs(d["heads"]).max() > 1e-3
+    assert run.attribute(PROMPT)["token"] == int(np.argmax(run.logits(run.encode_prompt(PROMPT))[-1]))
+
+
+def test_composition_scores_find_the_hand_set_key_composition():
+    cfg, params = _induction_model(8)
+    scores = attribution.composition_scores(cfg, params)
+    assert scores["k"][0][0] > 0.2 and scores["q"][0][0] < 1e-6 and scores["v"][0][0] < 1e-6, scores
+
+
+def test_resample_ablation_is_the_mean_of_patching_each_held_out_row(run):
+    tokens = run.tokens_BxL(PROMPT)
+    values = run.ablation_values("resample", tokens.shape[1], rows=4)
+    name = "block_1/head_out_BxLxHxK"
+    effect = run.intervention_effect(PROMPT, ablate={"block_1/heads": [2]}, values=values)
+    each = []
+    for row in values[name]:
+        patched = np.array(run.trace(PROMPT, names=[name])[1][name])
+        patched[0, :, 2] = row[:, 2]
+        each.append(run.intervention_effect(PROMPT, patch={name: patched})["loss"])
+    assert effect["loss"] == pytest.approx(np.mean(each), abs=1e-5) and effect["loss_change"] != 0
+
+
+def test_inspect_patch_cli_prints_json_and_a_heatmap_and_refuses_a_bad_site_in_one_line(run, tmp_path):
+    clean, corrupted = "The king hath thou sweet", "The lord hath thou sweet"
+    out = run_cli("inspect", "patch", f"--workdir={run.workdir}", f"--clean={clean}", f"--corrupted={corrupted}", "--what=heads",
+                  "--token=e", f"--out={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = run.patch(clean, corrupted, what="heads", token="e")
+    assert np.asarray(result["patched"]) == pytest.approx(np.asarray(expected["patched"]), abs=1e-5)
+    assert np.asarray(result["attribution"]).shape == (run.model_config.N, run.model_config.H)
+    assert result["plots"] == [str(tmp_path / "patch_heads.png")]
+    H = run.model_config.H
+    bad = run_cli("inspect", "patch", f"--workdir={run.workdir}", f"--clean={clean}", f"--corrupted={corrupted}", f"--at=block_1/head_out:{H}")
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: --at='block_1/head_out:{H}': the head must lie in 0..{H - 1}"]
+    for at, message in (("block_0/attention", "is not [block_I/]LEAF[:HEAD]"), ("block_2/resid_pre", "the layer must lie in 0..1"),
+                        ("resid_pre:1", "resid_pre has no heads to pick")):
+        with pytest.raises(InspectError, match=re.escape(message)):
+            run.patch(clean, corrupted, at=at)

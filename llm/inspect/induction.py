@@ -57,3 +57,20 @@ def in_context_score(cfg: ModelConfig, params, tokens_BxL, early: int, late: int
     logits_BxLxV, _ = trace(cfg, params, tokens_BxL, segment_ids_BxL, names=[])
     loss_BxL1 = token_losses(logits_BxLxV, tokens_BxL)
     return float(loss_BxL1[:, late].mean() - loss_BxL1[:, early].mean())
+
+
+def in_context_bands(cfg: ModelConfig, params, tokens_BxL, bands: tuple[tuple[int, int], ...], chunk: int = 256) -> dict:
+    """The in-context score with error bars: each window's mean loss in each band of positions [lo, hi)
+    (a position predicts the token after it), and the last band's minus the first's per window; means and
+    standard errors over the windows. Rows should be real text from one document each."""
+    tokens_BxL = np.asarray(tokens_BxL, np.int32)
+    per_window = []
+    for first in range(0, len(tokens_BxL), chunk):
+        rows = tokens_BxL[first : first + chunk]
+        loss_BxL1 = token_losses(trace(cfg, params, rows, names=[])[0], rows)
+        per_window.append(np.stack([loss_BxL1[:, lo:hi].mean(axis=1) for lo, hi in bands], axis=1))
+    loss_WxN = np.concatenate(per_window).astype(np.float64)
+    score_W = loss_WxN[:, -1] - loss_WxN[:, 0]
+    se = lambda x: x.std(axis=0, ddof=1) / np.sqrt(len(x))
+    return {"bands": [list(b) for b in bands], "windows": len(loss_WxN), "loss": loss_WxN.mean(axis=0).tolist(),
+            "loss_se": se(loss_WxN).tolist(), "score": float(score_W.mean()), "score_se": float(se(score_W))}

@@ -31,7 +31,7 @@ def lens_logits(cfg: ModelConfig, params, cache: dict) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _layer_loss_sums(cfg: ModelConfig, params, batch: dict):
-    _, cache = trace(cfg, params, batch["inputs"], batch.get("segment_ids"), names=stream_names(cfg))
+    _, cache = trace(cfg, params, batch["inputs"], batch.get("segment_ids"), names=stream_names(cfg), positions_BxL=batch.get("positions"))
     logits_NxBxLxV = lens_logits(cfg, params, cache)
     sums_N = jax.vmap(lambda logits: cross_entropy_sums(logits, batch["targets"], batch["weights"])[0])(logits_NxBxLxV)
     return sums_N, jnp.sum(batch["weights"])

@@ -29,7 +29,7 @@ def _batch_top(cfg: ModelConfig, layer: int, k: int, params, neuron, batch: dict
     """The batch's k largest activations of the neuron over positions that predict a real target, and
     their flat row * L + position indices; padding (weight 0) never competes."""
     name = f"block_{layer}/mlp_hidden_BxLxF"
-    _, cache = trace(cfg, params, batch["inputs"], batch.get("segment_ids"), names=[name])
+    _, cache = trace(cfg, params, batch["inputs"], batch.get("segment_ids"), names=[name], positions_BxL=batch.get("positions"))
     act_BxL = jnp.where(batch["weights"] > 0, cache[name][..., neuron].astype(jnp.float32), -jnp.inf)
     return jax.lax.top_k(act_BxL.reshape(-1), min(k, act_BxL.size))
 

@@ -61,7 +61,7 @@ def lens_heatmap(losses_NxL: np.ndarray, tokens: list[str], path: str, layer_lab
     return path
 
 
-def head_ablation_heatmap(change_NxH: np.ndarray, path: str, layer_labels: list[str]) -> str:
+def head_ablation_heatmap(change_NxH: np.ndarray, path: str, layer_labels: list[str], ablation: str = "zero") -> str:
     """Layers down, heads across; colour: prompt loss change when that head alone is zero-ablated,
     centred on 0 so heads that help (red) and hurt (blue) read apart."""
     N, H = change_NxH.shape
@@ -75,7 +75,29 @@ def head_ablation_heatmap(change_NxH: np.ndarray, path: str, layer_labels: list[
     ax.set_xticks(np.arange(H), [str(h) for h in range(H)])
     ax.set_yticks(np.arange(N), layer_labels)
     ax.set_xlabel("head")
-    ax.set_title("one head zero-ablated", fontsize=9)
+    ax.set_title(f"one head {ablation}-ablated", fontsize=9)
     fig.colorbar(image, ax=ax, label="loss change when ablated")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def layer_heatmap(values_NxC: np.ndarray, path: str, layer_labels: list[str], columns: list[str], title: str, label: str) -> str:
+    """Layers down, columns (heads, positions, an MLP) across, centred on 0 (red up, blue down); patching
+    sweeps and direct logit attributions. Cells are annotated while there are few enough to read."""
+    N, C = values_NxC.shape
+    fig = Figure(figsize=(min(0.6 * C + 2.5, 24), 0.5 * N + 1.6), layout="constrained")
+    ax = fig.subplots()
+    finite = values_NxC[np.isfinite(values_NxC)]
+    bound = max(float(np.abs(finite).max()) if finite.size else 0.0, 1e-9)
+    image = ax.imshow(values_NxC, cmap=colormaps["RdBu_r"], vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+    if N * C <= 200:
+        for i in range(N):
+            for c in range(C):
+                ax.text(c, i, f"{values_NxC[i, c]:+.2f}", ha="center", va="center", fontsize=6)
+    if C <= MAX_TICK_LABELS:
+        ax.set_xticks(np.arange(C), _labels(columns), rotation=90 if max(map(len, columns)) > 3 else 0, fontsize=7)
+    ax.set_yticks(np.arange(N), layer_labels)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=label)
     fig.savefig(path, dpi=110)
     return path

@@ -254,6 +254,9 @@ class Attention(nn.Module):
         if self.pos_encoding == "rope":
             q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
             k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
+        if self.trace:  # path patching swaps one of them (a receiver head's keys, say) and leaves the others
+            q_BxLxHxK, k_BxLxGxK = tap(self, "q_BxLxHxK", q_BxLxHxK), tap(self, "k_BxLxGxK", k_BxLxGxK)
+            v_BxLxGxK = tap(self, "v_BxLxGxK", v_BxLxGxK)
 
         if kv is not None:
             # Every layer's cache is one [N, B, S, G, K] array, written in place: no per-layer copies per token.

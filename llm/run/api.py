@@ -21,7 +21,7 @@ import numpy as np
 from llm import model, spec
 from llm.data import examples, mixture, seq2seq, template
 from llm.data.config import is_streamed, kind_of
-from llm.inspect import InspectError, embeddings, intervene, lens, neurons, trace as trace_lib
+from llm.inspect import InspectError, attribution, embeddings, intervene, lens, neurons, patching, trace as trace_lib
 from llm.model import sample as sample_lib
 from llm.model.heads import rewards
 from llm.run import chat as chat_lib
@@ -110,26 +110,120 @@ class Run:
         return out
 
     def trace(self, text_or_tokens, names=None, patch: dict | None = None, ablate: dict | None = None,
-              mean_over=None, segment_ids=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+              mean_over=None, segment_ids=None, positions=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(logits [B, L, vocab], {name: activation}) of one forward pass; a 1-D input is a batch of one.
 
         names: globs, a predicate or None (all; see llm/inspect/trace.py). patch: {name: array} replaces
         activations; ablate: {"block_0/heads": [1, 3], "block_1/neurons": [5]} zeroes those units, or
-        sets them to their mean over the text or tokens `mean_over`.
+        sets them to their mean over the text or tokens `mean_over`. segment_ids: packed documents, which
+        also number positions per document as training does, unless `positions` are given.
         """
         self.require_arch("trace", ("decoder", "encoder"))
         tokens_BxL = self.tokens_BxL(text_or_tokens)
         segments = None if segment_ids is None else jnp.asarray(np.broadcast_to(segment_ids, tokens_BxL.shape), jnp.int32)
+        positions = None if positions is None else jnp.asarray(np.broadcast_to(positions, tokens_BxL.shape), jnp.int32)
         logits, cache = trace_lib.trace(self.model_config, self.params, tokens_BxL, segments, names,
-                                        self._interventions(patch, ablate, mean_over))
+                                        self._interventions(patch, ablate, mean_over), positions)
         order = trace_lib.all_names(self.model_config)
         cache = {name: np.asarray(cache[name]) for name in sorted(cache, key=order.index)}
         return np.asarray(logits)[..., : self.tokenizer.vocab_size], cache
 
-    def intervention_effect(self, text_or_tokens, patch: dict | None = None, ablate: dict | None = None, mean_over=None) -> dict:
-        """Loss and logit change of the interventions (as in trace) against the clean run."""
-        return intervene.effect(self.model_config, self.params, self.tokens_BxL(text_or_tokens),
-                                self._interventions(patch, ablate, mean_over))
+    def intervention_effect(self, text_or_tokens, patch: dict | None = None, ablate: dict | None = None, mean_over=None,
+                            values: dict | None = None) -> dict:
+        """Loss and logit change of the interventions (as in trace) against the clean run. values: the
+        ablation's replacement per activation (ablation_values), instead of zero or mean_over's mean; a
+        batch of them (resample) runs the input once per row."""
+        tokens_BxL = self.tokens_BxL(text_or_tokens)
+        if values is None:
+            return intervene.effect(self.model_config, self.params, tokens_BxL, self._interventions(patch, ablate, mean_over))
+        rows = max(v.shape[0] if v.ndim == 4 else 1 for v in values.values())
+        return intervene.effect(self.model_config, self.params, np.repeat(tokens_BxL, rows, axis=0),
+                                intervene.ablation(self.model_config, ablate or {}, values))
+
+    def token_id(self, token: str | int) -> int:
+        """A token given as its id or its text (which must encode to exactly one token)."""
+        if isinstance(token, (int, np.integer)):
+            ids = [int(token)]
+        else:
+            ids = self.tokenizer.encode(token)
+        if len(ids) != 1 or not 0 <= ids[0] < self.tokenizer.vocab_size:
+            raise InspectError(f"a token must be one token of the vocabulary; {token!r} is {len(ids)} tokens")
+        return ids[0]
+
+    def _metric(self, clean_1xL, token, against) -> patching.Metric:
+        """logit(token) - logit(against), or the loss of token; token defaults to the clean run's top next token."""
+        if token is None or token == "":
+            token = int(np.argmax(self.logits(clean_1xL[0])[-1]))
+        return patching.Metric(self.token_id(token), None if against is None or against == "" else self.token_id(against))
+
+    def _pair(self, clean, corrupted) -> tuple[np.ndarray, np.ndarray]:
+        self.require_arch("patching")
+        clean_1xL, corrupted_1xL = self.tokens_BxL(clean)[:1], self.tokens_BxL(corrupted)[:1]
+        if clean_1xL.shape != corrupted_1xL.shape:
+            raise InspectError(f"the clean and corrupted inputs must be as long in tokens, not {clean_1xL.shape[1]} and {corrupted_1xL.shape[1]}")
+        return clean_1xL, corrupted_1xL
+
+    def _site(self, at: str | None, what: str) -> patching.Site:
+        return patching.parse_site(self.model_config, at or ("head_out" if what == "heads" else "resid_pre"))
+
+    def patch(self, clean, corrupted, at: str | None = None, what: str = "layers", token=None, against=None) -> dict:
+        """Activation patching: the corrupted input run with the clean run's activation at each layer
+        (what='layers'), each layer and position ('positions') or each layer and head ('heads'); `at`
+        names the activation ([block_I/]LEAF[:HEAD], llm/inspect/patching.py; default head_out for heads,
+        else resid_pre). The metric at the last position: the loss of `token`, or logit(token) -
+        logit(against). {"patched": layers x rows, "restored": the fraction of the clean - corrupted gap}."""
+        clean_1xL, corrupted_1xL = self._pair(clean, corrupted)
+        site = self._site(at, what)
+        metric = self._metric(clean_1xL, token, against)
+        result = patching.patch(self.model_config, self.params, clean_1xL, corrupted_1xL, metric, site, what)
+        against = None if metric.against is None else self.tokenizer.decode([metric.against])
+        return {"token": self.tokenizer.decode([metric.token]), "against": against, **result}
+
+    def attribution_patch(self, clean, corrupted, at: str | None = None, what: str = "layers", token=None, against=None) -> dict:
+        """patch's effects (patched - corrupted) estimated from one forward and one backward pass: {"estimate": layers x rows}."""
+        clean_1xL, corrupted_1xL = self._pair(clean, corrupted)
+        site = self._site(at, what)
+        return attribution.attribution_patch(self.model_config, self.params, clean_1xL, corrupted_1xL,
+                                             self._metric(clean_1xL, token, against), site, what)
+
+    def path_patch(self, clean, corrupted, sender: tuple[int, int], receiver: tuple[int, int], via: str = "k", token=None,
+                   against=None) -> dict:
+        """The corrupted run with only the receiver head's q, k or v fed the sender head's clean output."""
+        clean_1xL, corrupted_1xL = self._pair(clean, corrupted)
+        return patching.path_patch(self.model_config, self.params, clean_1xL, corrupted_1xL, self._metric(clean_1xL, token, against),
+                                   sender, receiver, via)
+
+    def attribute(self, prompt, token=None, position: int = -1) -> dict:
+        """Direct logit attribution of `token` (default: the model's top next token) at `position`: per
+        layer each head's and the MLP's term, through the final norm with its scale frozen."""
+        self.require_arch("attribute")
+        tokens_1xL = self.tokens_BxL(prompt)[:1]
+        token = int(np.argmax(self.logits(tokens_1xL[0])[position])) if token is None or token == "" else self.token_id(token)
+        result = attribution.direct_logit_attribution(self.model_config, self.params, tokens_1xL, token, position)
+        return {**result, "text": self.tokenizer.decode([token])}
+
+    def composition(self, sender_layer: int = 0, receiver_layer: int = 1) -> dict[str, list]:
+        """Q-, K- and V-composition scores [sender head, receiver head] between two layers (Elhage et al. 2021)."""
+        if not 0 <= sender_layer < receiver_layer < self.model_config.N:
+            raise InspectError(f"composition needs layers 0 <= {sender_layer} < {receiver_layer} < {self.model_config.N}")
+        return attribution.composition_scores(self.model_config, self.params, sender_layer, receiver_layer)
+
+    def ablation_values(self, kind: str, length: int, rows: int = 16) -> dict | None:
+        """Values for head ablation: None (zero), every head's mean output over a held-out batch (mean), or
+        its outputs on `rows` held-out windows of `length` tokens (resample: one row each)."""
+        if kind == "zero":
+            return None
+        batch = next(iter(self._eval_batches("validation", rows)))
+        if kind == "mean":
+            return intervene.means(self.model_config, self.params, batch["inputs"], batch.get("segment_ids"))
+        if kind != "resample":
+            raise InspectError(f"ablation is zero, mean or resample, not {kind!r}")
+        if batch["inputs"].shape[1] < length:
+            raise InspectError(f"resample ablation draws held-out windows of the prompt's {length} tokens; rows hold {batch['inputs'].shape[1]}")
+        segments = batch.get("segment_ids")
+        _, cache = trace_lib.trace(self.model_config, self.params, batch["inputs"][:, :length], None if segments is None else segments[:, :length],
+                                   names="block_*/head_out_BxLxHxK")
+        return dict(cache)
 
     def lens(self, prompt: str, k: int = 5) -> list[dict]:
         """Per layer (embed, block_0, ...): the loss over the prompt and the top-k next tokens after it."""
