@@ -145,6 +145,24 @@ def test_sft_on_a_sentencepiece_run_with_no_spare_rows_grows_the_vocabulary_for_
     assert before.params["embed"].shape == (273, run.model_config.D)
 
 
+def test_sft_from_a_text_run_starts_each_named_role_marker_at_the_mean_embedding_of_its_text(sets, sft64):
+    from llm import spec
+    from llm.training import params as params_lib, sharding, state
+
+    tok = tokenizer_lib.load(sets["pre"])
+    cfg = _cfg(sets, data__dataset=f"sft:{sets['sft']}", markers__end="=", markers__assistant="+1")
+    run = spec.resolve(spec.from_config(cfg), tok)
+    built = state.setup_run(run, sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor))
+    got = np.asarray(params_lib.restore_lm_params(sets["pre"], run.model, built, params_lib.marker_rows(run, tok))[0]["embed"])
+    pre, roles = np.asarray(llm.load(sets["pre"]).params["embed"]), run.vocab.require_roles()
+    np.testing.assert_array_equal(got[roles.end], pre[tok.encode("=")[0]])
+    np.testing.assert_allclose(got[roles.assistant], pre[tok.encode("+1")].mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(got[roles.user], pre[roles.user])  # not named: as pretraining left it
+    # A run from a chat model keeps the markers that model trained.
+    assert params_lib.marker_rows(spec.resolve(spec.from_config(_cfg(sets, init_from=sft64, seq_len=64, markers__end="=",
+                                                                     data__dataset=f"sft:{sets['sft']}")), tok), tok) == {}
+
+
 # Losses against hand-computed values.
 
 
