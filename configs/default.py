@@ -113,6 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1  # the implicit reward's scale: beta * log(pi / pi_ref)
+    c.dpo.nll_coef = 0.0  # > 0: plus this times the chosen answer's mean token NLL (RPO), against likelihood displacement
 
     c.grpo = ml_collections.ConfigDict()
     c.grpo.group_size = 8  # answers sampled per prompt; batch_size counts prompts

@@ -110,6 +110,7 @@ class ObjectiveConfig:
     name: str  # 'lm' | 'reward' | 'dpo' | 'grpo'
     init_from: str  # another run's workdir: the params to start from, and dpo/grpo's frozen reference
     dpo_beta: float
+    dpo_nll_coef: float  # RPO's (Pang et al. 2024) weight of the chosen answer's per-token NLL beside DPO's loss
     grpo: GrpoConfig
     # (role, text): the text whose tokens' mean embedding starts that role marker's row, when init_from's
     # markers were never trained (it is not a chat run); empty: the rows as init_from left them.
@@ -274,7 +275,7 @@ def from_config(cfg: ml_collections.ConfigDict | dict) -> RunSpec:
         opt=OptConfig(num_train_steps=cfg.num_train_steps, **opt), data=data,
         mesh=MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.cpu_devices, rules_of(cfg.mesh.rules)),
         loop=LoopConfig(**{k: cfg[k] for k in LOOP_KEYS}),
-        objective=ObjectiveConfig(cfg.objective, cfg.init_from, cfg.dpo.beta, GrpoConfig(**g.to_dict()),
+        objective=ObjectiveConfig(cfg.objective, cfg.init_from, cfg.dpo.beta, cfg.dpo.nll_coef, GrpoConfig(**g.to_dict()),
                                   tuple((r, t) for r, t in cfg.markers.to_dict().items() if t), pretext),
         model_vocab_size=m.vocab_size, vocab_multiple=m.vocab_multiple, config=json.dumps(cfg.to_dict()),
     )
@@ -453,6 +454,7 @@ def _check_objective(cfg: ml_collections.ConfigDict, need, one_of) -> None:
         need(bool(cfg.init_from), f"objective={cfg.objective!r} starts from a trained run: set init_from (its frozen reference, "
              f"for dpo and grpo)")
     need(cfg.dpo.beta > 0, f"dpo.beta must be positive, got {cfg.dpo.beta}")
+    need(cfg.dpo.nll_coef >= 0, f"dpo.nll_coef must be >= 0, got {cfg.dpo.nll_coef}")
     g = cfg.grpo
     if cfg.objective == "grpo":
         need(g.group_size >= 2, f"grpo.group_size must be >= 2 (advantages compare answers within a group), got {g.group_size}")

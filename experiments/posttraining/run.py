@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 import llm
 from configs import default
 from experiments.posttraining import plot, task
@@ -38,8 +40,16 @@ STAGES = {
     "sft_rl_labels": dict(objective="lm", data="sft:{sft_rl}", init_from="sft", num_train_steps=150, batch_size=32, **RL),
     "reward": dict(objective="reward", data="preference:{preference}", init_from="sft", num_train_steps=300, batch_size=32, lr=1e-3),
     "dpo": dict(objective="dpo", data="preference:{preference}", init_from="sft", num_train_steps=150, batch_size=32, **RL),
+    # DPO on the SFT model's own mistakes: the right sum over its most frequent wrong sample, on the RL prompts.
+    "dpo_own": dict(objective="dpo", data="preference:{own_pairs}", init_from="sft", num_train_steps=150, batch_size=32, **RL),
+    # The same two with RPO's NLL term on the chosen answers (dpo.nll_coef=1, Pang et al. 2024).
+    "dpo_rpo": dict(objective="dpo", data="preference:{preference}", init_from="sft", num_train_steps=150, batch_size=32, **RL, nll_coef=1.0),
+    "dpo_own_rpo": dict(objective="dpo", data="preference:{own_pairs}", init_from="sft", num_train_steps=150, batch_size=32, **RL,
+                        nll_coef=1.0),
     "grpo": dict(objective="grpo", data="prompts:{rl}", init_from="sft", num_train_steps=200, batch_size=16, **RL,
                  reward_fn="experiments.posttraining.task:reward"),
+    "grpo_long": dict(objective="grpo", data="prompts:{rl}", init_from="sft", num_train_steps=400, batch_size=16, **RL,
+                      reward_fn="experiments.posttraining.task:reward"),
     "grpo_rm": dict(objective="grpo", data="prompts:{rl}", init_from="sft", num_train_steps=100, batch_size=16, **RL, reward_run="reward"),
 }
 
@@ -64,6 +74,7 @@ def config(stage: dict, root: Path, paths: dict):
         cfg.markers[role] = text
     if cfg.objective == "dpo":
         cfg.eval_every_steps = 25
+        cfg.dpo.nll_coef = stage.get("nll_coef", 0.0)
     if cfg.objective == "grpo":
         cfg.log_every_steps = 1
         cfg.grpo.group_size, cfg.grpo.max_new_tokens, cfg.grpo.temperature = K, DIGITS + 2, 1.0
@@ -80,6 +91,10 @@ def run_stage(name: str, root: Path, paths: dict, test: list[dict]) -> dict:
     done = workdir / "stage.json"
     if done.exists():
         return json.loads(done.read_text())
+    if name.startswith("dpo_own") and "own_pairs" not in paths:
+        paths["own_pairs"] = str(root / "data" / "own_pairs.jsonl")
+        pairs = task.own_mistakes(llm.load(str(root / "sft")), task.read_jsonl(paths["rl"]), K)
+        Path(paths["own_pairs"]).write_text("".join(json.dumps(p) + "\n" for p in pairs))
     cfg = config(STAGES[name], root, paths)
     start = time.time()
     summary = loop.train(spec.from_config(cfg), str(workdir), quiet=True, feed=rl.make_feed if cfg.objective == "grpo" else None)
@@ -94,8 +109,21 @@ def run_stage(name: str, root: Path, paths: dict, test: list[dict]) -> dict:
     return record
 
 
-def results(records: dict, root: Path) -> dict:
+def paired(root: Path, test: list[dict], names) -> dict:
+    """Each stage's greedy exact match less its start's, on the same problems, with the paired standard error."""
+    right = {n: task.greedy_right(llm.load(str(root / n)), test, raw=n == "pretrain") for n in names}
+    out = {}
+    for n in names:
+        start = STAGES[n]["init_from"]
+        if start in right:
+            d = right[n].astype(float) - right[start]
+            out[n] = {"start": start, "greedy_gain": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+    return out
+
+
+def results(records: dict, root: Path, test: list[dict]) -> dict:
     return {
+        "greedy_gain_over_start": paired(root, test, [n for n, r in records.items() if "test" in r]),
         "task": f"addition, operands of 1..{DIGITS} digits; test: {SIZES['test']} held-out problems; greedy exact match, "
                 f"pass@1 at T=1 and pass@{K} ({K} samples each), each with its standard error over problems",
         "sft_error_rate": SFT_ERROR_RATE,
@@ -122,9 +150,11 @@ def main():
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps(task.write_sets(root / "data", DIGITS, SIZES, sft_error_rate=SFT_ERROR_RATE)))
     paths = json.loads(manifest.read_text())
+    if (root / "data" / "own_pairs.jsonl").exists():
+        paths["own_pairs"] = str(root / "data" / "own_pairs.jsonl")
     test = task.read_jsonl(paths["test"])
     records = {name: run_stage(name, root, paths, test) for name in args.stages.split(",")}
-    out = results(records, root)
+    out = results(records, root, test)
     (HERE / "results.json").write_text(json.dumps(out, indent=1) + "\n")
     plot.plot(root, out, HERE)
     print(json.dumps(out, indent=1))

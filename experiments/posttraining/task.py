@@ -154,6 +154,12 @@ def _raw_answers(run, records: list[dict], k: int, temperature: float, seed: int
     return [(t.split(END)[0], END in t) for t in texts]
 
 
+def greedy_right(run, records: list[dict], raw: bool = False) -> np.ndarray:
+    """Whether each problem's greedy answer is right (bool [P])."""
+    answers = (_raw_answers if raw else _chat_answers)(run, records, 1, 0.0, 0)
+    return np.array([a[1] and reward(r, a[0]) == 1.0 for r, a in zip(records, answers)])
+
+
 def accuracy(run, records: list[dict], k: int, raw: bool = False, seed: int = 0) -> dict:
     """Greedy exact match, pass@1 at T=1 and pass@k of a run on the problems (raw: in the pretraining format)."""
     answers = _raw_answers if raw else _chat_answers
@@ -162,3 +168,15 @@ def accuracy(run, records: list[dict], k: int, raw: bool = False, seed: int = 0)
     sampled = answers(run, records, k, 1.0, seed + 1)
     correct = np.array([right(records[i // k], a) for i, a in enumerate(sampled)]).reshape(len(records), k)
     return _rates(correct, greedy)
+
+
+def own_mistakes(run, records: list[dict], k: int, seed: int = 0) -> list[dict]:
+    """Preference pairs from a chat run's own answers: for each problem, the right sum over the wrong
+    finished answer the run samples most often at T=1 in k tries (problems it never gets wrong give none)."""
+    sampled = _chat_answers(run, records, k, 1.0, seed)
+    pairs = []
+    for i, r in enumerate(records):
+        wrong = [text for text, ended in sampled[i * k : (i + 1) * k] if ended and text.strip() and reward(r, text) == 0.0]
+        if wrong:
+            pairs.append({"prompt": r["prompt"], "chosen": r["answer"], "rejected": max(set(wrong), key=wrong.count)})
+    return pairs

@@ -71,7 +71,7 @@ def grpo_token_terms(logp_BxL, old_logp_BxL, ref_logp_BxL, advantages_B, weights
     return surrogate_BxL * weights_BxL, kl_BxL * weights_BxL, clipped_BxL
 
 
-def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float = 0.1, clip_eps: float = 0.2,
+def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float = 0.1, dpo_nll_coef: float = 0.0, clip_eps: float = 0.2,
          kl_coef: float = 0.04, temperature: float = 1.0, vocab_limit: int | None = None) -> Callable:
     """(params, batch) -> (objective sum, (metric sums, units)). temperature and vocab_limit: the
     distribution DPO's and GRPO's log-probs are taken under, the sampler's (GRPO's temperature, the
@@ -97,8 +97,12 @@ def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float 
             return jnp.sum(jnp.where(batch[f"{side}_weights"] > 0, logp_BxL, 0.0), axis=-1)
 
         valid = batch.get("valid", jnp.ones(batch["chosen_inputs"].shape[0], jnp.float32))
-        loss_B, reward_c, reward_r = dpo_loss(answer_logp("chosen"), answer_logp("rejected"), batch["chosen_ref_logp"],
+        logp_chosen_B = answer_logp("chosen")
+        loss_B, reward_c, reward_r = dpo_loss(logp_chosen_B, answer_logp("rejected"), batch["chosen_ref_logp"],
                                               batch["rejected_ref_logp"], dpo_beta)
+        if dpo_nll_coef:
+            # RPO (Pang et al. 2024): the chosen answer's mean token NLL keeps its likelihood from falling with the rejected's.
+            loss_B = loss_B - dpo_nll_coef * logp_chosen_B / jnp.maximum(batch["chosen_weights"].sum(axis=-1), 1.0)
         loss_B = loss_B * valid
         metrics = {"loss": loss_B.sum(), "accuracy": jnp.sum((reward_c > reward_r) * valid),
                    "margin": jnp.sum((reward_c - reward_r) * valid), "chosen_reward": jnp.sum(reward_c * valid),
