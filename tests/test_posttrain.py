@@ -287,6 +287,17 @@ def test_dpo_separates_the_pairs_it_trains_on(sets, sft64, tmp_path):
     assert logged[1]["accuracy"] == 0 and logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts at its reference
     assert np.mean([logged[s]["accuracy"] for s in range(21, 31)]) > 0.9
     assert np.mean([logged[s]["loss"] for s in range(21, 31)]) < 0.5 * math.log(2)
+    # dpo.nll_coef adds that multiple of each chosen answer's mean token NLL (RPO) to its pair's loss.
+    run = llm.load(sft64)
+    mc, limit = run.model_config, run.roles.limit
+    pairs = examples.load_pairs(cfg.data.dataset, "all", run.tokenizer, run.roles, 64, 0.0, 0.0)
+    batch = {k: jnp.asarray(v[:4]) for k, v in pairs.items()}
+    batch.update(objectives.answer_logprobs(mc, run.params, batch, limit))
+    plain, rpo = (float(objectives.make("dpo", mc, dpo_nll_coef=c, vocab_limit=limit)(run.params, batch)[0]) for c in (0.0, 0.5))
+    logp, _ = objectives.token_logprobs(mc, run.params, batch["chosen_inputs"], batch["chosen_targets"], vocab_limit=limit)
+    w = batch["chosen_weights"]
+    assert plain == pytest.approx(4 * math.log(2), rel=1e-5)  # the policy is its reference
+    assert rpo - plain == pytest.approx(0.5 * float(jnp.sum(-(logp * w).sum(1) / w.sum(1))), rel=1e-4)
 
 
 def test_chat_on_a_64_token_model_answers_with_no_flags_cutting_the_answer_to_the_context(sft64):
