@@ -180,3 +180,16 @@ def own_mistakes(run, records: list[dict], k: int, seed: int = 0) -> list[dict]:
         if wrong:
             pairs.append({"prompt": r["prompt"], "chosen": r["answer"], "rejected": max(set(wrong), key=wrong.count)})
     return pairs
+
+
+def error_kinds(run, records: list[dict]) -> dict[str, int]:
+    """The chat run's greedy answers by kind: right, a dropped carry (the demonstrations' mistake), unfinished
+    (no <|end|> in time), or other wrong."""
+    kinds = {"right": 0, "dropped carry": 0, "unfinished": 0, "other wrong": 0}
+    for r, (text, ended) in zip(records, _chat_answers(run, records, 1, 0.0, 0)):
+        a, b = map(int, r["prompt"].split("+"))
+        slips = {a + b - 10 ** (k + 1) for k in range(len(str(a + b))) if (a // 10**k % 10) + (b // 10**k % 10) + _carry_in(a, b, k) >= 10}
+        kind = ("unfinished" if not ended else "right" if reward(r, text) == 1.0
+                else "dropped carry" if text.isdigit() and int(text) in slips else "other wrong")
+        kinds[kind] += 1
+    return kinds
