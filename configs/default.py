@@ -121,6 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1  # the implicit reward's scale: beta * log(pi / pi_ref)
+    c.dpo.nll_coef = 0.0  # > 0: plus this times the chosen answer's mean token NLL (RPO), against likelihood displacement
 
     c.grpo = ml_collections.ConfigDict()
     c.grpo.group_size = 8  # answers sampled per prompt; batch_size counts prompts
@@ -131,7 +132,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.grpo.kl_coef = 0.04  # the KL penalty to the frozen reference (init_from)
     c.grpo.reward_fn = ""  # 'module:function' (record: dict, answer: str) -> float; or:
     c.grpo.reward_run = ""  # the workdir of an objective='reward' run
-    c.grpo.eval_prompts = 0  # held-out prompts answered greedily at each eval (0: all)
+    c.grpo.eval_prompts = 0  # held-out prompts answered at each eval (0: all): greedy, and group_size samples each
+    c.grpo.num_iterations = 1  # updates on each sampled batch (mu); > 1: the clip acts on the stored old log-probs
+    c.grpo.unterminated_penalty = 1.0  # an answer cut off before <|end|>: its step's lowest terminated reward less this
+
+    # Chat runs started from a model that never saw the template (init_from a text run): each role marker's
+    # embedding row starts at the mean embedding of this text's tokens (e.g. what stood there in the raw
+    # format); empty: the row as the pretrained model left it.
+    c.markers = ml_collections.ConfigDict()
+    c.markers.system = ""
+    c.markers.user = ""
+    c.markers.assistant = ""
+    c.markers.end = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: the rest of the devices

@@ -108,6 +108,8 @@ class GrpoConfig:
     reward_fn: str
     reward_run: str
     eval_prompts: int
+    num_iterations: int  # updates on each sampled batch (mu in Shao et al. 2024)
+    unterminated_penalty: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +117,11 @@ class ObjectiveConfig:
     name: str  # 'lm' | 'reward' | 'dpo' | 'grpo'
     init_from: str  # another run's workdir: the params to start from, and dpo/grpo's frozen reference
     dpo_beta: float
+    dpo_nll_coef: float  # RPO's (Pang et al. 2024) weight of the chosen answer's per-token NLL beside DPO's loss
     grpo: GrpoConfig
+    # (role, text): the text whose tokens' mean embedding starts that role marker's row, when init_from's
+    # markers were never trained (it is not a chat run); empty: the rows as init_from left them.
+    marker_init: tuple[tuple[str, str], ...]
     # A non-decoder on a text corpus trains its own objective on noised rows: 'span_corruption'
     # (encoder_decoder) or 'mlm' (encoder); None: next token (or seq2seq pairs).
     pretext: str | None
@@ -276,7 +282,8 @@ def from_config(cfg: ml_collections.ConfigDict | dict) -> RunSpec:
         opt=OptConfig(num_train_steps=cfg.num_train_steps, **opt), data=data,
         mesh=MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.cpu_devices, rules_of(cfg.mesh.rules)),
         loop=LoopConfig(**{k: cfg[k] for k in LOOP_KEYS}),
-        objective=ObjectiveConfig(cfg.objective, cfg.init_from, cfg.dpo.beta, GrpoConfig(**g.to_dict()), pretext),
+        objective=ObjectiveConfig(cfg.objective, cfg.init_from, cfg.dpo.beta, cfg.dpo.nll_coef, GrpoConfig(**g.to_dict()),
+                                  tuple((r, t) for r, t in cfg.markers.to_dict().items() if t), pretext),
         model_vocab_size=m.vocab_size, vocab_multiple=m.vocab_multiple, config=json.dumps(cfg.to_dict()),
     )
 
@@ -463,6 +470,7 @@ def _check_objective(cfg: ml_collections.ConfigDict, need, one_of) -> None:
         need(bool(cfg.init_from), f"objective={cfg.objective!r} starts from a trained run: set init_from (its frozen reference, "
              f"for dpo and grpo)")
     need(cfg.dpo.beta > 0, f"dpo.beta must be positive, got {cfg.dpo.beta}")
+    need(cfg.dpo.nll_coef >= 0, f"dpo.nll_coef must be >= 0, got {cfg.dpo.nll_coef}")
     g = cfg.grpo
     if cfg.objective == "grpo":
         need(g.group_size >= 2, f"grpo.group_size must be >= 2 (advantages compare answers within a group), got {g.group_size}")
@@ -473,6 +481,12 @@ def _check_objective(cfg: ml_collections.ConfigDict, need, one_of) -> None:
              "and grpo.reward_run (a reward model's workdir)")
         need(not g.reward_fn or ":" in g.reward_fn, f"grpo.reward_fn={g.reward_fn!r} must be 'module:function'")
         need(cfg.opt.grad_accum_steps == 1, "objective='grpo' takes opt.grad_accum_steps=1")
+        # Renormalising over a top-k set would make the reference's log-prob of an answer token outside
+        # its own set -inf, and the KL with it; the policy's gradient would also miss the filter.
+        need(g.top_k == 0, f"grpo.top_k must be 0: GRPO's log-probs (policy, old policy and reference) are those of the "
+             f"temperature-scaled distribution over the whole chat vocabulary, which a top-k filter would not sample; got {g.top_k}")
+        need(g.num_iterations >= 1, f"grpo.num_iterations must be >= 1, got {g.num_iterations}")
+        need(g.unterminated_penalty >= 0, f"grpo.unterminated_penalty must be >= 0, got {g.unterminated_penalty}")
 
 
 def _check_arch(cfg: ml_collections.ConfigDict, need, one_of) -> None:

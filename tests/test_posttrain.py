@@ -39,6 +39,14 @@ def sets(tmp_path_factory) -> dict:
     return posttrain_sets(tmp_path_factory.mktemp("posttrain"))
 
 
+@pytest.fixture(scope="module")
+def sft64(sets) -> str:
+    """A tiny SFT'd chat model with a 64-token context: the start of the RL tests and the chat CLI's model."""
+    workdir = str(sets["root"] / "sft64")
+    train_run(_cfg(sets, data__dataset=f"sft:{sets['sft']}", seq_len=64, num_train_steps=30, checkpoint_every_steps=30), workdir, quiet=True)
+    return workdir
+
+
 def _cfg(sets, **overrides):
     return tiny_config(sets["corpus"], **{"init_from": sets["pre"], "opt__schedule": "constant", **overrides})
 
@@ -137,6 +145,24 @@ def test_sft_on_a_sentencepiece_run_with_no_spare_rows_grows_the_vocabulary_for_
     assert before.params["embed"].shape == (273, run.model_config.D)
 
 
+def test_sft_from_a_text_run_starts_each_named_role_marker_at_the_mean_embedding_of_its_text(sets, sft64):
+    from llm import spec
+    from llm.training import params as params_lib, sharding, state
+
+    tok = tokenizer_lib.load(sets["pre"])
+    cfg = _cfg(sets, data__dataset=f"sft:{sets['sft']}", markers__end="=", markers__assistant="+1")
+    run = spec.resolve(spec.from_config(cfg), tok)
+    built = state.setup_run(run, sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor))
+    got = np.asarray(params_lib.restore_lm_params(sets["pre"], run.model, built, params_lib.marker_rows(run, tok))[0]["embed"])
+    pre, roles = np.asarray(llm.load(sets["pre"]).params["embed"]), run.vocab.require_roles()
+    np.testing.assert_array_equal(got[roles.end], pre[tok.encode("=")[0]])
+    np.testing.assert_allclose(got[roles.assistant], pre[tok.encode("+1")].mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(got[roles.user], pre[roles.user])  # not named: as pretraining left it
+    # A run from a chat model keeps the markers that model trained.
+    assert params_lib.marker_rows(spec.resolve(spec.from_config(_cfg(sets, init_from=sft64, seq_len=64, markers__end="=",
+                                                                     data__dataset=f"sft:{sets['sft']}")), tok), tok) == {}
+
+
 # Losses against hand-computed values.
 
 
@@ -158,13 +184,137 @@ def test_grpo_advantages_are_zero_mean_per_group_and_the_kl_to_an_identical_refe
     np.testing.assert_allclose(adv[0], [1, -1, -1, 1], atol=1e-5)
     assert (adv[1] == 0).all()  # a group whose answers all score alike teaches nothing
     logp = jnp.log(jnp.array([[0.5, 0.25], [0.9, 0.1]]))
-    surrogate, kl, ratio = objectives.grpo_token_terms(logp, logp, logp, jnp.array([1.0, -2.0]), 0.2)
-    assert float(jnp.abs(kl).max()) == 0.0 and (ratio == 1).all()
+    ones = jnp.ones((2, 2))
+    surrogate, kl, clipped = objectives.grpo_token_terms(logp, logp, logp, jnp.array([1.0, -2.0]), ones, 0.2)
+    assert float(jnp.abs(kl).max()) == 0.0 and not clipped.any()
     np.testing.assert_allclose(surrogate, [[1, 1], [-2, -2]])
     # A ratio past the clip earns no more than the clipped value for a positive advantage.
-    surrogate, kl, _ = objectives.grpo_token_terms(jnp.log(jnp.array([[0.9]])), jnp.log(jnp.array([[0.5]])), jnp.log(jnp.array([[0.5]])),
-                                                   jnp.array([1.0]), 0.2)
-    assert float(surrogate[0, 0]) == pytest.approx(1.2) and float(kl[0, 0]) > 0
+    surrogate, kl, clipped = objectives.grpo_token_terms(jnp.log(jnp.array([[0.9]])), jnp.log(jnp.array([[0.5]])),
+                                                         jnp.log(jnp.array([[0.5]])), jnp.array([1.0]), jnp.ones((1, 1)), 0.2)
+    assert float(surrogate[0, 0]) == pytest.approx(1.2) and float(kl[0, 0]) > 0 and bool(clipped[0, 0])
+
+
+def test_grpo_and_dpo_log_probs_are_those_of_the_distribution_the_sampler_draws_from():
+    logits_1xV = jnp.array([[2.0, 0.5, -1.0, 3.0, 9.0]])  # ids 3 and 4 lie past the chat vocabulary
+    temperature, limit = 0.5, 3
+    keys = jax.random.split(jax.random.key(0), 20_000)
+    masked_1xV = jnp.where(jnp.arange(5) < limit, logits_1xV, -1e30)
+    drawn = jax.vmap(lambda k: sample.choose(masked_1xV, k, temperature, 0, 1.0)[0])(keys)
+    frequency = np.bincount(np.asarray(drawn), minlength=5) / len(keys)
+    logp_V, entropy = objectives.sampled_logprobs(logits_1xV[:, None].repeat(5, 1), jnp.arange(5)[None], temperature, limit)
+    np.testing.assert_allclose(np.exp(logp_V[0, :limit]), frequency[:limit], atol=0.01)
+    assert frequency[limit:].sum() == 0 and np.all(np.asarray(logp_V[0, limit:]) < -1e20)
+    p = np.exp(np.asarray(logp_V[0, :limit]))
+    assert float(entropy[0, 0]) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-5)
+
+
+def test_grpo_terms_ignore_overflowing_log_probs_at_padding_and_the_clip_counts_only_where_it_stops_the_gradient():
+    logp = jnp.array([[-1.0, 500.0], [-0.1, 0.0]])  # position (0, 1) is padding with a value whose exp overflows
+    old = jnp.array([[-1.0, -500.0], [-1.0, 0.0]])
+    weights = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+
+    def total(logp):
+        surrogate, kl, _ = objectives.grpo_token_terms(logp, old, old, jnp.array([1.0, -1.0]), weights, 0.2)
+        return jnp.sum(-surrogate + 0.04 * kl)
+
+    value, grad = jax.value_and_grad(total)(logp)
+    assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
+    # Row 1's ratio e^0.9 is past 1 + eps with a negative advantage: the min picks the unclipped term,
+    # which still has a gradient, so it is not counted as clipped; with a positive one it would be.
+    _, _, clipped = objectives.grpo_token_terms(logp, old, old, jnp.array([1.0, -1.0]), weights, 0.2)
+    assert not np.asarray(clipped).any()
+    _, _, clipped = objectives.grpo_token_terms(logp, old, old, jnp.array([1.0, 1.0]), weights, 0.2)
+    assert np.asarray(clipped).tolist() == [[False, False], [True, False]]
+
+
+def test_unterminated_answers_score_below_every_terminated_one_and_the_eval_rates_carry_standard_errors():
+    rewards = np.array([0.5, 4.5, 2.0, 1.0])  # the reward model's scores; the 4.5 never emitted <|end|>
+    terminated = np.array([True, False, True, True])
+    assert rl.scored(rewards, terminated, 1.0).tolist() == [0.5, -0.5, 2.0, 1.0]
+    assert rl.scored(np.array([3.0, 1.0]), np.array([False, False]), 0.5).tolist() == [0.5, 0.5]
+    assert rl.zero_variance_fraction(np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])) == pytest.approx(2 / 3)
+    rates = rl.pass_rates(np.array([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]], bool))
+    assert rates["pass_at_1"] == pytest.approx(6 / 16) and rates["pass_at_k"] == pytest.approx(3 / 4)
+    assert rates["pass_at_1_se"] == pytest.approx(np.std([0.25, 0, 1, 0.25], ddof=1) / 2)
+    assert rates["pass_at_k_se"] == pytest.approx(np.std([1, 0, 1, 1], ddof=1) / 2)
+
+
+def test_grpo_refuses_top_k_and_takes_its_log_probs_at_the_sampling_temperature_over_the_chat_ids(sets):
+    from llm import spec
+    from llm.training import state
+
+    cfg = _objective_cfg(sets, "grpo", 2)
+    cfg.grpo.top_k = 5
+    with pytest.raises(spec.ConfigError, match="grpo.top_k must be 0"):
+        spec.from_config(cfg)
+    cfg.grpo.top_k, cfg.grpo.temperature = 0, 0.7
+    run = spec.resolve(spec.from_config(cfg), tokenizer_lib.load(sets["pre"]))
+    assert state.sampled_distribution(run) == {"temperature": 0.7, "vocab_limit": run.vocab.require_roles().limit}
+    cfg.objective, cfg.data.dataset = "dpo", f"preference:{sets['pref']}"
+    run = spec.resolve(spec.from_config(cfg), tokenizer_lib.load(sets["pre"]))
+    assert state.sampled_distribution(run) == {"temperature": 1.0, "vocab_limit": run.vocab.require_roles().limit}
+
+
+def says_one(record: dict, answer: str) -> float:
+    return float(answer == "1")
+
+
+def test_grpo_learns_a_checkable_reward_and_reuses_each_sampled_batch_with_the_clip_acting(sets, sft64, tmp_path):
+    # From a barely trained SFT model that answers digit strings and seldom stops within 4 tokens, the
+    # reward is 1 for the answer "1" and an unterminated answer scores below any other.
+    cfg = _cfg(sets, init_from=sft64, seq_len=64, objective="grpo", data__dataset=f"prompts:{sets['prompts']}", batch_size=4,
+               grpo__group_size=8, grpo__max_new_tokens=4, grpo__reward_fn="test_posttrain:says_one", grpo__num_iterations=2,
+               num_train_steps=40, checkpoint_every_steps=40, log_every_steps=1, opt__learning_rate=1e-2, opt__warmup_steps=0)
+    train_run(cfg, str(tmp_path / "grpo"), quiet=True, feed=rl.make_feed)
+    logged = _logged(str(tmp_path / "grpo"))
+    reward = [logged[s]["reward"] for s in range(1, 41)]
+    assert reward[0] < 0.2 and np.mean(reward[-6:]) > 0.9, reward
+    assert all(logged[s]["unterminated"] >= 0 for s in logged) and logged[1]["unterminated"] > 0
+    # num_iterations=2: the second update of each batch trains on the first's answers, against their
+    # stored log-probs, so its ratio moves and the clip acts; the first's ratio is exactly 1.
+    assert all(logged[s]["reward"] == logged[s + 1]["reward"] for s in range(1, 41, 2))
+    assert all(logged[s]["clip_fraction"] == 0 for s in range(1, 41, 2))
+    assert max(logged[s]["clip_fraction"] for s in range(2, 41, 2)) > 0
+
+
+def test_dpo_separates_the_pairs_it_trains_on(sets, sft64, tmp_path):
+    rng = random.Random(1)
+    pairs = [{"prompt": p, "chosen": a, "rejected": f"{a}+{a}"} for p, a in (addition_problem(rng) for _ in range(120))]
+    cfg = _cfg(sets, init_from=sft64, seq_len=64, objective="dpo", data__dataset=f"preference:{write_jsonl(tmp_path / 'pairs.jsonl', pairs)}",
+               num_train_steps=30, checkpoint_every_steps=30, log_every_steps=1, opt__warmup_steps=0)
+    train_run(cfg, str(tmp_path / "dpo"), quiet=True)
+    logged = _logged(str(tmp_path / "dpo"))
+    assert logged[1]["accuracy"] == 0 and logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts at its reference
+    assert np.mean([logged[s]["accuracy"] for s in range(21, 31)]) > 0.9
+    assert np.mean([logged[s]["loss"] for s in range(21, 31)]) < 0.5 * math.log(2)
+    # dpo.nll_coef adds that multiple of each chosen answer's mean token NLL (RPO) to its pair's loss.
+    run = llm.load(sft64)
+    mc, limit = run.model_config, run.roles.limit
+    pairs = examples.load_pairs(cfg.data.dataset, "all", run.tokenizer, run.roles, 64, 0.0, 0.0)
+    batch = {k: jnp.asarray(v[:4]) for k, v in pairs.items()}
+    batch.update(objectives.answer_logprobs(mc, run.params, batch, limit))
+    plain, rpo = (float(objectives.make("dpo", mc, dpo_nll_coef=c, vocab_limit=limit)(run.params, batch)[0]) for c in (0.0, 0.5))
+    logp, _ = objectives.token_logprobs(mc, run.params, batch["chosen_inputs"], batch["chosen_targets"], vocab_limit=limit)
+    w = batch["chosen_weights"]
+    assert plain == pytest.approx(4 * math.log(2), rel=1e-5)  # the policy is its reference
+    assert rpo - plain == pytest.approx(0.5 * float(jnp.sum(-(logp * w).sum(1) / w.sum(1))), rel=1e-4)
+
+
+def test_chat_on_a_64_token_model_answers_with_no_flags_cutting_the_answer_to_the_context(sft64):
+    result = subprocess.run(["./run.sh", "chat", f"--workdir={sft64}"], cwd=REPO, input="12+34\n/exit\n", capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "error" not in result.stdout and "model> " in result.stdout
+    assert "does not fit after a" in result.stderr  # the default 200 new tokens, cut with a warning
+    run = llm.load(sft64)
+    long_history = [{"role": r, "content": "12+34"} for r in ("user", "assistant") * 6] + [{"role": "user", "content": "5+6"}]
+    with pytest.warns(UserWarning, match=r"max_new_tokens=200 does not fit after a \d+-token conversation"):
+        assert isinstance(run.chat(long_history), str)
+    from llm.run import chat
+
+    kept, tokens = chat.fit(run, long_history, 200)
+    assert kept[-1] == long_history[-1] and len(tokens) <= run.context // 2 < len(
+        template.render(run.tokenizer, run.roles, long_history[-len(kept) - 1:], add_generation_prompt=True)[0])
 
 
 # Each objective trains, evaluates and resumes exactly.
@@ -226,7 +376,10 @@ def test_the_reward_model_reports_held_out_pairwise_accuracy_scores_from_the_cli
                              cfg.data.test_fraction)[: cfg.grpo.eval_prompts]
     prompts = [r.value["prompt"] for r in held]
     answers = [policy.chat([{"role": "user", "content": p}], max_new_tokens=cfg.grpo.max_new_tokens) for p in prompts]
-    assert summary["eval_reward"] == pytest.approx(np.mean(rm.score(prompts, answers)), abs=1e-5)
+    # A char answer of max_new_tokens characters never emitted <|end|>: it scores below every finished one.
+    terminated = np.array([len(a) < cfg.grpo.max_new_tokens for a in answers])
+    expected = rl.scored(np.asarray(rm.score(prompts, answers)), terminated, cfg.grpo.unterminated_penalty)
+    assert summary["eval_reward"] == pytest.approx(np.mean(expected), abs=1e-5)
     assert np.isfinite(summary["reward"])
 
 

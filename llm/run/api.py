@@ -68,7 +68,8 @@ class Run:
     def chat(self, messages: Sequence[dict], max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stream: Callable[[str], None] | None = None) -> str:
         """The assistant's next message after `messages` ([{"role", "content"}, ...]), with the chat
-        template applied and the oldest turns dropped to fit the context (llm/run/chat.py)."""
+        template applied, the oldest turns dropped to leave room for an answer, and max_new_tokens cut
+        (with a warning) to what fits after them (llm/run/chat.py)."""
         self.require_arch("chat")
         return chat_lib.reply(self, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, seed=seed, on_text=stream)

@@ -8,6 +8,7 @@ an interactive user needs; batch sampling and RL keep the while_loop.
 
 import functools
 import sys
+import warnings
 from typing import Callable, Sequence, TextIO
 
 import jax
@@ -60,30 +61,35 @@ def decode(cfg: ModelConfig, params, prompt: Sequence[int], *, max_new_tokens: i
 
 
 def fit(run, messages: Sequence[dict], max_new_tokens: int) -> tuple[list[dict], np.ndarray]:
-    """The newest messages whose prompt leaves room for max_new_tokens (a system message is kept), and
-    that prompt's tokens."""
+    """The newest messages whose prompt leaves room for an answer of min(max_new_tokens, half the
+    context) tokens (a system message is kept), and that prompt's tokens; the last message alone is
+    kept while it leaves room for one token."""
     messages = list(messages)
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system):]
-    budget = run.context - max_new_tokens
+    budget = run.context - min(max_new_tokens, run.context // 2)
     while True:
         tokens, _ = template.render(run.tokenizer, run.roles, system + turns, add_generation_prompt=True)
-        if len(tokens) <= budget:
+        if len(tokens) <= budget or (len(turns) <= 1 and len(tokens) < run.context):
             return system + turns, tokens
         if len(turns) <= 1:
-            raise sample.SampleError(f"the last message alone is {len(tokens)} tokens with the template; with max_new_tokens="
-                                     f"{max_new_tokens} it does not fit the model's context of {run.context}")
+            raise sample.SampleError(f"the last message alone is {len(tokens)} tokens with the template, and the model's context "
+                                     f"of {run.context} leaves no room for an answer; write a shorter message")
         turns = turns[1:]
 
 
 def reply(run, messages: Sequence[dict], *, max_new_tokens: int = 200, temperature: float = 0.0, top_k: int = 0,
           top_p: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None) -> str:
-    """The assistant's answer to `messages`; on_text receives it piece by piece. A KeyboardInterrupt
-    while it is being written propagates with the text so far in its args[0]."""
+    """The assistant's answer to `messages`; on_text receives it piece by piece. max_new_tokens is cut
+    (with a warning) to what fits after the prompt, as run.generate does. A KeyboardInterrupt while it
+    is being written propagates with the text so far in its args[0]."""
     sample.check_options(temperature, top_k, top_p, max_new_tokens)
-    max_new_tokens = min(max_new_tokens, run.context - 1)
     roles, tok = run.roles, run.tokenizer
     _, prompt = fit(run, messages, max_new_tokens)
+    if len(prompt) + max_new_tokens > run.context:
+        warnings.warn(f"max_new_tokens={max_new_tokens} does not fit after a {len(prompt)}-token conversation in the model's "
+                      f"context of {run.context}; answering in at most {run.context - len(prompt)} tokens", stacklevel=2)
+        max_new_tokens = run.context - len(prompt)
     emitted, shown = [], ""
     try:
         for token in decode(run.model_config, run.params, prompt.tolist(), max_new_tokens=max_new_tokens, stop_id=roles.end,

@@ -108,7 +108,7 @@ def _objective_eval(job: Job, batches: Callable[[], Iterator[dict]]) -> Callable
                 break
             batch = job.put({k: v[eval_lo:eval_hi] for k, v in b.items()}, run.loop.eval_batch_size)
             if run.objective.name == "dpo":
-                batch.update(_reference_logprobs(run.model)(job.reference(), batch))
+                batch.update(_reference_logprobs(run.model, run.vocab.require_roles().limit)(job.reference(), batch))
             batch_sums, batch_units = jax.device_get(job.built.objective_step(params, batch))
             for name, v in batch_sums.items():
                 sums[name] += float(v)
@@ -119,9 +119,9 @@ def _objective_eval(job: Job, batches: Callable[[], Iterator[dict]]) -> Callable
 
 
 @functools.lru_cache(maxsize=4)
-def _reference_logprobs(mc: ModelConfig) -> Callable:
+def _reference_logprobs(mc: ModelConfig, vocab_limit: int) -> Callable:
     """DPO's frozen inputs: the reference's summed answer log-probs, jitted once per model shape."""
-    return jax.jit(lambda params, batch: objectives.answer_logprobs(mc, params, batch))
+    return jax.jit(lambda params, batch: objectives.answer_logprobs(mc, params, batch, vocab_limit))
 
 
 def make(job: Job) -> Feed:
@@ -136,7 +136,7 @@ def make(job: Job) -> Feed:
         if run.objective.name == "dpo":
             def prepare(state, b, step):
                 batch = job.put(b)
-                batch.update(_reference_logprobs(run.model)(job.reference(), batch))
+                batch.update(_reference_logprobs(run.model, run.vocab.require_roles().limit)(job.reference(), batch))
                 return batch, {}
         return Feed(batches, prepare, _objective_eval(job, held) if evaluating else None,
                     check=lambda: batches_lib.preference_pairs(run, tok, "validation"))

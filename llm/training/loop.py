@@ -23,7 +23,7 @@ from llm.spec import RunSpec
 from llm.training import batches as batches_lib, checkpoint, feeds, guard, sharding, tasks
 from llm.training.feeds import Feed, Job
 from llm.training.metrics import Writer, measure_peak_tflops, mfu, peak_units
-from llm.training.params import restore_lm_params
+from llm.training.params import marker_rows, restore_lm_params
 from llm.training.state import TrainState, setup_run
 
 
@@ -112,7 +112,7 @@ def _train(run: RunSpec, workdir: str, quiet: bool, stop: guard.StopSignals, mak
 
     @functools.lru_cache(maxsize=1)
     def reference():
-        return restore_lm_params(run.objective.init_from, run.model, built)[0]
+        return restore_lm_params(run.objective.init_from, run.model, built, marker_rows(run, tok))[0]
 
     job = Job(run, workdir, mesh, tok, built, reference, quiet)
     feed = make_feed(job)
@@ -163,7 +163,7 @@ def _train_loop(job: Job, stop: guard.StopSignals, feed: Feed) -> dict:
         state = built.init_state(jax.random.key(run.seed))
         if run.objective.init_from:
             # A reward model starts from the language model's params and a fresh head.
-            params, src_step = restore_lm_params(run.objective.init_from, mc, built)
+            params, src_step = restore_lm_params(run.objective.init_from, mc, built, marker_rows(run, tok))
             state = state.replace(params={**state.params, **params})
             if is_main and not quiet:
                 print(f"initialised from {run.objective.init_from} (step {src_step})", file=sys.stderr)

@@ -17,17 +17,29 @@ from llm import model
 from llm.data import examples, template
 from llm.data.tokenizer import Tokenizer
 from llm.model import ModelConfig
+from llm.model.attention import NEG_INF
 from llm.model.heads import lm_params, rewards
 from llm.training.loss import cross_entropy_sums
 
 
-def token_logprobs(cfg: ModelConfig, params, inputs_BxL, targets_BxL, segment_ids_BxL=None, positions_BxL=None):
-    """(log p(target) [B, L], entropy of the next-token distribution [B, L]), float32."""
-    logits_BxLxV, _ = model.apply(cfg, lm_params(params), inputs_BxL, segment_ids_BxL, positions_BxL)
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+def sampled_logprobs(logits_BxLxV, targets_BxL, temperature: float = 1.0, vocab_limit: int | None = None):
+    """(log p(target) [B, L], entropy [B, L]) of the distribution the sampler draws from: the logits over
+    temperature, ids from vocab_limit on excluded (float32)."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32) / temperature
+    if vocab_limit is not None:
+        logits_BxLxV = jnp.where(jnp.arange(logits_BxLxV.shape[-1]) < vocab_limit, logits_BxLxV, NEG_INF)
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
     target_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    # exp(NEG_INF - lse) is exactly 0, so the masked ids add 0 * (finite) = 0.
     entropy_BxL = -jnp.sum(jnp.exp(logp_BxLxV) * logp_BxLxV, axis=-1)
     return target_BxL, entropy_BxL
+
+
+def token_logprobs(cfg: ModelConfig, params, inputs_BxL, targets_BxL, segment_ids_BxL=None, positions_BxL=None,
+                   temperature: float = 1.0, vocab_limit: int | None = None):
+    """sampled_logprobs of the model's logits over these inputs."""
+    logits_BxLxV, _ = model.apply(cfg, lm_params(params), inputs_BxL, segment_ids_BxL, positions_BxL)
+    return sampled_logprobs(logits_BxLxV, targets_BxL, temperature, vocab_limit)
 
 
 def bradley_terry_loss(reward_chosen, reward_rejected):
@@ -42,19 +54,29 @@ def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta: float):
     return bradley_terry_loss(reward_c, reward_r), reward_c, reward_r
 
 
-def grpo_token_terms(logp_BxL, old_logp_BxL, ref_logp_BxL, advantages_B, clip_eps: float):
-    """(clipped surrogate [B, L], KL(pi || pi_ref) per token [B, L], ratio [B, L])."""
+def grpo_token_terms(logp_BxL, old_logp_BxL, ref_logp_BxL, advantages_B, weights_BxL, clip_eps: float):
+    """(clipped surrogate [B, L], KL(pi || pi_ref) per token [B, L], clipped [B, L]: where the clip
+    holds the ratio, so the token adds no gradient), each zero where weights_BxL is."""
     adv_Bx1 = advantages_B[:, None]
-    ratio_BxL = jnp.exp(logp_BxL - old_logp_BxL)
+    on_BxL = weights_BxL > 0
+    # Padding positions hold arbitrary log-probs: zero their differences before any exp, since
+    # exp(overflow) * 0 would be inf * 0 = NaN in the sum and its gradient.
+    log_ratio_BxL = jnp.where(on_BxL, logp_BxL - old_logp_BxL, 0.0)
+    ratio_BxL = jnp.exp(log_ratio_BxL)
     surrogate_BxL = jnp.minimum(ratio_BxL * adv_Bx1, jnp.clip(ratio_BxL, 1 - clip_eps, 1 + clip_eps) * adv_Bx1)
+    clipped_BxL = on_BxL & (((ratio_BxL > 1 + clip_eps) & (adv_Bx1 > 0)) | ((ratio_BxL < 1 - clip_eps) & (adv_Bx1 < 0)))
     # Schulman's k3 estimator of KL(pi || pi_ref): unbiased, never negative, zero where they agree.
-    log_ref_ratio_BxL = ref_logp_BxL - logp_BxL
-    return surrogate_BxL, jnp.exp(log_ref_ratio_BxL) - log_ref_ratio_BxL - 1, ratio_BxL
+    log_ref_ratio_BxL = jnp.where(on_BxL, ref_logp_BxL - logp_BxL, 0.0)
+    kl_BxL = jnp.exp(log_ref_ratio_BxL) - log_ref_ratio_BxL - 1
+    return surrogate_BxL * weights_BxL, kl_BxL * weights_BxL, clipped_BxL
 
 
-def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float = 0.1, clip_eps: float = 0.2,
-         kl_coef: float = 0.04) -> Callable:
-    """(params, batch) -> (objective sum, (metric sums, units))."""
+def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float = 0.1, dpo_nll_coef: float = 0.0, clip_eps: float = 0.2,
+         kl_coef: float = 0.04, temperature: float = 1.0, vocab_limit: int | None = None) -> Callable:
+    """(params, batch) -> (objective sum, (metric sums, units)). temperature and vocab_limit: the
+    distribution DPO's and GRPO's log-probs are taken under, the sampler's (GRPO's temperature, the
+    chat template's ids)."""
+    logprobs = functools.partial(token_logprobs, temperature=temperature, vocab_limit=vocab_limit)
 
     def lm(params, batch):
         logits_BxLxV = model.forward(cfg, params, batch)
@@ -71,12 +93,16 @@ def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float 
 
     def dpo(params, batch):
         def answer_logp(side):
-            logp_BxL, _ = token_logprobs(cfg, params, batch[f"{side}_inputs"], batch[f"{side}_targets"])
-            return jnp.sum(logp_BxL * batch[f"{side}_weights"], axis=-1)
+            logp_BxL, _ = logprobs(cfg, params, batch[f"{side}_inputs"], batch[f"{side}_targets"])
+            return jnp.sum(jnp.where(batch[f"{side}_weights"] > 0, logp_BxL, 0.0), axis=-1)
 
         valid = batch.get("valid", jnp.ones(batch["chosen_inputs"].shape[0], jnp.float32))
-        loss_B, reward_c, reward_r = dpo_loss(answer_logp("chosen"), answer_logp("rejected"), batch["chosen_ref_logp"],
+        logp_chosen_B = answer_logp("chosen")
+        loss_B, reward_c, reward_r = dpo_loss(logp_chosen_B, answer_logp("rejected"), batch["chosen_ref_logp"],
                                               batch["rejected_ref_logp"], dpo_beta)
+        if dpo_nll_coef:
+            # RPO (Pang et al. 2024): the chosen answer's mean token NLL keeps its likelihood from falling with the rejected's.
+            loss_B = loss_B - dpo_nll_coef * logp_chosen_B / jnp.maximum(batch["chosen_weights"].sum(axis=-1), 1.0)
         loss_B = loss_B * valid
         metrics = {"loss": loss_B.sum(), "accuracy": jnp.sum((reward_c > reward_r) * valid),
                    "margin": jnp.sum((reward_c - reward_r) * valid), "chosen_reward": jnp.sum(reward_c * valid),
@@ -84,25 +110,28 @@ def make(objective: str, cfg: ModelConfig, z_loss: float = 0.0, dpo_beta: float 
         return loss_B.sum(), (metrics, valid.sum())
 
     def grpo(params, batch):
-        logp_BxL, entropy_BxL = token_logprobs(cfg, params, batch["inputs"], batch["targets"])
+        logp_BxL, entropy_BxL = logprobs(cfg, params, batch["inputs"], batch["targets"])
         w_BxL = batch["weights"]
-        # One update per sampled batch: the sampling policy is these very params, so its log-probs are
-        # these, held constant (the ratio is 1; a second forward pass for them would be wasted).
-        surrogate_BxL, kl_BxL, ratio_BxL = grpo_token_terms(logp_BxL, jax.lax.stop_gradient(logp_BxL), batch["ref_logp"], batch["advantages"], clip_eps)
-        objective = jnp.sum((-surrogate_BxL + kl_coef * kl_BxL) * w_BxL)
-        clipped = jnp.sum((jnp.abs(ratio_BxL - 1) > clip_eps) * w_BxL)
-        metrics = {"loss": objective, "kl": jnp.sum(kl_BxL * w_BxL), "entropy": jnp.sum(entropy_BxL * w_BxL), "clip_fraction": clipped}
+        # grpo.num_iterations=1: the sampling policy is these very params, so its log-probs are these,
+        # held constant (the ratio is 1 and a forward pass for them would be wasted). Later updates on
+        # the same answers bring the sampling policy's log-probs on the batch.
+        old_logp_BxL = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp_BxL)
+        surrogate_BxL, kl_BxL, clipped_BxL = grpo_token_terms(logp_BxL, old_logp_BxL, batch["ref_logp"], batch["advantages"], w_BxL, clip_eps)
+        objective = jnp.sum(-surrogate_BxL + kl_coef * kl_BxL)
+        metrics = {"loss": objective, "kl": jnp.sum(kl_BxL), "entropy": jnp.sum(jnp.where(w_BxL > 0, entropy_BxL, 0.0) * w_BxL),
+                   "clip_fraction": jnp.sum(clipped_BxL * w_BxL)}
         return objective, (metrics, jnp.sum(w_BxL))
 
     return {"lm": lm, "reward": reward, "dpo": dpo, "grpo": grpo}[objective]
 
 
-def answer_logprobs(cfg: ModelConfig, params, batch: dict, sides=("chosen", "rejected")) -> dict:
-    """The reference's summed answer log-probs for DPO: {side}_ref_logp [B]."""
+def answer_logprobs(cfg: ModelConfig, params, batch: dict, vocab_limit: int | None = None, sides=("chosen", "rejected")) -> dict:
+    """The reference's summed answer log-probs for DPO, under the chat template's ids as the policy's
+    are: {side}_ref_logp [B]."""
     out = {}
     for side in sides:
-        logp_BxL, _ = token_logprobs(cfg, params, batch[f"{side}_inputs"], batch[f"{side}_targets"])
-        out[f"{side}_ref_logp"] = jnp.sum(logp_BxL * batch[f"{side}_weights"], axis=-1)
+        logp_BxL, _ = token_logprobs(cfg, params, batch[f"{side}_inputs"], batch[f"{side}_targets"], vocab_limit=vocab_limit)
+        out[f"{side}_ref_logp"] = jnp.sum(jnp.where(batch[f"{side}_weights"] > 0, logp_BxL, 0.0), axis=-1)
     return out
 
 

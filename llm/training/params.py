@@ -50,9 +50,31 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     return Loaded(run, tok, params, found)
 
 
-def restore_lm_params(source: str, mc: ModelConfig, built: Setup) -> tuple[dict, int]:
+def marker_rows(run: spec.RunSpec, tok: Tokenizer) -> dict[int, list[int]]:
+    """{role marker id: the token ids whose mean embedding starts its row} of a run (its config's
+    `markers`) that starts from a model whose markers were never trained (init_from is not a chat run)."""
+    source = run.objective.init_from
+    if not run.objective.marker_init or not source or saved_spec(source).data.kind in ("sft", "preference", "prompts"):
+        return {}
+    roles = run.vocab.require_roles()
+    return {roles.of(role): tok.encode(text).tolist() for role, text in run.objective.marker_init}
+
+
+def restore_lm_params(source: str, mc: ModelConfig, built: Setup, markers: dict[int, list[int]] | None = None) -> tuple[dict, int]:
     """Another run's language-model params (and step) onto this run's shardings; a smaller vocabulary
-    (a run whose chat template grew it) gets new embedding rows drawn as a fresh model's are."""
+    (a run whose chat template grew it) gets new embedding rows drawn as a fresh model's are; then
+    each of `markers` (marker_rows) starts at the mean embedding of its tokens (and head column, untied)."""
+    params, step = _restore_grown(source, mc, built)
+    shardings = heads.lm_params(built.param_sh)
+    for marker, ids in (markers or {}).items():
+        ids = jnp.asarray(ids)
+        params["embed"] = jax.device_put(params["embed"].at[marker].set(params["embed"][ids].mean(axis=0)), shardings["embed"])
+        if not mc.tie_embeddings:
+            params["head"] = jax.device_put(params["head"].at[:, marker].set(params["head"][:, ids].mean(axis=1)), shardings["head"])
+    return params, step
+
+
+def _restore_grown(source: str, mc: ModelConfig, built: Setup) -> tuple[dict, int]:
     abstract, shardings = heads.lm_params(built.abstract_params), heads.lm_params(built.param_sh)
     V = spec.vocabulary(saved_spec(source), tokenizer_lib.load(source)).size
     if V == mc.V:

@@ -92,23 +92,63 @@ def _checked(rewards: np.ndarray, records: Sequence[dict], texts: Sequence[str],
     return rewards
 
 
+def scored(rewards: np.ndarray, terminated: np.ndarray, penalty: float) -> np.ndarray:
+    """Rewards with each answer cut off before <|end|> set to the lowest reward of the batch's terminated
+    answers (of all, when none terminated) less `penalty`: an unfinished answer never scores as a finished one,
+    whatever the reward function or model makes of its text."""
+    floor = rewards[terminated].min() if terminated.any() else rewards.min()
+    return np.where(terminated, rewards, floor - penalty)
+
+
+def zero_variance_fraction(rewards_BxG: np.ndarray) -> float:
+    """The fraction of groups whose answers all scored alike: their advantages are 0 and they teach nothing."""
+    return float(np.mean(np.ptp(rewards_BxG, axis=1) == 0))
+
+
+def pass_rates(correct_PxK: np.ndarray) -> dict[str, float]:
+    """pass@1 (the mean of each prompt's fraction right) and pass@k (some answer right) over P prompts with k
+    samples each, with their standard errors over prompts."""
+    P, k = correct_PxK.shape
+    per_prompt_P = correct_PxK.mean(axis=1)
+    any_P = correct_PxK.any(axis=1).astype(np.float64)
+    se = lambda x_P: float(x_P.std(ddof=1) / np.sqrt(P)) if P > 1 else float("nan")
+    return {"pass_at_1": float(per_prompt_P.mean()), "pass_at_1_se": se(per_prompt_P),
+            "pass_at_k": float(any_P.mean()), "pass_at_k_se": se(any_P)}
+
+
+def _exact(record: dict, text: str, terminated: bool) -> bool:
+    return terminated and text.strip() == str(record["answer"]).strip()
+
+
 def make_feed(job: Job) -> Feed:
     run = job.run
     g, dc = run.objective.grpo, run.data
     if jax.process_count() > 1 and g.reward_run:
         raise RewardError("grpo.reward_run scores on one host; a multi-host GRPO run takes grpo.reward_fn")
-    load = lambda split: examples.load_prompts(dc.dataset, split, job.tok, run.vocab.require_roles(), run.seq_len, g.max_new_tokens,
+    roles = run.vocab.require_roles()
+    load = lambda split: examples.load_prompts(dc.dataset, split, job.tok, roles, run.seq_len, g.max_new_tokens,
                                                dc.validation_fraction, dc.test_fraction)
     batches = examples.PromptBatches(load("train"), run.batch_size, run.seed)
     score = scorer(g)
-    logprobs = jax.jit(lambda params, batch: objectives.token_logprobs(run.model, params, batch["inputs"], batch["targets"])[0])
+    # The sampler's distribution (temperature, the chat ids), as the train step's log-probs take it.
+    logprobs = jax.jit(lambda params, batch: objectives.token_logprobs(run.model, params, batch["inputs"], batch["targets"],
+                                                                       temperature=g.temperature, vocab_limit=roles.limit)[0])
     width = run.seq_len + 1
+    cycle: dict = {}  # the sampled batch that grpo.num_iterations updates share, and its host metrics
+
+    def rewards_of(records, answers, texts, step):
+        terminated = np.array([bool(a) and a[-1] == roles.end for a in answers])
+        return scored(_checked(score(records, texts), records, texts, step), terminated, g.unterminated_penalty), terminated
 
     def prepare(state, host_batch, step):
+        # Later updates of a cycle train on the answers its first step sampled (the prompts drawn for
+        # them go unused). A run resumed mid-cycle samples afresh at its first step.
+        if cycle and (step - 1) % g.num_iterations:
+            return cycle["device"], cycle["host"]
         prompts = host_batch["prompts"]
         rows, answers, texts = _answers(job, state.params, prompts, g.group_size, g.temperature, seed=run.seed * 1_000_003 + step)
         records = [p.record for p in prompts for _ in range(g.group_size)]
-        rewards = _checked(score(records, texts), records, texts, step)
+        rewards, terminated = rewards_of(records, answers, texts, step)
         batch = answer_rows(rows, answers, width, job.tok.pad_id)
         rewards_BxG = rewards.reshape(len(prompts), g.group_size)
         batch["advantages"] = np.asarray(objectives.group_advantages(rewards_BxG), np.float32).reshape(-1)
@@ -116,21 +156,40 @@ def make_feed(job: Job) -> Feed:
         lo, hi = sharding.host_rows(job.mesh, rows_total)
         device = job.put({k: v[lo:hi] for k, v in batch.items()}, rows_total)
         device["ref_logp"] = logprobs(job.reference(), device)
-        lengths = [len(a) for a in answers]
+        if g.num_iterations > 1:
+            device["old_logp"] = logprobs(state.params, device)
         host = {"reward": float(rewards.mean()), "reward_std": float(rewards_BxG.std(axis=1).mean()),
-                "answer_length": float(np.mean(lengths))}
+                "zero_variance_groups": zero_variance_fraction(rewards_BxG), "unterminated": float(1 - terminated.mean()),
+                "answer_length": float(np.mean([len(a) for a in answers]))}
+        cycle.update(device=device, host=host)
         return device, host
 
     def evaluate(params):
         held = load("validation")[: g.eval_prompts or None]
-        rewards, lengths = [], []
+        exact = all("answer" in p.record for p in held)
+        greedy, lengths, right, sampled, right_PxK = [], [], [], [], []
         for first in range(0, len(held), run.loop.eval_batch_size):
             chunk = held[first : first + run.loop.eval_batch_size]
-            _, answers, texts = _answers(job, params, chunk, 1, 0.0, seed=0)
             records = [p.record for p in chunk]
-            rewards += list(_checked(score(records, texts), records, texts, -1))
+            _, answers, texts = _answers(job, params, chunk, 1, 0.0, seed=0)
+            rewards, terminated = rewards_of(records, answers, texts, -1)
+            greedy += list(rewards)
             lengths += [len(a) for a in answers]
-        return {"eval_reward": float(np.mean(rewards)), "eval_answer_length": float(np.mean(lengths))}
+            right += [_exact(r, t, e) for r, t, e in zip(records, texts, terminated)] if exact else []
+            # group_size answers per prompt at the training temperature, from a seed fixed across evals.
+            _, answers, texts = _answers(job, params, chunk, g.group_size, g.temperature, seed=run.seed + first)
+            records = [r for r in records for _ in range(g.group_size)]
+            rewards, terminated = rewards_of(records, answers, texts, -1)
+            sampled += list(rewards)
+            if exact:
+                right_PxK.append(np.reshape([_exact(r, t, e) for r, t, e in zip(records, texts, terminated)], (len(chunk), g.group_size)))
+        se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+        out = {"eval_reward": float(np.mean(greedy)), "eval_reward_se": se(greedy), "eval_sampled_reward": float(np.mean(sampled)),
+               "eval_sampled_reward_se": se(sampled), "eval_answer_length": float(np.mean(lengths)), "eval_prompts": len(held)}
+        if exact:
+            out.update(eval_exact_match=float(np.mean(right)), eval_exact_match_se=se(np.asarray(right, np.float64)),
+                       **{f"eval_{k}": v for k, v in pass_rates(np.concatenate(right_PxK)).items()})
+        return out
 
     return Feed(batches, prepare, evaluate if run.loop.eval_every_steps else None, check=lambda: load("validation"))
 

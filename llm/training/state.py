@@ -105,7 +105,7 @@ def _opt_shardings(abstract_opt, abstract_params, param_sh, mesh: jax.sharding.M
 
 def setup(mc: ModelConfig, oc: OptConfig, mesh: jax.sharding.Mesh, rules: tuple, objective: str = "lm",
           **objective_options) -> Setup:
-    """objective_options: objectives.make's (dpo_beta, clip_eps, kl_coef)."""
+    """objective_options: objectives.make's (dpo_beta, dpo_nll_coef, clip_eps, kl_coef, temperature, vocab_limit)."""
     optimizer = optimizer_lib.make(oc, mc.parametrization)
     reward_head = objective == "reward"
     boxed = jax.eval_shape(lambda: heads.init_params(mc, jax.random.key(0), reward_head))
@@ -135,5 +135,15 @@ def setup(mc: ModelConfig, oc: OptConfig, mesh: jax.sharding.Mesh, rules: tuple,
 def setup_run(run: RunSpec, mesh: jax.sharding.Mesh) -> Setup:
     """`setup` of a resolved run spec: its model, optimizer, sharding rules and objective."""
     o = run.objective
-    return setup(run.model, run.opt, mesh, run.mesh.rules, o.name, dpo_beta=o.dpo_beta, clip_eps=o.grpo.clip_eps,
-                 kl_coef=o.grpo.kl_coef)
+    return setup(run.model, run.opt, mesh, run.mesh.rules, o.name, dpo_beta=o.dpo_beta, dpo_nll_coef=o.dpo_nll_coef, clip_eps=o.grpo.clip_eps,
+                 kl_coef=o.grpo.kl_coef, **sampled_distribution(run))
+
+
+def sampled_distribution(run: RunSpec) -> dict:
+    """The temperature and vocabulary limit that DPO's and GRPO's log-probs are taken under: those of the
+    sampler that draws (GRPO) or would draw (DPO, at temperature 1) the answers, so that the gradient and
+    the KL refer to the distribution the answers come from."""
+    name = run.objective.name
+    if name not in ("dpo", "grpo"):
+        return {}
+    return {"temperature": run.objective.grpo.temperature if name == "grpo" else 1.0, "vocab_limit": run.vocab.require_roles().limit}
