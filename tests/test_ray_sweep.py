@@ -1,0 +1,255 @@
+"""./run.sh sweep --ray: a sweep's points as tasks on a real Ray cluster on 127.0.0.1. Each test starts its own
+cluster (a head that trains nothing and two one-CPU worker nodes, each node a `ray start --block` process
+group) and kills it at the end; the local run they are compared to is run once for the module."""
+
+import contextlib
+import csv
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+from llm.scaling import points as points_lib, ray_task, sweep
+from llm.training import guard
+
+pytest.importorskip("ray", reason="the ray extra (./run.sh setup installs it)")
+
+RAY = Path(sys.executable).with_name("ray")
+NODE_START_S = 90  # a node that has not joined by then fails the test
+SWEEP_S = 240  # bound on one driver run
+
+
+def write_sweep(root: Path) -> Path:
+    """tests/test_sweep.py's 4-point sweep, checkpointing every step so that a kill lands mid-point."""
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "shall", "not", "be", "to", "of", "and", "my", "lord", "sweet", "love"]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(600)))
+    config = root / "tiny_sweep.py"
+    config.write_text(f"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {str(REPO / 'tests')!r})
+from test_sweep import tiny_sweep_config
+
+
+def get_config():
+    c = tiny_sweep_config(Path({str(corpus)!r}))
+    c.checkpoints_per_point = 100  # capped at one per step
+    c.resources_per_point = {{"CPU": 1}}
+    c.max_retries = 2
+    return c
+""")
+    return config
+
+
+def read_rows(workdir: Path) -> list[dict]:
+    with open(workdir / sweep.RESULTS, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def same_columns(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def sweep_config(tmp_path_factory) -> Path:
+    return write_sweep(tmp_path_factory.mktemp("ray_sweep"))
+
+
+@pytest.fixture(scope="module")
+def local(sweep_config):
+    """(the sweep config file, the local run's rows): `./run.sh sweep` without --ray."""
+    config, workdir = sweep_config, sweep_config.parent / "local"
+    proc = run_cli("sweep", f"--config={config}", f"--workdir={workdir}", timeout=SWEEP_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_rows(workdir)
+    assert len(rows) == 4
+    return config, rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_cluster(workers: int = 2):
+    """Yields (address, {worker node's pgid: its ray start process}); kills every node's process group after."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's unix sockets live here: the path must stay short
+    port = _free_port()
+    # Every port a node opens, chosen here: other clusters may be running on this machine.
+    common = lambda: ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}",
+                      f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    head = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+            f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}", *common()]
+    worker = lambda: [str(RAY), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", *common()]
+    nodes = []
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        for i, command in enumerate([head] + [worker() for _ in range(workers)]):
+            if i == 1:  # the worker nodes join a head whose GCS listens
+                _wait_for(lambda: "Ray runtime started" in (Path(temp) / "node0.log").read_text(), NODE_START_S)
+            log = open(Path(temp) / f"node{i}.log", "w")
+            nodes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        for i in range(len(nodes)):
+            _wait_for(lambda: "Ray runtime started" in (Path(temp) / f"node{i}.log").read_text(), NODE_START_S)
+        yield f"127.0.0.1:{port}", {n.pid: n for n in nodes[1:]}
+    finally:
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def ray_sweep(config: Path, workdir: Path, address: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llm.cli", "sweep", f"--config={config}", f"--workdir={workdir}",
+                             f"--ray={address}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=SWEEP_S)
+    return proc.returncode, out, err
+
+
+def locks_free(workdir: Path) -> bool:
+    for path in workdir.glob(f"*/{guard.LOCK_FILE}"):
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+    return True
+
+
+def test_ray_task_knows_the_lock_file_of_the_guard():
+    assert ray_task.LOCK_FILE == guard.LOCK_FILE
+
+
+def test_ray_sweep_writes_the_local_rows_in_the_local_order(local, tmp_path):
+    config, expected = local
+    with ray_cluster() as (address, _):
+        code, out, err = finish(ray_sweep(config, tmp_path / "sweep", address))
+    assert code == 0, err[-3000:]
+    # Bit for bit: the same columns, the losses to their last printed digit, in the same order.
+    assert same_columns(read_rows(tmp_path / "sweep")) == same_columns(expected)
+    assert "[ray] 4/4 done, 0 running, 0 pending, 0 failed" in out
+    assert len({line.split(" on ")[-1] for line in out.splitlines() if ": started on " in line}) >= 1
+
+
+def test_a_killed_worker_node_is_retried_and_its_point_resumes(local, tmp_path):
+    config, expected = local
+    workdir = tmp_path / "sweep"
+    victim = max(points_lib.expand(_load(config)), key=lambda p: p.config.num_train_steps).name
+    with ray_cluster() as (address, nodes):
+        driver = ray_sweep(config, workdir, address)
+        _wait_for(lambda: (workdir / victim / "checkpoints" / "1").exists() or driver.poll() is not None, SWEEP_S)
+        worker_pid = int((workdir / victim / ray_task.LOG).read_text().split("worker pid ")[1].split(")")[0])
+        node = os.getpgid(_parent(worker_pid))  # the worker's raylet: the node's process group
+        assert node in nodes
+        os.killpg(node, signal.SIGKILL)  # the whole node, as when a preemptible VM goes
+        code, out, err = finish(driver)
+    assert code == 0, err[-3000:]
+    assert f"{victim}: its worker on" in out and "retry 1 of 2" in out
+    log = (workdir / victim / ray_task.LOG).read_text()
+    assert "=== attempt 2" in log and f"resuming {workdir / victim} from step" in log
+    assert same_columns(read_rows(workdir)) == same_columns(expected)
+
+
+def test_a_point_that_fails_for_good_is_reported_once_and_the_others_finish(local, tmp_path):
+    config, expected = local
+    workdir = tmp_path / "sweep"
+    names = [r["name"] for r in expected]
+    bad = names[0]
+    (workdir / bad).mkdir(parents=True)
+    (workdir / bad / "config.json").write_text(json.dumps({"a": "different run"}))
+    with ray_cluster() as (address, _):
+        code, out, err = finish(ray_sweep(config, workdir, address))
+    assert code == 2
+    failed = [line for line in out.splitlines() if line.startswith(f"{bad}: failed")]
+    assert len(failed) == 1 and "not retried: error:" in failed[0] and "different config" in failed[0]
+    assert err.strip().splitlines()[-1].startswith(f"error: 1 of 4 points failed ({bad};")
+    assert (workdir / bad / ray_task.LOG).read_text().count("=== attempt") == 1
+    assert same_columns(read_rows(workdir)) == same_columns(expected[1:])
+
+
+def test_a_killed_driver_reruns_without_duplicate_rows_or_training_a_point_again(local, tmp_path):
+    config, expected = local
+    workdir = tmp_path / "sweep"
+    with ray_cluster() as (address, _):
+        driver = ray_sweep(config, workdir, address)
+        _wait_for(lambda: any(workdir.glob(f"*/{sweep.MARKER}")) or driver.poll() is not None, SWEEP_S)
+        driver.kill()
+        driver.wait()
+        _wait_for(lambda: locks_free(workdir), 60)  # Ray ends a dead driver's tasks; their children die with them
+        before = {p.name: (p / sweep.MARKER).exists() for p in workdir.iterdir() if p.is_dir()}
+        steps = {name: _checkpoint(workdir / name) for name in before}
+        lines = {name: _metrics(workdir / name) for name in before}
+        code, out, err = finish(ray_sweep(config, workdir, address))
+    assert code == 0, err[-3000:]
+    assert any(before.values())
+    rows = read_rows(workdir)
+    assert same_columns(rows) == same_columns(expected)  # each point once, in order
+    for name, finished in before.items():
+        trained = [r["step"] for r in _metrics(workdir / name)[len(lines[name]):] if "loss" in r]
+        if finished:
+            assert trained == [], name
+        else:  # only the steps after its last checkpoint ran again
+            assert trained == sorted(set(trained)) and (not trained or trained[0] == steps[name] + 1), name
+
+
+def test_an_unreachable_cluster_is_one_error_line_before_anything_trains(sweep_config, tmp_path):
+    config = sweep_config
+    address = f"127.0.0.1:{_free_port()}"
+    proc = run_cli("sweep", f"--config={config}", f"--workdir={tmp_path / 'sweep'}", f"--ray={address}", timeout=60)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and address in errors[0]
+    assert not (tmp_path / "sweep").exists()
+
+
+def _load(config: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_sweep", config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _checkpoint(point_dir: Path) -> int:
+    from llm.training import checkpoint
+
+    return checkpoint.latest_step(str(point_dir)) or 0
+
+
+def _metrics(point_dir: Path) -> list[dict]:
+    path = point_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
