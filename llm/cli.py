@@ -221,11 +221,16 @@ def cmd_sweep_point() -> None:
     `./run.sh sweep` does for that point, the exit codes included."""
     from llm import spec
     from llm.scaling import ray_task, sweep
+    from llm.training import checkpoint
 
     point, base = ray_task.read_point(FLAGS.point_file)
     if base is not None:
         _split_host_cpu(spec.from_config(base))  # as cmd_sweep: the same devices, the same losses
-    sweep.train_point(point, FLAGS.workdir)
+    start = checkpoint.latest_step(os.path.join(FLAGS.workdir, point.name))
+    print(f"{point.name}: {point.config.num_train_steps} steps" + (f", resuming from step {start}" if start else ""),
+          file=sys.stderr, flush=True)
+    row = sweep.train_point(point, FLAGS.workdir)
+    print(f"{point.name}: eval loss {row['eval_loss']}, train loss {row['train_loss']}", file=sys.stderr)
 
 
 def cmd_fit() -> None:
