@@ -1,6 +1,7 @@
 """./run.sh sweep --ray: a sweep's points as tasks on a real Ray cluster on 127.0.0.1. Each test starts its own
-cluster (a head that trains nothing and two one-CPU worker nodes, each node a `ray start --block` process
-group) and kills it at the end; the local run they are compared to is run once for the module."""
+cluster and kills it at the end, each node a `ray start --block` process group: a head that trains nothing
+and two one-CPU worker nodes where a node is killed, else a head alone with two CPUs. The local run they
+are compared to is run once for the module."""
 
 import contextlib
 import csv
@@ -88,14 +89,15 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def ray_cluster(workers: int = 2):
-    """Yields (address, {worker node's pgid: its ray start process}); kills every node's process group after."""
+    """Yields (address, {worker node's pgid: its ray start process}); kills every node's process group after.
+    workers=0: the head alone trains, on both of this machine's cores (a test that kills no node)."""
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's unix sockets live here: the path must stay short
     port = _free_port()
     # Every port a node opens, chosen here: other clusters may be running on this machine.
     common = lambda: ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}",
                       "--include-log-monitor=false",  # the driver asks for no worker logs
                       f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-    head = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+    head = [str(RAY), "start", "--head", f"--port={port}", f"--num-cpus={0 if workers else 2}", "--include-dashboard=false",
             f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}", *common()]
     worker = lambda: [str(RAY), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", *common()]
     nodes: list[subprocess.Popen] = []
@@ -191,13 +193,14 @@ def test_ray_sweep_writes_the_local_rows_though_a_worker_node_dies_midpoint(loca
 
 
 def test_a_point_that_fails_for_good_is_reported_once_and_the_others_finish(local, tmp_path):
-    """Points 0 and 2 (--shard=0/2, to save time); point 0's directory holds another run's config."""
+    """Points 0 and 2 (--shard=0/2, to save time) on a one-node cluster; point 0's directory holds another
+    run's config."""
     config, expected = local
     workdir = tmp_path / "sweep"
     bad = expected[0]["name"]
     (workdir / bad).mkdir(parents=True)
     (workdir / bad / "config.json").write_text(json.dumps({"a": "different run"}))
-    with ray_cluster() as (address, _):
+    with ray_cluster(workers=0) as (address, _):
         code, out, err = finish(ray_sweep(config, workdir, address, "--shard=0/2"))
     assert code == 2
     failed = [line for line in out.splitlines() if line.startswith(f"{bad}: failed")]
@@ -208,10 +211,11 @@ def test_a_point_that_fails_for_good_is_reported_once_and_the_others_finish(loca
 
 
 def test_a_killed_driver_reruns_without_duplicate_rows_or_training_a_point_again(local, tmp_path):
-    """Points 1 and 3 (--shard=1/2): the driver is killed when the first finishes, and run again."""
+    """Points 1 and 3 (--shard=1/2) on a one-node cluster: the driver is killed when the first finishes,
+    and run again."""
     config, expected = local
     workdir = tmp_path / "sweep"
-    with ray_cluster() as (address, _):
+    with ray_cluster(workers=0) as (address, _):
         driver = ray_sweep(config, workdir, address, "--shard=1/2")
         _wait_for(lambda: any(workdir.glob(f"*/{sweep.MARKER}")) or driver.poll() is not None, SWEEP_S)
         driver.kill()
@@ -277,3 +281,33 @@ def test_only_the_ray_driver_imports_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(path.relative_to(REPO).as_posix())
     assert importers == {"llm/scaling/ray_sweep.py"}
+
+
+def test_rows_reach_results_csv_in_the_points_order_whatever_order_they_finish(tmp_path):
+    from types import SimpleNamespace
+
+    from llm.scaling import ray_sweep
+
+    names = ["a", "b", "c", "d"]
+    rows = ray_sweep._Rows(str(tmp_path), [SimpleNamespace(name=n) for n in names])
+    row = lambda name: {k: name if k == "name" else 0 for k in sweep.COLUMNS}
+    rows.finish("c", row("c"))
+    assert not (tmp_path / sweep.RESULTS).exists()  # c waits for a and b
+    rows.finish("a", row("a"))
+    assert [r["name"] for r in read_rows(tmp_path)] == ["a"]
+    rows.finish("b", None)  # failed: holds up nobody
+    rows.finish("d", row("d"))
+    assert [r["name"] for r in read_rows(tmp_path)] == ["a", "c", "d"]
+    assert [r["name"] for r in rows.written] == ["a", "c", "d"]
+
+
+@pytest.mark.parametrize("key, value", [("resources_per_point", {"CPU": -1}), ("resources_per_point", {"TPU": "4"}),
+                                        ("max_retries", -1), ("max_retries", 1.5)])
+def test_bad_ray_keys_of_a_sweep_config_are_refused(key, value):
+    import ml_collections
+
+    from llm.scaling import ray_sweep
+    from llm.spec import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        ray_sweep.options(ml_collections.ConfigDict({key: value}))

@@ -181,12 +181,12 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, address: str, shard:
     def fail(task: _Task, why: str) -> None:
         progress.failed += 1
         failures.append(task.point.name)
-        print(f"{task.point.name}: failed, not retried: {why}", flush=True)
+        print(f"{task.point.name}: failed, {why}", flush=True)
         rows.finish(task.point.name, None)
 
     def retry_or_fail(task: _Task, why: str) -> None:
         if task.attempt >= max_retries:
-            fail(task, f"{why}; out of retries (max_retries={max_retries})")
+            fail(task, f"out of retries (max_retries={max_retries}): {why}")
             return
         print(f"{task.point.name}: {why}; retry {task.attempt + 1} of {max_retries}, from its last checkpoint",
               flush=True)
@@ -201,7 +201,7 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, address: str, shard:
             try:
                 message = ray.get(next(task.refs))
             except ray.exceptions.RayTaskError as e:  # the task's own code raised: it would raise again
-                fail(task, str(e).strip().splitlines()[-1])
+                fail(task, f"not retried: {str(e).strip().splitlines()[-1]}")
                 continue
             except ray.exceptions.RayError as e:  # its worker or its node died
                 retry_or_fail(task, f"its worker on {task.host or 'a node'} was lost ({type(e).__name__})")
@@ -213,7 +213,7 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, address: str, shard:
             elif message["returncode"] == 0:
                 row = sweep.finished_row(task.point, workdir)
                 if row is None:
-                    fail(task, f"it finished on {task.host}, but {os.path.join(workdir, task.point.name, sweep.MARKER)} "
+                    fail(task, f"not retried: it finished on {task.host}, but {os.path.join(workdir, task.point.name, sweep.MARKER)} "
                                f"is not here: is {workdir} one storage that every node mounts at this path?")
                     continue
                 progress.finished(task.point.name, time.monotonic() - task.started)
@@ -221,7 +221,7 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, address: str, shard:
                 print(f"{task.point.name}: eval loss {row['eval_loss']}, {row['bits_per_byte']} bits/byte, "
                       f"train loss {row['train_loss']}, {row['wall_seconds']} s on {task.host}", flush=True)
             elif message["returncode"] == 2:
-                fail(task, message["error"])
+                fail(task, f"not retried: {message['error']}")
             else:
                 retry_or_fail(task, f"exit code {message['returncode']} on {task.host} ({message['error']})")
         progress.show(running, queued, always=not ready)
