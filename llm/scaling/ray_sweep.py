@@ -7,7 +7,8 @@ results.csv, in the order of the points (_Rows). Only this path imports ray.
 
 Sweep config keys read here (llm/scaling/points.py has the others):
   resources_per_point  the Ray resources one point holds while it trains: {'CPU': 2}, {'GPU': 1}, {'TPU': 4},
-                       or a custom resource (default {'CPU': 1})
+                       'memory' in bytes, or a custom resource (default {'CPU': 1}); the child inherits the
+                       CUDA_VISIBLE_DEVICES / TPU_VISIBLE_CHIPS that Ray sets for the task
   max_retries          how many times a point is started again after its worker died (SIGKILL, a preempted
                        VM) or its run exited with a code other than 0 and 2 (default 3)
 """
@@ -44,8 +45,10 @@ def options(sweep_cfg: ml_collections.ConfigDict) -> tuple[dict[str, float], int
 
 
 def _task_options(resources: dict[str, float]) -> dict[str, Any]:
-    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-    return dict(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0), resources=custom)
+    """Ray takes CPU, GPU and memory (bytes) as arguments of their own, every other resource in a dict."""
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+    return dict(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
+                memory=resources.get("memory"), resources=custom)
 
 
 def _check_reachable(address: str) -> None:
