@@ -179,6 +179,7 @@ def test_ray_sweep_writes_the_local_rows_though_a_worker_node_dies_midpoint(loca
     with ray_cluster() as (address, nodes):
         driver = ray_sweep(config, workdir, address)
         _wait_for(lambda: (workdir / victim / "checkpoints" / "1").exists() or driver.poll() is not None, SWEEP_S)
+        assert driver.poll() is None, driver.communicate()
         worker_pid = int((workdir / victim / ray_task.LOG).read_text().split("worker pid ")[1].split(")")[0])
         node = os.getpgid(_parent(worker_pid))  # the worker's raylet: the node's process group
         assert node in nodes

@@ -144,6 +144,80 @@ class _Progress:
         print(f"[ray] {counts}; ETA {duration(left / max(1, len(running)))}", flush=True)
 
 
+class _Driver:
+    """Submits the points, hears from their tasks, retries or fails them, and hands rows to _Rows."""
+
+    def __init__(self, ray, workdir: str, base, resources: dict[str, float], max_retries: int, rows: _Rows,
+                 progress: _Progress):
+        self.ray, self.workdir, self.base, self.max_retries = ray, workdir, base, max_retries
+        self.remote = ray.remote(ray_task.train).options(max_retries=0, **_task_options(resources))  # retries are ours
+        self.rows, self.progress = rows, progress
+        self.queued: list[_Task] = []  # submitted, not started: Ray queues what does not fit (an autoscaler sees it)
+        self.running: list[_Task] = []
+        self.failures: list[str] = []
+
+    def submit(self, point: Point, attempt: int = 0) -> None:
+        blob = pickle.dumps((point, self.base))
+        self.queued.append(_Task(point, attempt, self.remote.remote(blob, point.name, self.workdir, attempt)))
+
+    def run(self) -> None:
+        self.progress.show(self.running, self.queued)
+        while self.queued or self.running:
+            tasks = self.queued + self.running
+            ready, _ = self.ray.wait([t.refs for t in tasks], num_returns=1, timeout=PROGRESS_EVERY_S)
+            for task in [t for t in tasks if any(t.refs is r for r in ready)]:
+                (self.queued if task in self.queued else self.running).remove(task)
+                self.receive(task)
+            self.progress.show(self.running, self.queued, always=not ready)
+
+    def receive(self, task: _Task) -> None:
+        exceptions = self.ray.exceptions
+        try:
+            message = self.ray.get(next(task.refs))
+        except exceptions.RayTaskError as e:  # the task's own code raised: it would raise again
+            self.fail(task, f"not retried: {str(e).strip().splitlines()[-1]}")
+            return
+        except exceptions.RayError as e:  # its worker or its node died
+            self.retry_or_fail(task, f"its worker on {task.host or 'a node'} was lost ({type(e).__name__})")
+            return
+        if "host" in message:
+            task.host, task.started = message["host"], time.monotonic()
+            self.running.append(task)
+            print(f"{task.point.name}: started on {task.host}, attempt {task.attempt + 1}", flush=True)
+        elif message["returncode"] == 0:
+            self.finished(task)
+        elif message["returncode"] == 2:
+            self.fail(task, f"not retried: {message['error']}")
+        else:
+            self.retry_or_fail(task, f"exit code {message['returncode']} on {task.host} ({message['error']})")
+
+    def finished(self, task: _Task) -> None:
+        row = sweep.finished_row(task.point, self.workdir)
+        if row is None:
+            marker = os.path.join(self.workdir, task.point.name, sweep.MARKER)
+            self.fail(task, f"not retried: it finished on {task.host}, but {marker} is not here: is "
+                            f"{self.workdir} one storage that every node mounts at this path?")
+            return
+        self.progress.finished(task.point.name, time.monotonic() - task.started)
+        self.rows.finish(task.point.name, row)
+        print(f"{task.point.name}: eval loss {row['eval_loss']}, {row['bits_per_byte']} bits/byte, "
+              f"train loss {row['train_loss']}, {row['wall_seconds']} s on {task.host}", flush=True)
+
+    def fail(self, task: _Task, why: str) -> None:
+        self.progress.failed += 1
+        self.failures.append(task.point.name)
+        print(f"{task.point.name}: failed, {why}", flush=True)
+        self.rows.finish(task.point.name, None)
+
+    def retry_or_fail(self, task: _Task, why: str) -> None:
+        if task.attempt >= self.max_retries:
+            self.fail(task, f"out of retries (max_retries={self.max_retries}): {why}")
+            return
+        print(f"{task.point.name}: {why}; retry {task.attempt + 1} of {self.max_retries}, from its last "
+              f"checkpoint", flush=True)
+        self.submit(task.point, task.attempt + 1)
+
+
 def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, address: str, shard: str = "") -> list[dict]:
     """Trains every unfinished point of the sweep as a Ray task; returns the rows this run appended."""
     resources, max_retries = options(sweep_cfg)
@@ -161,74 +235,18 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, address: str, shard:
     room = _room(ray, resources)
     print(f"[ray] each point holds {resources}; the cluster has room for {room} at once"
           + ("" if room else " (none yet: waiting for nodes that fit)"), flush=True)
-
-    remote = ray.remote(ray_task.train).options(max_retries=0, **_task_options(resources))  # the retries are ours
-    base = sweep_cfg.get("base")
-
-    def submit(point: Point, attempt: int) -> _Task:
-        blob = pickle.dumps((point, base))
-        return _Task(point, attempt, remote.remote(blob, point.name, workdir, attempt))
-
-    queued: list[_Task] = []  # submitted, not started: Ray queues what does not fit (and an autoscaler sees it)
+    driver = _Driver(ray, workdir, sweep_cfg.get("base"), resources, max_retries, rows, progress)
     for point in todo:
         row = sweep.finished_row(point, workdir)
         if row is None:
-            queued.append(submit(point, 0))
+            driver.submit(point)
         else:  # finished, but the driver stopped before its row reached results.csv
             print(f"{point.name}: finished, row restored from {os.path.join(point.name, sweep.MARKER)}")
             progress.done += 1
             rows.finish(point.name, row)
-    running: list[_Task] = []
-    failures: list[str] = []
-
-    def fail(task: _Task, why: str) -> None:
-        progress.failed += 1
-        failures.append(task.point.name)
-        print(f"{task.point.name}: failed, {why}", flush=True)
-        rows.finish(task.point.name, None)
-
-    def retry_or_fail(task: _Task, why: str) -> None:
-        if task.attempt >= max_retries:
-            fail(task, f"out of retries (max_retries={max_retries}): {why}")
-            return
-        print(f"{task.point.name}: {why}; retry {task.attempt + 1} of {max_retries}, from its last checkpoint",
-              flush=True)
-        queued.append(submit(task.point, task.attempt + 1))
-
-    progress.show(running, queued)
-    while queued or running:
-        tasks = queued + running
-        ready, _ = ray.wait([t.refs for t in tasks], num_returns=1, timeout=PROGRESS_EVERY_S)
-        for task in [t for t in tasks if any(t.refs is r for r in ready)]:
-            (queued if task in queued else running).remove(task)
-            try:
-                message = ray.get(next(task.refs))
-            except ray.exceptions.RayTaskError as e:  # the task's own code raised: it would raise again
-                fail(task, f"not retried: {str(e).strip().splitlines()[-1]}")
-                continue
-            except ray.exceptions.RayError as e:  # its worker or its node died
-                retry_or_fail(task, f"its worker on {task.host or 'a node'} was lost ({type(e).__name__})")
-                continue
-            if "host" in message:
-                task.host, task.started = message["host"], time.monotonic()
-                running.append(task)
-                print(f"{task.point.name}: started on {task.host}, attempt {task.attempt + 1}", flush=True)
-            elif message["returncode"] == 0:
-                row = sweep.finished_row(task.point, workdir)
-                if row is None:
-                    fail(task, f"not retried: it finished on {task.host}, but {os.path.join(workdir, task.point.name, sweep.MARKER)} "
-                               f"is not here: is {workdir} one storage that every node mounts at this path?")
-                    continue
-                progress.finished(task.point.name, time.monotonic() - task.started)
-                rows.finish(task.point.name, row)
-                print(f"{task.point.name}: eval loss {row['eval_loss']}, {row['bits_per_byte']} bits/byte, "
-                      f"train loss {row['train_loss']}, {row['wall_seconds']} s on {task.host}", flush=True)
-            elif message["returncode"] == 2:
-                fail(task, f"not retried: {message['error']}")
-            else:
-                retry_or_fail(task, f"exit code {message['returncode']} on {task.host} ({message['error']})")
-        progress.show(running, queued, always=not ready)
-    if failures:
-        raise ConfigError(f"{len(failures)} of {len(points)} points failed ({', '.join(failures)}; why: above, and "
-                          f"in each one's {ray_task.LOG}); rerun to retry them, the finished points are skipped")
+    driver.run()
+    if driver.failures:
+        raise ConfigError(f"{len(driver.failures)} of {len(points)} points failed ({', '.join(driver.failures)}; "
+                          f"why: above, and in each one's {ray_task.LOG}); rerun to retry them, the finished "
+                          f"points are skipped")
     return rows.written
