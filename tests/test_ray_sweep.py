@@ -186,7 +186,9 @@ def test_ray_sweep_writes_the_local_rows_though_a_worker_node_dies_midpoint(loca
         os.killpg(node, signal.SIGKILL)  # the whole node, as when a preemptible VM goes
         code, out, err = finish(driver)
     assert code == 0, err[-3000:]
-    assert f"{victim}: its worker on" in out and "retry 1 of 2" in out
+    # Lost with its node, or (if the worker saw its child die first) exit code -9: either way retried once.
+    retried = [line for line in out.splitlines() if line.startswith(f"{victim}: ") and "retry 1 of 2" in line]
+    assert len(retried) == 1, out
     assert "[ray] 4/4 done, 0 running, 0 pending, 0 failed" in out
     log = (workdir / victim / ray_task.LOG).read_text()
     assert "=== attempt 2" in log and f"{victim}: {longest['num_train_steps']} steps, resuming from step" in log
