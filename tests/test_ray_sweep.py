@@ -32,7 +32,8 @@ SWEEP_S = 240  # bound on one driver run
 
 
 def write_sweep(root: Path) -> Path:
-    """tests/test_sweep.py's 4-point sweep, checkpointing every step so that a kill lands mid-point."""
+    """tests/test_sweep.py's 4-point sweep with the larger budget doubled, checkpointing every step: a kill
+    after the longest point's first checkpoint lands with 15 of its 16 steps to go."""
     rng = np.random.default_rng(0)
     words = ["the", "king", "queen", "shall", "not", "be", "to", "of", "and", "my", "lord", "sweet", "love"]
     corpus = root / "corpus.txt"
@@ -48,6 +49,7 @@ from test_sweep import tiny_sweep_config
 
 def get_config():
     c = tiny_sweep_config(Path({str(corpus)!r}))
+    c.budgets = [4e7, 1.6e8]
     c.checkpoints_per_point = 100  # capped at one per step
     c.resources_per_point = {{"CPU": 1}}
     c.max_retries = 2
@@ -133,7 +135,7 @@ def _wait_for(condition, timeout: float, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out {what() if callable(what) else what}"
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def _wait_for_node(node: subprocess.Popen, log: Path) -> bool:
