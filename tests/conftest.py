@@ -35,7 +35,7 @@ sharding.leave_out_absent_tpu()  # as the CLI does: libtpu (installed for `compi
 # (--no-loadscope-reorder): the files that take the most CPU on a clean clone go first, so that the two
 # workers finish together instead of one waiting on a long file started last.
 LONGEST_FIRST = ("test_compile.py", "test_sharding.py", "test_resume.py", "test_posttrain.py", "test_encoder_decoder.py",
-                 "test_hf.py", "test_inspect.py")
+                 "test_hf.py", "test_inspect.py", "test_ray_sweep.py")
 
 
 def pytest_collection_modifyitems(items):
