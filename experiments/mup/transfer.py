@@ -90,7 +90,7 @@ def _key(p: dict) -> str:
     return json.dumps({k: p[k] for k in sorted(p)})
 
 
-def run(study: str, shard: str, seeds: list[int], alpha: float) -> None:
+def run(study: str, shard: str, seeds: list[int], alpha: float, where: dict) -> None:
     from llm import spec
     from llm.training import loop, sharding
 
@@ -100,7 +100,9 @@ def run(study: str, shard: str, seeds: list[int], alpha: float) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{study}.jsonl")
     done = {_key(r["point"]) for r in map(json.loads, open(path))} if os.path.exists(path) else set()
-    for point in grid(study, seeds, alpha)[i::n]:
+    # where: run only the grid's points whose keys take these values (e.g. more seeds near one optimum)
+    todo = [p for p in grid(study, seeds, alpha) if all(p[k] in v for k, v in where.items())]
+    for point in todo[i::n]:
         if _key(point) in done:
             continue
         start = time.perf_counter()
@@ -220,9 +222,11 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--alpha_out", type=float, default=1.0, help="mup's output multiplier")
+    ap.add_argument("--where", default="{}", help='JSON: only the points whose keys take these values, '
+                    'e.g. {"width": [256], "parametrization": ["mup"]}')
     args = ap.parse_args()
     if args.what == "run":
-        run(args.study, args.shard, [int(s) for s in args.seeds.split(",")], args.alpha_out)
+        run(args.study, args.shard, [int(s) for s in args.seeds.split(",")], args.alpha_out, json.loads(args.where))
     else:
         analyze()
 
