@@ -386,3 +386,23 @@ def test_misspelt_sweep_key_is_one_error_line_before_compiling(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "'cooldown' (did you mean 'cooldowns'?)" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "w").exists()
+
+
+def test_dry_run_warns_when_a_point_would_repeat_the_training_split(tiny, capsys):
+    from llm import spec
+    from llm.data import corpus
+
+    cfg, workdir, _, _ = tiny
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.budgets = [4e7, 4e9]
+    points = points_lib.expand(cfg)
+    available = corpus.num_tokens(spec.from_config(points[0].config).data, points_lib.sweep_tokenizer(points[0].config))
+    capsys.readouterr()
+    sweep.run(cfg, str(workdir.parent / "never"), dry_run=True)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    over = [p for p in points if p.tokens > available]
+    assert len(warnings) == 1 and 0 < len(over) < len(points)
+    assert f"{len(over)} of {len(points)} points" in warnings[0] and f"{available:,}" in warnings[0]
+    for p in over:
+        assert f"{p.name} {p.tokens / available:.2f}" in warnings[0]
+    assert not (workdir.parent / "never").exists()

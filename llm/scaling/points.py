@@ -103,6 +103,25 @@ def _validation_tokens(dc: DataConfig, tok: tokenizer_lib.Tokenizer) -> int:
     return corpus.num_tokens(dc, "validation", tok)
 
 
+@functools.lru_cache(maxsize=8)
+def _train_tokens(dc: DataConfig, tok: tokenizer_lib.Tokenizer) -> int:
+    return corpus.num_tokens(dc, "train", tok)
+
+
+def repetition_warning(points: list[Point]) -> str | None:
+    """One line naming the points that need more tokens than the training split holds, with the epochs
+    each would train (Muennighoff et al. 2023: repeated data bends a scaling law), or None."""
+    over, available = [], 0
+    for p in points:
+        available = _train_tokens(spec.from_config(p.config).data, sweep_tokenizer(p.config))
+        if p.tokens > available:
+            over.append(f"{p.name} {p.tokens / max(available, 1):.2f}")
+    if not over:
+        return None
+    return (f"warning: {len(over)} of {len(points)} points need more tokens than the training split's {available:,}, "
+            f"so they would repeat it (epochs): {', '.join(over)}")
+
+
 def _short(x: float) -> str:
     return f"{x:.3g}".replace("e+0", "e").replace("e+", "e")
 

@@ -14,7 +14,8 @@ import ml_collections
 from llm import spec
 from llm.data import tokenizer as tokenizer_lib
 from llm.scaling import cooldowns
-from llm.scaling.points import CPU_THROUGHPUT, Point, duration, estimate_seconds, expand, format_table, select_shard, sweep_tokenizer
+from llm.scaling.points import (CPU_THROUGHPUT, Point, duration, estimate_seconds, expand, format_table, repetition_warning,
+                                select_shard, sweep_tokenizer)
 from llm.spec import ConfigError
 from llm.training import checkpoint, loop
 
@@ -126,6 +127,9 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
     points = select_shard(expand(sweep_cfg), shard)
     print(f"sweep {sweep_cfg.name} ({sweep_cfg.kind}){f', shard {shard}' if shard else ''} -> {workdir}")
     print(format_table(points, throughput), flush=True)
+    repeats = repetition_warning(points)
+    if repeats:
+        print(repeats, flush=True)
     saved = cooldowns.savings(expand(sweep_cfg)) if sweep_cfg.get("cooldowns") else None
     if saved:
         print(cooldowns.describe(saved), flush=True)
