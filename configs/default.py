@@ -16,7 +16,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.eval_every_steps = 400
     c.eval_batch_size = 64
-    c.eval_max_batches = 0  # 0: the whole validation split
+    c.eval_max_batches = 0  # 0: the whole validation split (a mixture: of each domain)
+    # comma-separated lm-evaluation-harness tasks (llm/interop/harness_tasks/ or lm_eval's) run at every eval,
+    # their accuracy logged beside the loss as eval_acc_TASK (needs the harness extra); eval_tasks_limit: documents per task (0: all)
+    c.eval_tasks = ""
+    c.eval_tasks_limit = 0
     c.checkpoint_every_steps = 400
     c.keep_checkpoints = 3
     c.init_from = ""  # another run's workdir: start from its params (fine-tuning; the frozen reference of dpo/grpo)
@@ -35,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.text_key = "text"  # the TFDS feature, JSON field or Parquet column holding the text
     c.data.validation_dataset = ""  # streamed: a separate corpus for validation ('' : hold out validation_fraction)
     c.data.num_workers = 0  # streamed: tokenizing processes (0: in the training process); batches never depend on it
+    # streamed: domains drawn at fixed weights, 'NAME=WEIGHT,...' by the records' data.domain_key field, or
+    # 'NAME=WEIGHT@jsonl:GLOB' a glob per domain; eval reports loss and bits per byte per domain (docs/data.md)
+    c.data.mixture = ""
+    c.data.domain_key = "domain"
     c.data.skip_bad_records = False  # streamed: skip (and count, data_skipped_records) bad records instead of stopping
     c.data.data_dir = ""  # TFDS data dir ('' : ~/tensorflow_datasets); token caches live beside each dataset
     c.data.manual_dir = ""  # TFDS manual_dir (files TFDS would otherwise download)

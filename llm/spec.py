@@ -18,8 +18,8 @@ import json
 
 import ml_collections
 
-from llm.data import denoise, template
-from llm.data.config import LOSS_ON, PACKINGS, SAMPLINGS, DataConfig, is_streamed, kind_of
+from llm.data import denoise, mixture, template
+from llm.data.config import LOSS_ON, PACKINGS, SAMPLINGS, DataConfig, DataError, is_streamed, kind_of
 from llm.data.tokenizer import KINDS as TOKENIZERS, Tokenizer
 from llm.model import ModelConfig
 from llm.model.attention import IMPLEMENTATIONS as ATTENTIONS, resolve as resolve_attention
@@ -38,7 +38,8 @@ DEPTH_PARAMETRIZATIONS = ("none", "completep")
 OBJECTIVES = ("lm", "reward", "dpo", "grpo")
 MESH_AXES = ("data", "fsdp", "tensor")
 LOOP_KEYS = ("num_train_steps", "log_every_steps", "eval_every_steps", "eval_batch_size", "eval_max_batches",
-             "checkpoint_every_steps", "keep_checkpoints", "peak_tflops", "sample_prompt", "sample_tokens")
+             "checkpoint_every_steps", "keep_checkpoints", "peak_tflops", "sample_prompt", "sample_tokens", "eval_tasks",
+             "eval_tasks_limit")
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,12 @@ class LoopConfig:
     peak_tflops: float  # per device (per host on CPU); 0: measured at start
     sample_prompt: str
     sample_tokens: int
+    eval_tasks: str = ""  # lm_eval tasks run at each eval, comma-separated
+    eval_tasks_limit: int = 0  # documents per task (0: all)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.eval_tasks.split(",") if t.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +372,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     need(m.d_ff >= 0, f"model.d_ff must be >= 0 (0: attention-only blocks), got {m.d_ff}")
     need(m.d_ff != 0 or m.arch == "decoder", f"model.d_ff=0 (attention-only blocks) is for model.arch='decoder' only, not {m.arch!r}")
     need(cfg.eval_every_steps >= 0, "eval_every_steps must be >= 0 (0 disables eval during training)")
+    need(cfg.eval_tasks_limit >= 0, f"eval_tasks_limit must be >= 0 (0: every document), got {cfg.eval_tasks_limit}")
+    need(not cfg.eval_tasks.strip() or (cfg.model.arch == "decoder" and cfg.objective == "lm"),
+         f"eval_tasks scores continuations with a decoder language model, not model.arch={cfg.model.arch!r}, objective={cfg.objective!r}")
     if m.num_heads > 0 and m.d_model % m.num_heads:
         problems.append(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}")
     if m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads:
@@ -429,6 +439,12 @@ def _check_data(cfg: ml_collections.ConfigDict, need, one_of) -> None:
         need(d.sampling == "rows", "data.sampling='windows' needs random access to every token; streamed corpora take 'rows'")
     else:
         need(not d.validation_dataset, "data.validation_dataset is for streamed corpora ('jsonl:GLOB', 'parquet:GLOB')")
+        need(not d.mixture, "data.mixture draws domains of a streamed corpus: data.dataset must be 'jsonl:GLOB' or 'parquet:GLOB'")
+    if d.mixture:
+        try:
+            mixture.parse(d.mixture)
+        except DataError as e:
+            need(False, str(e))
     need(
         0 <= d.validation_fraction < 1 and 0 <= d.test_fraction < 1 and d.validation_fraction + d.test_fraction < 1,
         "data.validation_fraction and data.test_fraction must be in [0, 1) and sum to less than 1",

@@ -40,6 +40,8 @@ class DataConfig:
     add_bos: bool = False
     validation_dataset: str = ""  # streamed: a separate corpus for validation ('' : a hold-out)
     num_workers: int = 0  # streamed: tokenizing processes (0: in the training process)
+    mixture: str = ""  # streamed: 'NAME=WEIGHT,...' domains drawn at those weights (llm/data/mixture.py); '' : none
+    domain_key: str = "domain"  # the record field naming a mixture domain's documents
     skip_bad_records: bool = False  # streamed: skip and count bad records instead of stopping
     sampling: str = "rows"  # concat in memory: 'rows' (shuffled per epoch) or 'windows' (nanoGPT's random windows)
     loss_on: str = "response"

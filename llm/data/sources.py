@@ -371,6 +371,45 @@ class Split:
             return "", str(e)
 
 
+@dataclasses.dataclass(frozen=True)
+class Subset(Split):
+    """Documents `ids` of a corpus, in that order (one domain's documents of a split; llm/data/mixture.py)."""
+
+    ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def document(self, k: int) -> int:
+        return int(self.ids[k])
+
+
+def field_values(corpus: Corpus, key: str) -> tuple[list[str], np.ndarray]:
+    """(names, codes): record i of the corpus has string field `key` == names[codes[i]], or codes[i] == -1
+    (no such string field, or a bad record). Read once per shard and cached beside its index."""
+    names: dict[str, int] = {}
+    codes = []
+    for shard in corpus.shards:
+        cache = shard.spans.removesuffix(".spans.npy") + f".field-{hashlib.sha1(key.encode()).hexdigest()[:8]}.json"
+        if not os.path.exists(cache):
+            values = []
+            f = _open(shard.path)
+            for start, end in _spans(shard.spans):
+                f.seek(int(start))
+                try:
+                    value = json.loads(f.read(int(end - start)).decode("utf-8")).get(key)
+                except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                    value = None
+                values.append(value if isinstance(value, str) else None)
+            with open(cache + f".{os.getpid()}.tmp", "w") as out:
+                json.dump(values, out)
+            os.replace(cache + f".{os.getpid()}.tmp", cache)
+        with open(cache) as f:
+            values = json.load(f)
+        codes.append(np.array([-1 if v is None else names.setdefault(v, len(names)) for v in values], np.int64))
+    return list(names), np.concatenate(codes) if codes else np.zeros(0, np.int64)
+
+
 def held_out_range(n: int, name: str, validation_fraction: float, test_fraction: float) -> tuple[int, int, int]:
     """(lo, hi, period): item i of n belongs to split `name` iff lo <= i % period < hi. Of every
     period = min(1000, n) items the last round(period * v) are validation, the round(period * t)

@@ -181,6 +181,11 @@ def _fill_row(lane: _Lane, current: Callable[[], np.ndarray | None], advance: Ca
     return tokens, segments, fill
 
 
+def row_batch(rows: list[tuple[np.ndarray, np.ndarray]], packing: str) -> dict[str, np.ndarray]:
+    """Rows of (tokens, segment ids) as a batch."""
+    return _row_batch(np.stack([t for t, _ in rows]), np.stack([s for _, s in rows]), packing)
+
+
 def _row_batch(tokens_RxW: np.ndarray, segments_RxW: np.ndarray, packing: str) -> dict[str, np.ndarray]:
     if packing == "documents":
         return document_batch(tokens_RxW, segments_RxW)
@@ -214,29 +219,32 @@ class StreamBatches:
 
     def __init__(self, split: sources.Split, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int,
                  rows: tuple[int, int] | None = None, packing: str = "concat", add_bos: bool = False,
-                 num_workers: int = 0, skip_bad: bool = False):
+                 num_workers: int = 0, skip_bad: bool = False, reader: "Reader | None" = None, name: str = "train"):
+        """`reader` (shared by a mixture's domains, llm/data/mixture.py) already holds this split's
+        documents() as `name`; without one, the batches start their own."""
         self.num_docs, self.batch_size, self.width, self.packing, self.skip_bad = len(split), batch_size, seq_len + 1, packing, skip_bad
         if self.num_docs < batch_size:
-            raise DataError(f"the training split has {self.num_docs} documents, fewer than the {batch_size} rows of a batch "
-                            f"(each row streams its own share of the documents)")
+            raise DataError(f"the training split{'' if name == 'train' else f' of domain {name!r}'} has {self.num_docs} documents, "
+                            f"fewer than the {batch_size} rows of a batch (each row streams its own share of the documents)")
         self.rows = rows or (0, batch_size)
         self.lanes = {r: _Lane() for r in range(*self.rows)}
         self._indexing_skipped = split.corpus.skipped
-        self._reader = Reader({"train": documents(split, tokenizer, add_bos, seed)}, num_workers)
+        self._name, self._owns_reader = name, reader is None
+        self._reader = reader or Reader({name: documents(split, tokenizer, add_bos, seed)}, num_workers)
         self._wanted: dict[int, collections.deque] = {r: collections.deque() for r in self.lanes}
         self._docs_seen, self._tokens_seen = 0, 0
         # A split whose every record is bad would otherwise be read forever with skip_bad. A lane reads
         # 1/B of each epoch, so a whole split's worth (64 at least) of empty documents in a row is not bad luck.
         self.max_empty_run = max(64, min(self.num_docs, 10_000))
         self._empty_run = {r: 0 for r in self.lanes}
-        self._schedule()
+        self.schedule()
 
     def _following(self, r: int, epoch: int, doc: int) -> tuple[int, int]:
         if r + (doc + 1) * self.batch_size >= self.num_docs:
             return epoch + 1, 0
         return epoch, doc + 1
 
-    def _schedule(self) -> None:
+    def schedule(self) -> None:
         """Keeps about AHEAD rows' worth of documents per lane requested ahead of use: deep enough that
         the workers always have work queued, small next to a batch of rows."""
         mean = self._tokens_seen / self._docs_seen if self._docs_seen else self.width
@@ -251,13 +259,17 @@ class StreamBatches:
                 epoch, doc = self._following(r, epoch, doc)
         for first in range(0, len(new), self.CHUNK):
             chunk = new[first : first + self.CHUNK]
-            request = self._reader.submit("train", [w.epoch * self.num_docs + r + w.doc * self.batch_size for r, w in chunk])
+            request = self._reader.submit(self._name, [w.epoch * self.num_docs + r + w.doc * self.batch_size for r, w in chunk])
             for k, (_, w) in enumerate(chunk):
                 w.request, w.k = request, k
 
     @property
     def skipped(self) -> int:
-        return self._indexing_skipped + sum(lane.skipped for lane in self.lanes.values())
+        return self._indexing_skipped + self.lane_skipped
+
+    @property
+    def lane_skipped(self) -> int:
+        return sum(lane.skipped for lane in self.lanes.values())
 
     def _tokens(self, w: _Wanted, lane: _Lane) -> np.ndarray:
         if w.tokens is None:
@@ -272,30 +284,31 @@ class StreamBatches:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Lane r's next row: (tokens, segment ids), each [seq_len + 1]."""
+        lane, q = self.lanes[r], self._wanted[r]
+
+        def current():
+            if not q:
+                self.schedule()
+            return self._tokens(q[0], lane)
+
+        def advance():
+            left = q.popleft()
+            self._empty_run[r] = self._empty_run[r] + 1 if left.tokens is not None and len(left.tokens) == 0 else 0
+            if self._empty_run[r] >= self.max_empty_run:
+                raise DataError(f"row {r} of the batch read {self._empty_run[r]} documents in a row without one token "
+                                f"(bad records skipped by data.skip_bad_records, or empty texts): the training split "
+                                f"has next to nothing to train on")
+            lane.epoch, lane.doc = self._following(r, lane.epoch, lane.doc)
+
+        tokens, segments, _ = _fill_row(lane, current, advance, self.width, self.packing)
+        return tokens, segments
+
     def __next__(self) -> dict[str, np.ndarray]:
-        rows_tokens, rows_segments = [], []
-        for r, lane in self.lanes.items():
-            q = self._wanted[r]
-
-            def current():
-                if not q:
-                    self._schedule()
-                return self._tokens(q[0], lane)
-
-            def advance():
-                left = q.popleft()
-                self._empty_run[r] = self._empty_run[r] + 1 if left.tokens is not None and len(left.tokens) == 0 else 0
-                if self._empty_run[r] >= self.max_empty_run:
-                    raise DataError(f"row {r} of the batch read {self._empty_run[r]} documents in a row without one token "
-                                    f"(bad records skipped by data.skip_bad_records, or empty texts): the training split "
-                                    f"has next to nothing to train on")
-                lane.epoch, lane.doc = self._following(r, lane.epoch, lane.doc)
-
-            tokens, segments, _ = _fill_row(lane, current, advance, self.width, self.packing)
-            rows_tokens.append(tokens)
-            rows_segments.append(segments)
-        self._schedule()
-        return _row_batch(np.stack(rows_tokens), np.stack(rows_segments), self.packing)
+        rows = [self.row(r) for r in self.lanes]
+        self.schedule()
+        return row_batch(rows, self.packing)
 
     def get_state(self) -> dict:
         lanes = [[lane.epoch, lane.doc, lane.offset, lane.carry, lane.skipped] for lane in self.lanes.values()]
@@ -316,10 +329,11 @@ class StreamBatches:
             # A checkpoint written before lanes kept their skip counts has 4 values per lane.
             lane.epoch, lane.doc, lane.offset, lane.carry, lane.skipped = (values + [0])[:5]
         self._wanted = {r: collections.deque() for r in self.lanes}
-        self._schedule()
+        self.schedule()
 
     def close(self) -> None:
-        self._reader.close()
+        if self._owns_reader:
+            self._reader.close()
 
 
 def streamed_eval_batches(split: sources.Split, tokenizer: Tokenizer, batch_size: int, seq_len: int, packing: str = "concat",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm import model, spec
-from llm.data import examples, seq2seq, template
+from llm.data import examples, mixture, seq2seq, template
 from llm.data.config import is_streamed, kind_of
 from llm.inspect import InspectError, embeddings, intervene, lens, neurons, trace as trace_lib
 from llm.model import sample as sample_lib
@@ -267,9 +267,15 @@ class Run:
         scored whole), read as training read it."""
         if self.spec.objective.name == "reward":
             return self._pairwise_accuracy(split, dataset, batch_size)
-        batches = self._eval_batches(split, batch_size, dataset)
         put = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
         token_bytes = evaluate_lib.byte_table(self.tokenizer.token_bytes(), self.model_config.V)
+        domains = [] if dataset else mixture.names(self.spec.data)
+        if domains:
+            # A mixture's split is its domains' splits: each scored alone, then pooled (as training's evals do).
+            per_domain = {d: evaluate_lib.evaluate(self._eval_step, self.params, batches_lib.held_out(
+                self.spec, self.tokenizer, split, batch_size or self.spec.loop.eval_batch_size, domain=d), token_bytes, put) for d in domains}
+            return {"split": split, "step": int(self.step), **evaluate_lib.pooled(list(per_domain.values())), "domains": per_domain}
+        batches = self._eval_batches(split, batch_size, dataset)
         result = evaluate_lib.evaluate(self._eval_step, self.params, batches, token_bytes, put)
         result = {"split": self._scored_split(split, dataset), "step": int(self.step), **result}
         if self._data(dataset).kind == "seq2seq":

@@ -25,6 +25,9 @@ from llm.training import checkpoint, loop
 COLUMNS = ("name", "params", "non_embedding_params", "tokens", "flops", "train_loss", "eval_loss", "bits_per_byte",
            "wall_seconds", "flops_6n", "tokens_6n", "budget", "d_model", "num_layers", "num_heads", "d_ff",
            "batch_size", "num_train_steps", "learning_rate")
+# After them, per domain of a data.mixture and per eval_tasks task, in the run's order: eval_loss_<domain>,
+# bits_per_byte_<domain>, acc_<task> (and acc_norm_<task> where the task has it).
+EXTRA_PREFIXES = ("eval_loss_", "bits_per_byte_", "acc_")
 RESULTS = "results.csv"
 MARKER = "result.json"  # in a point's subdirectory once it is finished, holding its row
 
@@ -36,21 +39,24 @@ def finished_names(workdir: str) -> set[str]:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        if header is not None and tuple(header) != COLUMNS:
-            raise ConfigError(f"{path} has the columns {header}, not this sweep's {list(COLUMNS)}")
+        if header is not None and (tuple(header[:len(COLUMNS)]) != COLUMNS
+                                   or not all(h.startswith(EXTRA_PREFIXES) for h in header[len(COLUMNS):])):
+            raise ConfigError(f"{path} has the columns {header}, not this sweep's {list(COLUMNS)} (+ per-domain and task columns)")
         return {row[0] for row in reader if row}
 
 
 def _append_row(workdir: str, row: dict) -> None:
     path = os.path.join(workdir, RESULTS)
-    line = [row[k] for k in COLUMNS]
+    header = list(COLUMNS) + [k for k in row if k not in COLUMNS]
     try:
         # 'x' creates the file only if no other shard got there first, so the header is written once.
         with open(path, "x", newline="") as f:
-            csv.writer(f).writerows([COLUMNS, line])
+            csv.writer(f).writerows([header, [row[k] for k in header]])
     except FileExistsError:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), header)
         with open(path, "a", newline="") as f:
-            csv.writer(f).writerow(line)
+            csv.writer(f).writerow([row.get(k, "") for k in header])
 
 
 def _write_marker(point_dir: str, row: dict) -> None:
@@ -92,7 +98,9 @@ def _row(point: Point, summary: dict, point_dir: str, wall_seconds: float) -> di
         wall_seconds=f"{wall_seconds:.1f}", flops_6n=f"{point.flops_6n:.6g}", tokens_6n=f"{point.tokens_6n:.0f}",
         budget=f"{point.budget:.6g}", d_model=cfg.model.d_model, num_layers=cfg.model.num_layers,
         num_heads=cfg.model.num_heads, d_ff=cfg.model.d_ff, batch_size=cfg.batch_size,
-        num_train_steps=cfg.num_train_steps, learning_rate=f"{cfg.opt.learning_rate:g}")
+        num_train_steps=cfg.num_train_steps, learning_rate=f"{cfg.opt.learning_rate:g}",
+        **{k.removeprefix("eval_") if k.startswith(("eval_bits_per_byte_", "eval_acc_")) else k: f"{v:.6f}"
+           for k, v in summary.items() if k.startswith(("eval_loss_", "eval_bits_per_byte_", "eval_acc_"))})
 
 
 def train_point(point: Point, workdir: str) -> dict:

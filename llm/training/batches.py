@@ -91,11 +91,11 @@ def train_batches(run: RunSpec, tok: Tokenizer, rows: tuple[int, int], quiet: bo
     return corpus.train_batches(d, tok, run.batch_size, run.seq_len, run.seed, rows)
 
 
-def held_out(run: RunSpec, tok: Tokenizer, split: str, batch_size: int, dataset: str | None = None) -> Iterator[dict]:
+def held_out(run: RunSpec, tok: Tokenizer, split: str, batch_size: int, dataset: str | None = None, domain: str = "") -> Iterator[dict]:
     """The batches a held-out loss is computed from, for every arch and every token-scored dataset
-    (of `dataset` instead of the run's, for an out-of-domain eval): text, 'sft:' (response tokens),
-    'seq2seq:' (target tokens)."""
-    dc = dataclasses.replace(run.data, dataset=dataset) if dataset else run.data
+    (of `dataset` instead of the run's, for an out-of-domain eval; of one `domain` of a mixture): text,
+    'sft:' (response tokens), 'seq2seq:' (target tokens)."""
+    dc = dataclasses.replace(run.data, dataset=dataset, mixture="") if dataset else run.data
     if dc.kind == "sft":
         return examples.sft_eval_batches(sft_examples(run, tok, split, dc), batch_size, run.seq_len, dc.loss_on)
     if dc.kind == "seq2seq":
@@ -104,5 +104,5 @@ def held_out(run: RunSpec, tok: Tokenizer, split: str, batch_size: int, dataset:
     if dc.kind is not None:
         raise DataError(f"{dc.dataset!r} holds no text to score token by token")
     if run.objective.pretext:
-        return denoise.noised_eval(corpus.split_eval_batches(dc, split, tok, batch_size, run.text_row_len), noise(run, tok), run.seed)
-    return corpus.split_eval_batches(dc, split, tok, batch_size, run.seq_len)
+        return denoise.noised_eval(corpus.split_eval_batches(dc, split, tok, batch_size, run.text_row_len, domain), noise(run, tok), run.seed)
+    return corpus.split_eval_batches(dc, split, tok, batch_size, run.seq_len, domain)

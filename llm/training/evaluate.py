@@ -40,6 +40,20 @@ def summarize(loss_sum: float, tokens: int, num_bytes: int) -> dict:
     }
 
 
+def pooled(results: list[dict]) -> dict:
+    """One summary of several passes (a mixture's domains): their summed losses over their summed tokens."""
+    return summarize(sum(r["loss"] * r["tokens"] for r in results), sum(r["tokens"] for r in results), sum(r["bytes"] for r in results))
+
+
+def by_domain(results: dict[str, dict]) -> dict:
+    """A mixture's per-domain passes as the pooled eval metrics plus eval_loss_D and eval_bits_per_byte_D per domain."""
+    pool = pooled(list(results.values()))
+    out = {"eval_loss": pool["loss"], "eval_perplexity": pool["perplexity"], "eval_bits_per_byte": pool["bits_per_byte"]}
+    for name, r in results.items():
+        out[f"eval_loss_{name}"], out[f"eval_bits_per_byte_{name}"] = r["loss"], r["bits_per_byte"]
+    return out
+
+
 # XLA:CPU runs each split CPU device's launches on a pool of max(cores, devices) threads, and a launch
 # made while 32 computations are already queued on its device parks one of those threads on a
 # semaphore. With 2 devices on 2 cores that leaves no thread for the second half of the running

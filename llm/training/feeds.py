@@ -9,11 +9,11 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import jax
 
-from llm.data import examples
+from llm.data import examples, mixture
 from llm.data.tokenizer import Tokenizer
 from llm.model import ModelConfig
 from llm.spec import RunSpec
-from llm.training import batches as batches_lib, evaluate, objectives, sharding
+from llm.training import batches as batches_lib, evaluate, objectives, sharding, tasks as tasks_lib
 from llm.training.state import Setup, TrainState
 
 
@@ -69,15 +69,29 @@ class Feed:
     check: Callable[[], object] = lambda: None  # reads the held-out split once, so that a missing one fails before compiling
 
 
-def _lm_eval(job: Job, batches: Callable[[], Iterator[dict]]) -> Callable[[dict], dict]:
+def _lm_eval(job: Job, batches: Callable[[str], Iterator[dict]]) -> Callable[[dict], dict]:
+    """`batches(domain)`: the held-out batches of one domain of a mixture ('' : of the whole split). A mixture's
+    eval_loss pools its domains' passes, so each held-out token is scored once."""
     run = job.run
     eval_lo, eval_hi = sharding.host_rows(job.mesh, run.loop.eval_batch_size)
     put_eval = lambda b: job.put({k: v[eval_lo:eval_hi] for k, v in b.items()}, run.loop.eval_batch_size)
     token_bytes = evaluate.byte_table(job.tok.token_bytes(), run.model.V)
+    domains = mixture.names(run.data)
+
+    def one(params, domain: str) -> dict:
+        return evaluate.evaluate(job.built.eval_step, params, batches(domain), token_bytes, put_eval, run.loop.eval_max_batches)
 
     def evaluate_lm(params):
-        result = evaluate.evaluate(job.built.eval_step, params, batches(), token_bytes, put_eval, run.loop.eval_max_batches)
-        return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
+        if domains:
+            out = evaluate.by_domain({d: one(params, d) for d in domains})
+        else:
+            result = one(params, "")
+            out = {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"], "eval_bits_per_byte": result["bits_per_byte"]}
+        if run.loop.tasks:
+            lm = tasks_lib.adapter(run.model, params, job.tok, run.loop.eval_batch_size)
+            out.update(tasks_lib.accuracies(tasks_lib.evaluate(lm, run.loop.tasks, tasks_lib.find_tasks(run.loop.tasks),
+                                                               run.loop.eval_tasks_limit or None)))
+        return out
 
     return evaluate_lm
 
@@ -126,11 +140,13 @@ def make(job: Job) -> Feed:
                 return batch, {}
         return Feed(batches, prepare, _objective_eval(job, held) if evaluating else None,
                     check=lambda: batches_lib.preference_pairs(run, tok, "validation"))
-    held = lambda: batches_lib.held_out(run, tok, "validation", run.loop.eval_batch_size)
+    held = lambda domain="": batches_lib.held_out(run, tok, "validation", run.loop.eval_batch_size, domain=domain)
     if run.data.kind == "sft":
         check = lambda: batches_lib.sft_examples(run, tok, "validation", quiet=not job.says)
     elif run.data.kind == "seq2seq" or run.objective.pretext:
         check = lambda: next(iter(held()))
+    elif run.data.mixture:
+        check = lambda: mixture.check(run.data)
     else:
         check = held
     return Feed(batches, put, _lm_eval(job, held) if evaluating else None, check=check)

@@ -20,7 +20,7 @@ from llm import model, spec
 from llm.data import corpus, tokenizer as tokenizer_lib
 from llm.data.tokenizer import Tokenizer
 from llm.spec import RunSpec
-from llm.training import batches as batches_lib, checkpoint, feeds, guard, sharding
+from llm.training import batches as batches_lib, checkpoint, feeds, guard, sharding, tasks
 from llm.training.feeds import Feed, Job
 from llm.training.metrics import Writer, measure_peak_tflops, mfu, peak_units
 from llm.training.params import restore_lm_params
@@ -93,6 +93,8 @@ def _check_resumable(run: RunSpec, workdir: str) -> None:
 
 def _train(run: RunSpec, workdir: str, quiet: bool, stop: guard.StopSignals, make_feed: Callable[[Job], Feed]) -> dict:
     _check_resumable(run, workdir)
+    if run.loop.tasks and run.loop.eval_every_steps:
+        tasks.find_tasks(run.loop.tasks)  # an unknown task, or no harness extra, fails before anything compiles
     mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     m = run.model
     sharding.check_divisible(mesh, run.batch_size // run.opt.grad_accum_steps, m.H, m.G, m.F, m.D)
