@@ -15,7 +15,7 @@ def get_config():
     c.decay_fraction = 0.2
     # A factor 1.6 apart: 5 budgets over 6.3x in compute. Forks make the extra budgets cheap: each size trains
     # its largest budget's stable phase once, then 20% of each budget's steps.
-    c.budgets = [6.3e11, 1e12, 1.6e12, 2.5e12, 4e12]
+    c.budgets = [1e12, 1.6e12, 2.5e12, 4e12, 6.3e12]
     # One list for every budget (each size is one stable run), 1.5-2.2x apart around the expected optima.
     c.targets = [3.3e4, 7.3e4, 1.3e5, 2e5, 3.1e5]
     c.warmup_fraction = 0.05  # of each size's shortest point

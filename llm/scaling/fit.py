@@ -345,8 +345,9 @@ def describe_prediction(p: dict) -> str:
 
 
 def fit_all(points: Points | Sequence[dict[str, Any]], bootstrap: int = 0, seed: int = 0,
-            num_starts: int | None = 200, predict_flops: float | None = None) -> dict:
-    """Every fit; with bootstrap, approach 2's exponents get intervals too; with predict_flops, `predict`."""
+            num_starts: int | None = 200, predict_flops: float | None = None, samples: dict | None = None) -> dict:
+    """Every fit; with bootstrap, approach 2's exponents get intervals too; with predict_flops, `predict`.
+    samples: a dict that receives the bootstrap fits (keys approach3, approach2) for further predictions."""
     points = as_points(points)
     a3 = approach3_samples(points, bootstrap, seed, num_starts)
     a2 = approach2(points)
@@ -354,6 +355,8 @@ def fit_all(points: Points | Sequence[dict[str, Any]], bootstrap: int = 0, seed:
     if len(samples2) >= 2:
         a2.update(a_interval=interval([s["a"] for s in samples2]), b_interval=interval([s["b"] for s in samples2]),
                   a_bootstrap_se=float(np.std([s["a"] for s in samples2], ddof=1)), bootstrap=len(samples2))
+    if samples is not None:
+        samples.update(approach3=a3, approach2=(a2, samples2))
     out = dict(approach3=a3[0], approach2=a2, power_laws=power_laws(points), num_points=len(points["loss"]))
     if predict_flops is not None:
         out["predict"] = predict(points, predict_flops, a3, (a2, samples2), seed)
