@@ -80,6 +80,8 @@ def fits(results: str, flops: float, samples: dict) -> dict:
 def verify_point(c: ml_collections.ConfigDict, flops: float, params: float) -> points_lib.Point:
     """The one point of an isoflop sweep at `flops` whose total params are nearest `params` (the fit counts
     total params; the shape rule targets non-embedding ones)."""
+    if not math.isfinite(params) or params <= 0:
+        raise ValueError(f"the fit's compute-optimal size is {params}: no run to verify (see fits.json)")
     v = ml_collections.ConfigDict(c.to_dict())
     v.name, v.cooldowns, v.budgets = "verify", False, [flops]
     target = params
@@ -143,7 +145,7 @@ def report(workdir: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, f_ in fitted.items():
         a2, a3 = f_["approach2"], f_["approach3"]
-        a2_cells = (f"{_ci(a2, 'a')} | {_ci(a2, 'b')}" if a2 and "a_interval" in a2 else "no IsoFLOP minima | ")
+        a2_cells = (f"{_ci(a2, 'a')} | {_ci(a2, 'b')}" if a2 and "a_interval" in a2 else "no IsoFLOP minima | -")
         lines.append(f"| {'eval_loss' if name == 'all' else 'eval_loss_' + name} | {a2_cells} | {_ci(a3, 'a')} | "
                      f"{a3['alpha']:.3f} ± {a3['alpha_se']:.3f} | {a3['beta']:.3f} ± {a3['beta_se']:.3f} | "
                      f"{a3['E']:.3f} ± {a3['E_se']:.3f} |")
@@ -152,7 +154,7 @@ def report(workdir: str) -> str:
         for b in fitted["all"]["approach2"]["budgets"]:
             lines.append(f"| {b['flops']:.3g} | {b['n_opt']:.3g} | {b['d_opt']:.3g} | {b['loss_opt']:.4f} | {b['interior']} |")
     lines += ["", "## Compute", "",
-              f"Cooldown forks: {cooldowns.describe(saved)}."]
+              f"{cooldowns.describe(saved).capitalize()}."]
     for what, t in timing.items():
         lines.append(f"- {what}: {t['wall_seconds'] / 60:.1f} min wall, {t['cpu_seconds'] / 60:.1f} min CPU "
                      f"(all threads of the process) over {t['sessions']} session(s)")
