@@ -164,28 +164,37 @@ def test_predict_recovers_the_generating_law_beyond_the_largest_budget():
     # approach 2's parabolas are a little biased on this law's asymmetric profiles: its estimate, not its interval, is checked.
     lo, hi = p["approach2"]["params_interval"]
     assert lo < p["approach2"]["params"] < hi and p["approach2"]["params"] == pytest.approx(n, rel=0.25)
-    lo, hi = result["approach2"]["a_interval"]
+    lo, hi = result["approach3"]["a_interval"]
     assert lo <= true["a"] <= hi
+    a2 = result["approach2"]
+    assert a2["a_interval"][0] < a2["a"] < a2["a_interval"][1] and a2["bootstrap"] >= 2
     assert "params" in fit.describe_prediction(p) and "loss" in fit.describe_prediction(p)
 
 
-def test_fit_cli_target_fits_one_domains_loss_column_and_predicts(tmp_path):
-    from tests.conftest import run_cli
-
-    code_law = dict(E=0.8, A=30.0, B=90.0, alpha=0.45, beta=0.3)
+def two_domain_csv(path: Path, code_law: dict) -> Path:
     rows = []
     for i, (c, n) in enumerate(zip(np.repeat([1e14, 1e15, 1e16, 1e17], 7), np.tile(np.geomspace(3e5, 3e7, 7), 4))):
         tokens = c / (6 * n)
         rows.append(f"p{i},{n},{tokens},{c},{c},{fit.predict_loss(n, tokens, TRUE)},{fit.predict_loss(n, tokens, code_law)}\n")
-    csv_path = tmp_path / "results.csv"
-    csv_path.write_text("name,params,tokens,flops,budget,eval_loss,eval_loss_code\n" + "".join(rows))
-    proc = run_cli("fit", f"--points={csv_path}", f"--out={tmp_path / 'fit'}", "--target=code", "--predict=4e17", "--bootstrap=4")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["target"] == "eval_loss_code"
-    assert result["approach3"]["alpha"] == pytest.approx(code_law["alpha"], abs=0.03)
-    assert "predicted at C = 4e+17 FLOPs" in proc.stdout
+    path.write_text("name,params,tokens,flops,budget,eval_loss,eval_loss_code\n" + "".join(rows))
+    return path
+
+
+def test_target_fits_one_domains_loss_column(tmp_path):
+    code_law = dict(E=0.8, A=30.0, B=90.0, alpha=0.45, beta=0.3)
+    csv_path = two_domain_csv(tmp_path / "results.csv", code_law)
+    code = fit.load_points(str(csv_path), target="code")
+    np.testing.assert_allclose(code["loss"], fit.predict_loss(code["params"], code["tokens"], code_law))
+    assert fit.approach3(code, num_starts=10)["alpha"] == pytest.approx(code_law["alpha"], abs=0.03)
+    assert fit.approach3(fit.load_points(str(csv_path)), num_starts=10)["alpha"] == pytest.approx(TRUE["alpha"], abs=0.03)
+
+
+def test_fit_cli_target_without_its_column_is_one_error_line(tmp_path):
+    from tests.conftest import run_cli
+
+    csv_path = two_domain_csv(tmp_path / "results.csv", TRUE)
     proc = run_cli("fit", f"--points={csv_path}", f"--out={tmp_path / 'fit'}", "--target=web")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "eval_loss_web" in errors[0] and "code" in errors[0]
+    assert not (tmp_path / "fit").exists()

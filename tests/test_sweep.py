@@ -305,13 +305,12 @@ def test_fit_cli_reads_a_sweep_results_csv(tmp_path):
 
 @pytest.fixture(scope="module")
 def forked(tiny):
-    """The tiny sweep with cooldown forks, run as two shards; returns (config, workdir, rows)."""
+    """The tiny sweep's smaller size with cooldown forks; returns (config, workdir, rows)."""
     cfg, workdir, _, _ = tiny
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    cfg.cooldowns, cfg.decay_fraction = True, 0.25
+    cfg.cooldowns, cfg.decay_fraction, cfg.targets = True, 0.25, [8e3]
     forked_dir = workdir.parent / "forked"
-    rows = sweep.run(cfg, str(forked_dir), shard="0/2") + sweep.run(cfg, str(forked_dir), shard="1/2")
-    return cfg, forked_dir, rows
+    return cfg, forked_dir, sweep.run(cfg, str(forked_dir))
 
 
 def test_forked_cooldown_equals_the_full_run_with_the_same_schedule_bit_for_bit(forked, tmp_path):
@@ -368,8 +367,17 @@ def test_cooldown_sweep_writes_a_row_per_size_and_budget_and_its_savings(forked)
     assert saved["from_scratch_flops"] == pytest.approx(sum(p.flops for p in points))
     assert saved["forked_flops"] == pytest.approx(forked_flops)
     assert 0 < saved["saved_fraction"] < 1
-    # A shard holds whole sizes, so one host trains each stable run.
-    assert {p.size for p in points_lib.select_shard(points, "0/2")}.isdisjoint(p.size for p in points_lib.select_shard(points, "1/2"))
+
+
+def test_cooldown_shards_hold_whole_sizes(tiny):
+    cfg, _, _, _ = tiny
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.cooldowns = True
+    points = points_lib.expand(cfg)
+    shards = [points_lib.select_shard(points, f"{i}/2") for i in range(2)]
+    assert sorted(p.name for shard in shards for p in shard) == sorted(p.name for p in points)
+    # One host trains each stable run.
+    assert {p.size for p in shards[0]}.isdisjoint(p.size for p in shards[1]) and all(shards)
 
 
 def test_misspelt_sweep_key_is_one_error_line_before_compiling(tmp_path):
@@ -396,7 +404,7 @@ def test_dry_run_warns_when_a_point_would_repeat_the_training_split(tiny, capsys
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.budgets = [4e7, 4e9]
     points = points_lib.expand(cfg)
-    available = corpus.num_tokens(spec.from_config(points[0].config).data, points_lib.sweep_tokenizer(points[0].config))
+    available = corpus.num_tokens(spec.from_config(points[0].config).data, "train", points_lib.sweep_tokenizer(points[0].config))
     capsys.readouterr()
     sweep.run(cfg, str(workdir.parent / "never"), dry_run=True)
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
