@@ -2,11 +2,12 @@
 
   1. sweep    configs/sweeps/isoflop_cpu_cooldowns.py on the unrepeated corpus (experiments/scaling/build_corpus.py)
               as a 3-domain mixture, into WORKDIR/sweep; its wall and CPU time into WORKDIR/timing.json
-  2. fit      approaches 2 and 3 with bootstrap intervals, on eval_loss and on each domain's eval_loss_<domain>
-  3. predict  before the held-out run is trained: its size (approach 3's compute-optimal params at
-              VERIFY_FACTOR x the largest budget, as the sweep's shape rule builds it) and its final loss with an
-              interval, into WORKDIR/prediction.json (never rewritten once it exists)
-  4. verify   trains that run (the sweep's schedule, from scratch) into WORKDIR/verify and compares
+  2. predict  approaches 2 and 3 with bootstrap intervals on eval_loss (WORKDIR/fits.json); then, before the
+              held-out run is trained, its size (approach 3's compute-optimal params at VERIFY_FACTOR x the
+              largest budget, as the sweep's shape rule builds it) and its final loss with an interval, into
+              WORKDIR/prediction.json (never rewritten once it exists)
+  3. verify   trains that run (the sweep's schedule, from scratch) into WORKDIR/verify and compares
+  4. domains  the same fits of each domain's eval_loss_<domain>
   5. report   the tables of experiments/scaling/cooldowns/README.md into WORKDIR/report.md, and the
               results, fits and prediction copied into experiments/scaling/cooldowns/
 
@@ -38,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MIXTURE = "shakespeare=0.2,code=0.3,docs=0.5"  # shakespeare, the smallest domain, then repeats after 23M tokens
 DOMAINS = ("shakespeare", "code", "docs")
 VERIFY_FACTOR = 3.5
-BOOTSTRAP = 200
+BOOTSTRAP = 100
 DOMAIN_BOOTSTRAP = 50
 NUM_STARTS = 40  # approach 3's L-BFGS starts (of Hoffmann et al.'s 4500-point grid, the best by objective)
 
@@ -69,12 +70,18 @@ def timed(what: str, workdir: str, fn):
     return out
 
 
-def fits(results: str, flops: float, samples: dict) -> dict:
-    out = {"all": fit.fit_all(fit.load_points(results), bootstrap=BOOTSTRAP, num_starts=NUM_STARTS,
-                              predict_flops=flops, samples=samples)}
+def domain_fits(workdir: str) -> dict:
+    """Each domain's law (after the verify run: the prediction needs only the overall one)."""
+    path = os.path.join(workdir, "fits.json")
+    fitted = json.load(open(path))
+    results = os.path.join(workdir, "sweep", sweep.RESULTS)
     for domain in DOMAINS:
-        out[domain] = fit.fit_all(fit.load_points(results, target=domain), bootstrap=DOMAIN_BOOTSTRAP, num_starts=NUM_STARTS)
-    return out
+        if domain not in fitted:
+            fitted[domain] = fit.fit_all(fit.load_points(results, target=domain), bootstrap=DOMAIN_BOOTSTRAP,
+                                         num_starts=NUM_STARTS)
+            with open(path, "w") as f:
+                json.dump(fitted, f, indent=2)
+    return fitted
 
 
 def verify_point(c: ml_collections.ConfigDict, flops: float, params: float) -> points_lib.Point:
@@ -99,7 +106,8 @@ def predict(workdir: str, c: ml_collections.ConfigDict) -> dict:
     results = os.path.join(workdir, "sweep", sweep.RESULTS)
     flops = VERIFY_FACTOR * max(c.budgets)
     samples = {}
-    fitted = fits(results, flops, samples)
+    fitted = {"all": fit.fit_all(fit.load_points(results), bootstrap=BOOTSTRAP, num_starts=NUM_STARTS,
+                                 predict_flops=flops, samples=samples)}
     with open(os.path.join(workdir, "fits.json"), "w") as f:
         json.dump(fitted, f, indent=2)
     optimum = fitted["all"]["predict"]
@@ -154,7 +162,7 @@ def report(workdir: str) -> str:
         for b in fitted["all"]["approach2"]["budgets"]:
             lines.append(f"| {b['flops']:.3g} | {b['n_opt']:.3g} | {b['d_opt']:.3g} | {b['loss_opt']:.4f} | {b['interior']} |")
     lines += ["", "## Compute", "",
-              f"{cooldowns.describe(saved).capitalize()}."]
+              "C" + cooldowns.describe(saved)[1:] + "."]
     for what, t in timing.items():
         lines.append(f"- {what}: {t['wall_seconds'] / 60:.1f} min wall, {t['cpu_seconds'] / 60:.1f} min CPU "
                      f"(all threads of the process) over {t['sessions']} session(s)")
@@ -202,6 +210,7 @@ def main():
         result = timed("verify run", args.workdir, lambda: verify(args.workdir, c, prediction))
         with open(os.path.join(args.workdir, "verify.json"), "w") as f:
             json.dump(result, f, indent=2)
+        timed("domain fits", args.workdir, lambda: domain_fits(args.workdir))
     text = report(args.workdir)
     with open(os.path.join(args.workdir, "report.md"), "w") as f:
         f.write(text + "\n")
