@@ -24,6 +24,7 @@ from llm.training import checkpoint, loop
 
 SAVINGS = "cooldowns.json"  # in the sweep's directory: the FLOPs the forks save against the same grid from scratch
 LOCK = "forks.lock"
+KEEP_ALL = 1_000_000
 
 
 def stable_dir(workdir: str, point: Point) -> str:
@@ -39,7 +40,9 @@ def stable_config(point: Point, steps: int) -> ml_collections.ConfigDict:
     cfg.num_train_steps = steps
     cfg.eval_every_steps = 0  # only the forks are evaluated
     cfg.checkpoint_every_steps = steps
-    cfg.keep_checkpoints = len(point.cooldown_starts)
+    # Every one: its checkpoints are the cooldown starts, plus one per interruption (which must not push a
+    # start out before its fork has copied it).
+    cfg.keep_checkpoints = KEEP_ALL
     return cfg
 
 
@@ -59,7 +62,8 @@ def _check_same_stable(cfg: ml_collections.ConfigDict, directory: str) -> None:
         return
     with open(path) as f:
         saved = ml_collections.ConfigDict(json.load(f))
-    if without_per_budget(saved) != without_per_budget(cfg):
+    same = lambda c: {k: v for k, v in without_per_budget(c).items() if k != "keep_checkpoints"}
+    if same(saved) != same(cfg):
         raise ConfigError(f"{directory} was started with a different config than the sweep now gives its size; "
                           f"delete that directory or use another --workdir")
 
