@@ -208,7 +208,7 @@ def _loglog_line(x: np.ndarray, y: np.ndarray) -> dict:
 def approach2(points: Points) -> dict | None:
     """IsoFLOP profiles: per budget, a parabola of loss in log N; then power laws of the minima in C.
 
-    None when fewer than 2 budgets have >= 3 distinct sizes and a convex parabola.
+    None when fewer than 2 budgets have >= 3 distinct sizes and a convex parabola with a finite vertex.
     """
     budgets = []
     for idx in budget_groups(points):
@@ -221,6 +221,8 @@ def approach2(points: Points) -> dict | None:
         flops = float(np.exp(np.mean(np.log(points["flops"][idx]))))
         log_n_star = -c1 / (2 * c2)
         n_star = float(np.exp(log_n_star))
+        if not 0 < n_star < np.inf:  # a nearly flat parabola (a bootstrap resample's) puts its vertex nowhere
+            continue
         budgets.append(dict(
             flops=flops, n_opt=n_star, d_opt=flops / (6 * n_star), loss_opt=float(c0 - c1**2 / (4 * c2)),
             coeffs=[float(c2), float(c1), float(c0)], params=n.tolist(), losses=points["loss"][idx].tolist(),
@@ -273,14 +275,27 @@ def power_laws(points: Points) -> dict:
 
 
 def approach2_samples(points: Points, bootstrap: int, seed: int = 0) -> list[dict]:
-    """approach2 refit to resamples of the runs drawn within each budget (each budget keeps its count);
-    a resample left with no IsoFLOP profile to fit is dropped."""
+    """approach2 refit to `bootstrap` residual resamples: each budget's losses become its parabola's values
+    plus residuals drawn from all the budgets' parabolas (scaled by sqrt(n / (n - parameters)) for the
+    degrees of freedom the parabolas used). The sizes stay those trained: resampling whole runs instead
+    leaves a budget of five sizes with three or four distinct ones, whose parabola can put its vertex anywhere."""
     rng = np.random.default_rng(seed)
-    groups = budget_groups(points)
+    fitted, used = points["loss"].copy(), []
+    for idx in budget_groups(points):
+        log_n = np.log(points["params"][idx])
+        if len(np.unique(log_n)) < 3:
+            continue
+        fitted[idx] = np.polyval(np.polyfit(log_n, points["loss"][idx], 2), log_n)
+        used.append(idx)
+    if not used:
+        return []
+    idx = np.concatenate(used)
+    resid = (points["loss"] - fitted)[idx] * np.sqrt(len(idx) / (len(idx) - 3 * len(used)))
     samples = []
     for _ in range(bootstrap):
-        idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        fit = approach2({k: v[idx] for k, v in points.items()})
+        loss = fitted.copy()
+        loss[idx] += rng.choice(resid, len(idx))
+        fit = approach2({**points, "loss": loss})
         if fit is not None:
             samples.append(fit)
     return samples
