@@ -94,8 +94,10 @@ def fork(point: Point, point_dir: str, workdir: str) -> None:
         return  # started already: it resumes from its own checkpoints
     source = os.path.join(train_stable_prefix(point, workdir), checkpoint.DIRNAME, str(point.cooldown_start))
     if not os.path.isdir(source):
-        raise ConfigError(f"{source} is missing: the stable run of {point.size} lost the checkpoint of the cooldown "
-                          f"start of {point.name}; delete {os.path.dirname(os.path.dirname(source))} to retrain it")
+        raise ConfigError(f"the stable run of {point.size} has no checkpoint at step {point.cooldown_start}, where "
+                          f"{point.name} decays from (it was trained past that step before this budget was added, or "
+                          f"the checkpoint was deleted); delete {os.path.dirname(os.path.dirname(source))} to retrain it, "
+                          f"or use another --workdir")
     staging = os.path.join(point_dir, ".fork_staging")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging)
