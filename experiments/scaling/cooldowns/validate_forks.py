@@ -5,6 +5,7 @@ eval loss differs from the independent run's by less than the seed-to-seed sprea
 
     python experiments/scaling/cooldowns/validate_forks.py --workdir=runs/validate_forks   # trains, then reports
     python experiments/scaling/cooldowns/validate_forks.py --workdir=runs/validate_forks --report_only
+    python experiments/scaling/cooldowns/validate_forks.py --workdir=runs/validate_forks_long --budgets=1e12,2e12 --targets=7.3e4
 """
 
 import argparse
@@ -25,11 +26,11 @@ SEEDS = (0, 1, 2)
 MODES = ("forked", "independent")
 
 
-def config(mode: str, seed: int):
+def config(mode: str, seed: int, budgets: list[float], targets: list[float]):
     c = isoflop_cpu_cooldowns.get_config()
     c.name = f"validate_{mode}_s{seed}"
-    c.budgets = [3e11, 6e11]
-    c.targets = [7.3e4, 2e5]
+    c.budgets = budgets
+    c.targets = targets
     c.cooldowns = mode == "forked"
     c.base.seed = seed
     return c
@@ -68,12 +69,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--budgets", default="3e11,6e11", help="FLOPs, comma-separated")
+    parser.add_argument("--targets", default="7.3e4,2e5", help="non-embedding params, comma-separated")
     args = parser.parse_args()
     if not args.report_only:
         for seed in SEEDS:
             for mode in MODES:
                 t0, c0 = time.time(), time.process_time()
-                sweep.run(config(mode, seed), os.path.join(args.workdir, f"{mode}_s{seed}"))
+                c = config(mode, seed, [float(b) for b in args.budgets.split(",")], [float(t) for t in args.targets.split(",")])
+                sweep.run(c, os.path.join(args.workdir, f"{mode}_s{seed}"))
                 print(f"{mode} seed {seed}: {time.time() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU", flush=True)
     print(report(args.workdir))
 
