@@ -45,7 +45,7 @@ usage: ./run.sh COMMAND [flags]
   eval   --workdir=D [--split=validation|test] [--dataset=...] [--step=N] | [--tasks=T1,T2 [--task_dir=D] [--limit=N]]
   sample --workdir=D --prompt=TEXT [--num_samples=N] [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
   sweep  --config=configs/sweeps/NAME.py --workdir=D [--dry_run] [--shard=i/n] [--ray=ADDRESS|auto]
-  fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N]
+  fit    --points=FILE.csv | --workdir=SWEEPDIR [--out=D] [--bootstrap=N] [--predict=FLOPS] [--target=DOMAIN]
   coordcheck [--config=F] [--widths=64,128,256,512,1024] [--steps=5] [--out=D]   activation RMS vs width: does the parametrization transfer?
   bench  train|sample [flags]
   compile --topology=SLICE [--config=F] [--find_batch] [--seq_len=N] [--what=train|sample]   compile for a TPU slice here: fit, HBM, roofline

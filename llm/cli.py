@@ -60,6 +60,9 @@ flags.DEFINE_string("out", "", "fit: directory for fit.json and plots (default: 
                     "export: the HF directory; inspect lens|attention|heads|patch|attribute: a directory for PNG plots.")
 flags.DEFINE_string("arch", "", "fit: only the rows of this model.arch (a sweep over `archs` names them '<arch>-...').")
 flags.DEFINE_integer("bootstrap", 100, "fit: bootstrap resamples for standard errors.")
+flags.DEFINE_float("predict", None, "fit: also predict the compute-optimal params, tokens and loss at this many FLOPs, "
+                   "with bootstrap intervals.")
+flags.DEFINE_string("target", "", "fit: fit the loss column eval_loss_<target> (one domain's) instead of eval_loss.")
 flags.DEFINE_string("hf", "", "import: a local Hugging Face Llama model directory.")
 flags.DEFINE_string("tokenizer", "", "import: a SentencePiece .model to use when the HF directory has no tokenizer.model.")
 flags.DEFINE_integer("max_shard_mb", 5000, "export: safetensors files above this size are split, with an index.")
@@ -245,6 +248,7 @@ def cmd_sweep_point() -> None:
 
 
 def cmd_fit() -> None:
+    from llm import spec
     from llm.scaling import fit, plots
 
     if bool(FLAGS.points) == bool(FLAGS.workdir):
@@ -252,15 +256,28 @@ def cmd_fit() -> None:
     path = FLAGS.points or os.path.join(FLAGS.workdir, "results.csv")
     if not os.path.exists(path):
         raise app.UsageError(f"{path} does not exist")
-    points = fit.load_points(path, FLAGS.arch)
-    result = fit.fit_all(points, bootstrap=FLAGS.bootstrap)
+    try:
+        points = fit.load_points(path, FLAGS.arch, FLAGS.target)
+        if FLAGS.predict is not None and FLAGS.predict <= 0:
+            raise ValueError(f"--predict needs a positive number of FLOPs, got {FLAGS.predict:g}")
+        if FLAGS.predict is not None and FLAGS.bootstrap < 2:
+            raise ValueError(f"--predict needs --bootstrap >= 2 for its intervals, got {FLAGS.bootstrap}")
+    except ValueError as e:
+        raise spec.ConfigError(str(e)) from None
+    result = fit.fit_all(points, bootstrap=FLAGS.bootstrap, predict_flops=FLAGS.predict)
+    if FLAGS.target:
+        result["target"] = f"eval_loss_{FLAGS.target}"
     out = FLAGS.out or FLAGS.workdir or "fit_out"
     if FLAGS.arch and not FLAGS.out:
         out = os.path.join(out, f"fit_{FLAGS.arch}")  # one fit per arch beside the sweep
+    if FLAGS.target and not FLAGS.out:
+        out = os.path.join(out, f"fit_{FLAGS.target}")  # one fit per domain beside the sweep
     os.makedirs(out, exist_ok=True)
     result["plots"] = plots.plot_all(points, result, out)
     with open(os.path.join(out, "fit.json"), "w") as f:
         json.dump(result, f, indent=2)
+    if "predict" in result:
+        print(fit.describe_prediction(result["predict"]))
     print(json.dumps(result))
 
 

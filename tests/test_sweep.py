@@ -297,3 +297,120 @@ def test_fit_cli_reads_a_sweep_results_csv(tmp_path):
     assert result["approach3"]["alpha"] == pytest.approx(true["alpha"], abs=0.1)
     assert len(result["approach2"]["budgets"]) == 3  # grouped by the sweep's budget column
     assert (tmp_path / "isoflops.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cooldown forks
+
+
+@pytest.fixture(scope="module")
+def forked(tiny):
+    """The tiny sweep's smaller size with cooldown forks; returns (config, workdir, rows)."""
+    cfg, workdir, _, _ = tiny
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.cooldowns, cfg.decay_fraction, cfg.targets = True, 0.25, [8e3]
+    forked_dir = workdir.parent / "forked"
+    return cfg, forked_dir, sweep.run(cfg, str(forked_dir))
+
+
+def test_forked_cooldown_equals_the_full_run_with_the_same_schedule_bit_for_bit(forked, tmp_path):
+    import orbax.checkpoint as ocp
+
+    from llm.data import tokenizer as tokenizer_lib
+    from tests.conftest import train_run
+
+    cfg, workdir, rows = forked
+    point = max(points_lib.expand(cfg), key=lambda p: p.config.num_train_steps)
+    steps = point.config.num_train_steps
+    assert 0 < point.cooldown_start < steps and point.config.opt.schedule == "wsd"
+    full = tmp_path / "full"
+    full.mkdir()
+    tokenizer_lib.save(points_lib.sweep_tokenizer(point.config), str(full))
+    summary = train_run(point.config, full, quiet=True)
+    row = next(r for r in rows if r["name"] == point.name)
+    assert row["eval_loss"] == f"{summary['eval_loss']:.6f}"
+
+    def final_params(run_dir):
+        return ocp.PyTreeCheckpointer().restore(str(run_dir / checkpoint.DIRNAME / str(steps) / "params"))
+
+    forked_params, full_params = final_params(workdir / point.name), final_params(full)
+    leaves = jax_leaves(forked_params)
+    assert len(leaves) == len(jax_leaves(full_params)) > 0
+    for a, b in zip(leaves, jax_leaves(full_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The fork trained only its cooldown: its own metrics start after the stable run's checkpoint.
+    trained = [json.loads(line)["step"] for line in (workdir / point.name / "metrics.jsonl").read_text().splitlines()]
+    assert min(trained) == point.cooldown_start + 1
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_cooldown_sweep_writes_a_row_per_size_and_budget_and_its_savings(forked):
+    from llm.scaling import cooldowns
+
+    cfg, workdir, rows = forked
+    points = points_lib.expand(cfg)
+    assert sorted(r["name"] for r in read_rows(workdir)) == sorted(p.name for p in points)
+    for p in points:
+        row = next(r for r in rows if r["name"] == p.name)
+        assert float(row["flops"]) == pytest.approx(p.flops, rel=1e-5)  # stable prefix + its own cooldown
+        # Each size's stable run kept a checkpoint at every one of its cooldown starts.
+        assert checkpoint.reader(str(workdir / f"{p.size}_stable")).all_steps() == list(p.cooldown_starts)
+    saved = json.loads((workdir / cooldowns.SAVINGS).read_text())
+    per_step = {p.size: p.flops / p.config.num_train_steps for p in points}
+    forked_flops = sum(per_step[p.size] * (p.config.num_train_steps - p.cooldown_start) for p in points) + sum(
+        per_step[s] * max(p.cooldown_start for p in points if p.size == s) for s in per_step)
+    assert saved["from_scratch_flops"] == pytest.approx(sum(p.flops for p in points))
+    assert saved["forked_flops"] == pytest.approx(forked_flops)
+    assert 0 < saved["saved_fraction"] < 1
+
+
+def test_cooldown_shards_hold_whole_sizes(tiny):
+    cfg, _, _, _ = tiny
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.cooldowns = True
+    points = points_lib.expand(cfg)
+    shards = [points_lib.select_shard(points, f"{i}/2") for i in range(2)]
+    assert sorted(p.name for shard in shards for p in shard) == sorted(p.name for p in points)
+    # One host trains each stable run.
+    assert {p.size for p in shards[0]}.isdisjoint(p.size for p in shards[1]) and all(shards)
+
+
+def test_misspelt_sweep_key_is_one_error_line_before_compiling(tmp_path):
+    config = tmp_path / "my_sweep.py"
+    config.write_text(
+        "from configs.sweeps import isoflop_cpu\n\n"
+        "def get_config():\n"
+        "    c = isoflop_cpu.get_config()\n"
+        "    c.cooldown = True\n"
+        "    return c\n")
+    proc = subprocess.run([sys.executable, "-m", "llm.cli", "sweep", f"--config={config}", f"--workdir={tmp_path / 'w'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'cooldown' (did you mean 'cooldowns'?)" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_dry_run_warns_when_a_point_would_repeat_the_training_split(tiny, capsys):
+    from llm import spec
+    from llm.data import corpus
+
+    cfg, workdir, _, _ = tiny
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.budgets = [4e7, 4e9]
+    points = points_lib.expand(cfg)
+    available = corpus.num_tokens(spec.from_config(points[0].config).data, "train", points_lib.sweep_tokenizer(points[0].config))
+    capsys.readouterr()
+    sweep.run(cfg, str(workdir.parent / "never"), dry_run=True)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    over = [p for p in points if p.tokens > available]
+    assert len(warnings) == 1 and 0 < len(over) < len(points)
+    assert f"{len(over)} of {len(points)} points" in warnings[0] and f"{available:,}" in warnings[0]
+    for p in over:
+        assert f"{p.name} {p.tokens / available:.2f}" in warnings[0]
+    assert not (workdir.parent / "never").exists()

@@ -48,15 +48,22 @@ def as_points(points: Points | Sequence[dict[str, Any]]) -> Points:
     return out
 
 
-def load_points(path: str, arch: str = "") -> Points:
+def load_points(path: str, arch: str = "", target: str = "") -> Points:
     """Reads a CSV with params,tokens|flops,loss (or a sweep's results.csv, or the Chinchilla extraction);
-    arch: only a multi-arch sweep's rows of that arch (named '<arch>-...')."""
+    arch: only a multi-arch sweep's rows of that arch (named '<arch>-...'); target: the loss is the
+    column eval_loss_<target> (one domain's held-out loss) instead of eval_loss."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if arch:
         rows = [r for r in rows if r.get("name", "").startswith(f"{arch}-")]
     if not rows:
         raise ValueError(f"{path} has no rows" + (f" of arch {arch!r}" if arch else ""))
+    if target:
+        column = f"eval_loss_{target}"
+        if column not in rows[0]:
+            have = sorted(k.removeprefix("eval_loss_") for k in rows[0] if k.startswith("eval_loss_"))
+            raise ValueError(f"{path} has no column {column!r} (--target={target}); its domains: {', '.join(have) or 'none'}")
+        rows = [{**{k: v for k, v in r.items() if k not in ("loss", "eval_loss")}, "loss": r[column]} for r in rows]
     wanted = [k for k in rows[0] if k in COLUMNS or k in ALIASES]
     try:
         return as_points({k: [r[k] for r in rows] for k in wanted})
@@ -101,8 +108,10 @@ def _minimise(starts: np.ndarray, log_n, log_d, log_l) -> np.ndarray:
     return best
 
 
-def approach3(points: Points, bootstrap: int = 0, seed: int = 0, num_starts: int | None = 200) -> dict:
-    """Hoffmann et al. 2022 approach 3: L(N, D) = E + A/N^alpha + B/D^beta.
+def approach3_samples(points: Points, bootstrap: int = 0, seed: int = 0,
+                      num_starts: int | None = 200) -> tuple[dict, list[dict]]:
+    """Hoffmann et al. 2022 approach 3: L(N, D) = E + A/N^alpha + B/D^beta, and the laws refit to each
+    bootstrap resample of the points.
 
     L-BFGS-B runs from the num_starts grid points with the lowest objective (None: all 4500).
     Each bootstrap resample is refit from the full-data optimum and the 8 best grid points.
@@ -115,17 +124,33 @@ def approach3(points: Points, bootstrap: int = 0, seed: int = 0, num_starts: int
     theta = _minimise(grid[:, order[:num_starts]].T, log_n, log_d, log_l)
     out = _law_from_theta(theta)
     out.update(grid=dict(alpha=ALPHAS, beta=BETAS, e=ES, a=AS, b=BS), num_starts=num_starts or grid.shape[1])
+    samples = []
     if bootstrap:
         rng = np.random.default_rng(seed)
         starts = np.concatenate([theta[None], grid[:, order[:8]].T])
-        samples = []
         for _ in range(bootstrap):
             idx = rng.integers(0, len(log_l), len(log_l))
             samples.append(_law_from_theta(_minimise(starts, log_n[idx], log_d[idx], log_l[idx])))
         for k in ("E", "A", "B", "alpha", "beta", "a", "b", "G"):
             out[f"{k}_se"] = float(np.std([s[k] for s in samples], ddof=1))
+        out["a_interval"] = interval([s["a"] for s in samples])
         out["bootstrap"] = bootstrap
-    return out
+    # Log residuals of the full fit: a new run's loss scatters about the law by about as much.
+    out["residual_rms"] = float(np.sqrt(np.mean((log_l - np.log(predict_loss(points["params"], points["tokens"], out))) ** 2)))
+    return out, samples
+
+
+def approach3(points: Points, bootstrap: int = 0, seed: int = 0, num_starts: int | None = 200) -> dict:
+    """Hoffmann et al. 2022 approach 3: L(N, D) = E + A/N^alpha + B/D^beta (see approach3_samples)."""
+    return approach3_samples(points, bootstrap, seed, num_starts)[0]
+
+
+LEVEL = 0.95  # every interval the fitter reports: bootstrap percentiles
+
+
+def interval(values, level: float = LEVEL) -> list[float]:
+    lo, hi = np.percentile(np.asarray(values, dtype=np.float64), [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
 
 
 def law(E: float, A: float, B: float, alpha: float, beta: float) -> dict:
@@ -183,7 +208,7 @@ def _loglog_line(x: np.ndarray, y: np.ndarray) -> dict:
 def approach2(points: Points) -> dict | None:
     """IsoFLOP profiles: per budget, a parabola of loss in log N; then power laws of the minima in C.
 
-    None when fewer than 2 budgets have >= 3 distinct sizes and a convex parabola.
+    None when fewer than 2 budgets have >= 3 distinct sizes and a convex parabola with a finite vertex.
     """
     budgets = []
     for idx in budget_groups(points):
@@ -196,6 +221,8 @@ def approach2(points: Points) -> dict | None:
         flops = float(np.exp(np.mean(np.log(points["flops"][idx]))))
         log_n_star = -c1 / (2 * c2)
         n_star = float(np.exp(log_n_star))
+        if not 0 < n_star < np.inf:  # a nearly flat parabola (a bootstrap resample's) puts its vertex nowhere
+            continue
         budgets.append(dict(
             flops=flops, n_opt=n_star, d_opt=flops / (6 * n_star), loss_opt=float(c0 - c1**2 / (4 * c2)),
             coeffs=[float(c2), float(c1), float(c0)], params=n.tolist(), losses=points["loss"][idx].tolist(),
@@ -247,8 +274,105 @@ def power_laws(points: Points) -> dict:
                 frontier_flops=points["flops"][idx].tolist(), frontier_loss=points["loss"][idx].tolist())
 
 
+def approach2_samples(points: Points, bootstrap: int, seed: int = 0) -> list[dict]:
+    """approach2 refit to `bootstrap` residual resamples: each budget's losses become its parabola's values
+    plus residuals drawn from all the budgets' parabolas (scaled by sqrt(n / (n - parameters)) for the
+    degrees of freedom the parabolas used). The sizes stay those trained: resampling whole runs instead
+    leaves a budget of five sizes with three or four distinct ones, whose parabola can put its vertex anywhere."""
+    rng = np.random.default_rng(seed)
+    fitted, used = points["loss"].copy(), []
+    for idx in budget_groups(points):
+        log_n = np.log(points["params"][idx])
+        if len(np.unique(log_n)) < 3:
+            continue
+        fitted[idx] = np.polyval(np.polyfit(log_n, points["loss"][idx], 2), log_n)
+        used.append(idx)
+    if not used:
+        return []
+    idx = np.concatenate(used)
+    resid = (points["loss"] - fitted)[idx] * np.sqrt(len(idx) / (len(idx) - 3 * len(used)))
+    samples = []
+    for _ in range(bootstrap):
+        loss = fitted.copy()
+        loss[idx] += rng.choice(resid, len(idx))
+        fit = approach2({**points, "loss": loss})
+        if fit is not None:
+            samples.append(fit)
+    return samples
+
+
+def _optimum(flops: float, law_: dict) -> dict:
+    n, d = float(n_opt(flops, law_)), float(d_opt(flops, law_))
+    return dict(params=n, tokens=d, loss=float(predict_loss(n, d, law_)))
+
+
+def predict(points: Points, flops: float, a3: tuple[dict, list[dict]], a2: tuple[dict | None, list[dict]],
+            seed: int = 0, params: float | None = None, tokens: float | None = None) -> dict:
+    """The compute-optimal params, tokens (C = 6 N D) and loss at `flops`, with LEVEL bootstrap intervals.
+
+    approach 3: the law and each bootstrap law at its own optimum. The loss has two intervals: `loss_fit`
+    (the law's uncertainty alone) and `loss` (that plus a run's scatter about the law: each bootstrap
+    prediction times exp of a residual of the full fit drawn at random), the one a new run should land in.
+    With params and tokens, the loss is predicted for that run instead of the optimum.
+    approach 2: n_opt = k_n C^a and d_opt = k_d C^b of the IsoFLOP minima, and the minima's loss as a
+    power law of C, for the full fit and each bootstrap resample.
+    """
+    if flops <= 0:
+        raise ValueError(f"--predict needs a positive number of FLOPs, got {flops:g}")
+    law3, samples3 = a3
+    if len(samples3) < 2:
+        raise ValueError("a prediction needs --bootstrap >= 2 for its intervals")
+    rng = np.random.default_rng(seed)
+    at = lambda law_: (_optimum(flops, law_) if params is None else
+                       dict(params=params, tokens=tokens, loss=float(predict_loss(params, tokens, law_))))
+    best, boot = at(law3), [at(s) for s in samples3]
+    resid = np.log(points["loss"]) - np.log(predict_loss(points["params"], points["tokens"], law3))
+    scattered = [b["loss"] * np.exp(rng.choice(resid)) for b in boot]
+    out = dict(flops=float(flops), level=LEVEL, bootstrap=len(samples3), approach3=dict(
+        params=best["params"], params_interval=interval([b["params"] for b in boot]),
+        tokens=best["tokens"], tokens_interval=interval([b["tokens"] for b in boot]),
+        loss=best["loss"], loss_interval=interval(scattered), loss_fit_interval=interval([b["loss"] for b in boot])))
+    law2, samples2 = a2
+    if law2 is not None and len(samples2) >= 2:
+        def line(fit2: dict) -> dict:
+            c = np.array([b["flops"] for b in fit2["budgets"]])
+            loss = _loglog_line(c, np.array([b["loss_opt"] for b in fit2["budgets"]]))
+            return dict(params=fit2["k_n"] * flops ** fit2["a"], tokens=fit2["k_d"] * flops ** fit2["b"],
+                        loss=loss["k"] * flops ** loss["exponent"])
+        best2, boot2 = line(law2), [line(s) for s in samples2]
+        out["approach2"] = {**{k: float(v) for k, v in best2.items()},
+                            **{f"{k}_interval": interval([b[k] for b in boot2]) for k in best2}}
+    return out
+
+
+def describe_prediction(p: dict) -> str:
+    pct = f"{100 * p['level']:.0f}%"
+    lines = [f"predicted at C = {p['flops']:.3g} FLOPs ({pct} bootstrap intervals, {p['bootstrap']} resamples):"]
+    for name, fit_ in (("approach 3", p["approach3"]), ("approach 2", p.get("approach2"))):
+        if fit_ is None:
+            continue
+        row = lambda k, fmt: f"{fit_[k]:{fmt}} [{fit_[k + '_interval'][0]:{fmt}}, {fit_[k + '_interval'][1]:{fmt}}]"
+        text = f"  {name}: params {row('params', '.3g')}, tokens {row('tokens', '.3g')}, loss {row('loss', '.4f')}"
+        if "loss_fit_interval" in fit_:
+            text += f" (the law alone: [{fit_['loss_fit_interval'][0]:.4f}, {fit_['loss_fit_interval'][1]:.4f}])"
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def fit_all(points: Points | Sequence[dict[str, Any]], bootstrap: int = 0, seed: int = 0,
-            num_starts: int | None = 200) -> dict:
+            num_starts: int | None = 200, predict_flops: float | None = None, samples: dict | None = None) -> dict:
+    """Every fit; with bootstrap, approach 2's exponents get intervals too; with predict_flops, `predict`.
+    samples: a dict that receives the bootstrap fits (keys approach3, approach2) for further predictions."""
     points = as_points(points)
-    return dict(approach3=approach3(points, bootstrap, seed, num_starts), approach2=approach2(points),
-                power_laws=power_laws(points), num_points=len(points["loss"]))
+    a3 = approach3_samples(points, bootstrap, seed, num_starts)
+    a2 = approach2(points)
+    samples2 = approach2_samples(points, bootstrap, seed) if bootstrap and a2 is not None else []
+    if len(samples2) >= 2:
+        a2.update(a_interval=interval([s["a"] for s in samples2]), b_interval=interval([s["b"] for s in samples2]),
+                  a_bootstrap_se=float(np.std([s["a"] for s in samples2], ddof=1)), bootstrap=len(samples2))
+    if samples is not None:
+        samples.update(approach3=a3, approach2=(a2, samples2))
+    out = dict(approach3=a3[0], approach2=a2, power_laws=power_laws(points), num_points=len(points["loss"]))
+    if predict_flops is not None:
+        out["predict"] = predict(points, predict_flops, a3, (a2, samples2), seed)
+    return out

@@ -13,7 +13,9 @@ import ml_collections
 
 from llm import spec
 from llm.data import tokenizer as tokenizer_lib
-from llm.scaling.points import CPU_THROUGHPUT, Point, duration, estimate_seconds, expand, format_table, select_shard, sweep_tokenizer
+from llm.scaling import cooldowns
+from llm.scaling.points import (CPU_THROUGHPUT, Point, duration, estimate_seconds, expand, format_table, repetition_warning,
+                                select_shard, sweep_tokenizer)
 from llm.spec import ConfigError
 from llm.training import checkpoint, loop
 
@@ -110,6 +112,8 @@ def train_point(point: Point, workdir: str) -> dict:
     if not os.path.exists(os.path.join(point_dir, tokenizer_lib.FILENAME)):
         tokenizer_lib.save(sweep_tokenizer(point.config), point_dir)
     t0 = time.perf_counter()
+    if point.cooldown_start:
+        cooldowns.fork(point, point_dir, workdir)  # trains its size's stable prefix first if no point has yet
     summary = loop.train(spec.from_config(point.config), point_dir, quiet=True)
     row = _row(point, summary, point_dir, time.perf_counter() - t0)
     _write_marker(point_dir, row)
@@ -131,10 +135,18 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, dry_run: bool = Fals
     points = select_shard(expand(sweep_cfg), shard)
     print(f"sweep {sweep_cfg.name} ({sweep_cfg.kind}){f', shard {shard}' if shard else ''} -> {workdir}")
     print(format_table(points, throughput), flush=True)
+    repeats = repetition_warning(points)
+    if repeats:
+        print(repeats, flush=True)
+    saved = cooldowns.savings(expand(sweep_cfg)) if sweep_cfg.get("cooldowns") else None
+    if saved:
+        print(cooldowns.describe(saved), flush=True)
     if dry_run:
         return []
 
     os.makedirs(workdir, exist_ok=True)
+    if saved:
+        cooldowns.write_savings(workdir, saved)
     done = finished_names(workdir)
     new_rows = []
     for i, point in enumerate(points):

@@ -28,12 +28,22 @@ def learning_rate(c: OptConfig, peak: float | None = None) -> optax.Schedule:
     elif c.schedule == "constant":
         after = optax.constant_schedule(peak)
     elif c.schedule == "wsd":
-        decay = max(int(round(c.decay_fraction * c.num_train_steps)), 1)
-        stable = max(rest - decay, 0)
-        after = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, final, decay)], [stable])
+        stable = cooldown_start(c) - c.warmup_steps
+        after = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, final, _decay_steps(c))], [stable])
     else:
         raise ValueError(f"unknown schedule {c.schedule!r}")
     return optax.join_schedules([warmup, after], [c.warmup_steps])
+
+
+def _decay_steps(c: OptConfig) -> int:
+    return max(int(round(c.decay_fraction * c.num_train_steps)), 1)
+
+
+def cooldown_start(c: OptConfig) -> int:
+    """wsd: the steps before the decay begins; up to here the rate is warmup then constant, whatever
+    num_train_steps is, so a constant-rate run's checkpoint at this step can start the cooldown
+    (llm/scaling/cooldowns.py)."""
+    return c.warmup_steps + max(max(c.num_train_steps - c.warmup_steps, 1) - _decay_steps(c), 0)
 
 
 _NO_DECAY = ("scale", "bias")
