@@ -369,6 +369,33 @@ def test_cooldown_sweep_writes_a_row_per_size_and_budget_and_its_savings(forked)
     assert 0 < saved["saved_fraction"] < 1
 
 
+def test_interrupted_fork_resumes_from_its_last_checkpoint(forked, tmp_path):
+    cfg, workdir, rows = forked
+    point = max(points_lib.expand(cfg), key=lambda p: p.config.num_train_steps)
+    steps = point.config.num_train_steps
+    copy = tmp_path / "sweep"
+    shutil.copytree(workdir, copy)
+    # Undo the end of the fork: its row, its marker and its final checkpoint; what is left is a checkpoint
+    # of its cooldown (or the stable run's, copied in at its cooldown start).
+    kept = [r for r in read_rows(copy) if r["name"] != point.name]
+    (copy / sweep.RESULTS).unlink()
+    for r in kept:
+        sweep._append_row(str(copy), r)
+    point_dir = copy / point.name
+    (point_dir / sweep.MARKER).unlink()
+    shutil.rmtree(point_dir / checkpoint.DIRNAME / str(steps))
+    resume_at = checkpoint.latest_step(str(point_dir))
+    assert point.cooldown_start <= resume_at < steps
+    lines_before = len((point_dir / "metrics.jsonl").read_text().splitlines())
+
+    new_rows = sweep.run(cfg, str(copy))
+    assert [r["name"] for r in new_rows] == [point.name]
+    records = [json.loads(line) for line in (point_dir / "metrics.jsonl").read_text().splitlines()[lines_before:]]
+    assert sorted({r["step"] for r in records if "loss" in r}) == list(range(resume_at + 1, steps + 1))
+    original = next(r for r in rows if r["name"] == point.name)
+    assert new_rows[0]["eval_loss"] == original["eval_loss"]
+
+
 def test_cooldown_shards_hold_whole_sizes(tiny):
     cfg, _, _, _ = tiny
     cfg = ml_collections.ConfigDict(cfg.to_dict())
