@@ -213,6 +213,37 @@ def analyze() -> None:
         best = fits[study][g][size]["loss"]
         print(f"big {study} {size} seed {p['seed']} lr {p['lr']:.3g}: loss {r['eval_loss']:.4f} vs best of its own sweep "
               f"{best:.4f} ({100 * (r['eval_loss'] / best - 1):+.2f}%)")
+    paired_transfer(big)
+
+
+def paired_transfer(big: list[dict]) -> None:
+    """Tune small, train big, seed by seed: the transferred rate's loss against the best of the same seed's
+    sweep at the largest width (the lowest of its rates, and its parabola's vertex). Seeds move the whole
+    curve by a few percent; the difference within a seed is what the 1% criterion is about."""
+    import numpy as np
+
+    grid_rows = [r for r in _load("width") if r["point"]["parametrization"] == "mup"
+                 and r["point"].get("output_multiplier", 1.0) == ALPHA_OUT and r["point"]["width"] == WIDTHS[-1]]
+    diffs = {"lowest": [], "vertex": []}
+    for r in big:
+        p = r["point"]
+        if p["depth_parametrization"] != "none":
+            continue
+        mine = [g for g in grid_rows if g["point"]["seed"] == p["seed"]]
+        lrs = sorted(g["point"]["lr"] for g in mine)
+        if len(lrs) < 4:
+            continue
+        losses = [next(g["eval_loss"] for g in mine if g["point"]["lr"] == lr) for lr in lrs]
+        lowest, vertex = min(losses), optimum(lrs, losses)["loss"]
+        for kind, best in (("lowest", lowest), ("vertex", vertex)):
+            diffs[kind].append(100 * (r["eval_loss"] / best - 1))
+        print(f"paired seed {p['seed']}: transferred {r['eval_loss']:.4f}; its own sweep at width {WIDTHS[-1]}: "
+              f"lowest {lowest:.4f} over {len(lrs)} rates, vertex {vertex:.4f}")
+    for kind, d in diffs.items():
+        if d:
+            se = np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            print(f"paired transferred vs {kind}: {np.mean(d):+.2f}% +- {se:.2f}% (mean +- se over {len(d)} seeds: "
+                  f"{', '.join(f'{x:+.2f}%' for x in d)})")
 
 
 def main() -> None:
