@@ -594,6 +594,18 @@ def test_inspect_patch_cli_prints_json_and_a_heatmap_and_refuses_a_bad_site_in_o
     assert np.asarray(result["patched"]) == pytest.approx(np.asarray(expected["patched"]), abs=1e-5)
     assert np.asarray(result["attribution"]).shape == (run.model_config.N, run.model_config.H)
     assert result["plots"] == [str(tmp_path / "patch_heads.png")]
+    path = run_cli("inspect", "patch", f"--workdir={run.workdir}", f"--clean={clean}", f"--corrupted={corrupted}", "--token=e",
+                   "--sender=block_0:1", "--receiver=block_1:0", "--via=k")
+    assert path.returncode == 0, path.stderr
+    expected = run.path_patch(clean, corrupted, (0, 1), (1, 0), "k", token="e")
+    assert json.loads(path.stdout.strip().splitlines()[-1])["patched"] == pytest.approx(expected["patched"], abs=1e-5)
+    mean = run_cli("inspect", "heads", f"--workdir={run.workdir}", f"--prompt={clean}", "--ablation=mean")
+    assert mean.returncode == 0, mean.stderr
+    *table, last = mean.stdout.strip().splitlines()
+    values = run.ablation_values("mean", len(run.tokenizer.encode(clean)))
+    by_mean = run.intervention_effect(clean, ablate={"block_1/heads": [0]}, values=values)["loss_change"]
+    assert table[0] == "prompt loss change when one head is mean-ablated" and json.loads(last)["ablation"] == "mean"
+    assert json.loads(last)["head_ablation_loss_change"][1][0] == pytest.approx(by_mean, abs=1e-6)
     H = run.model_config.H
     bad = run_cli("inspect", "patch", f"--workdir={run.workdir}", f"--clean={clean}", f"--corrupted={corrupted}", f"--at=block_1/head_out:{H}")
     assert bad.returncode != 0 and bad.stdout == ""
