@@ -3,7 +3,7 @@ constant learning rate on lines that repeat a random string three times ("s s s"
 the literature sees induction heads form abruptly (Olsson et al. 2022; Bietti et al. 2023; Singh et al.
 2024). Checkpoints every 50 steps; `positive_control_measure.py` reads them.
 
-usage: python experiments/interpretability/positive_control.py [--workdir=/tmp/induction_exp/control] [--steps=3000]
+usage: python experiments/interpretability/positive_control.py [--workdir=/tmp/induction_exp/control] [--steps=3000] [--seed=0]
 """
 
 import argparse
@@ -32,9 +32,10 @@ def write_corpus(path: str, num_lines: int = NUM_LINES, seed: int = 0) -> str:
     return path
 
 
-def get_config(corpus: str, steps: int, every: int = 50, learning_rate: float = 3e-3) -> ml_collections.ConfigDict:
+def get_config(corpus: str, steps: int, every: int = 50, learning_rate: float = 3e-3, seed: int = 0) -> ml_collections.ConfigDict:
     c = default.get_config()
     c.name = "induction_control"
+    c.seed = seed  # init and data order; the corpus is the same for every seed
     c.data.dataset = f"text:{corpus}"
     c.data.data_dir = os.path.join(os.path.dirname(corpus), "tfds")
     c.seq_len = 128
@@ -61,13 +62,14 @@ def main():
     ap.add_argument("--workdir", default="/tmp/induction_exp/control")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--learning_rate", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     corpus = os.path.join(os.path.dirname(os.path.abspath(args.workdir)), "control_corpus.txt")
     if not os.path.exists(corpus):
         write_corpus(corpus)
     started = time.time()
-    loop.train(spec.from_config(get_config(corpus, args.steps, learning_rate=args.learning_rate)), args.workdir)
+    loop.train(spec.from_config(get_config(corpus, args.steps, learning_rate=args.learning_rate, seed=args.seed)), args.workdir)
     print(f"trained in {time.time() - started:.0f} s", flush=True)
 
 
