@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from llm.scaling import ray_task, sweep
-from llm.scaling.points import CPU_THROUGHPUT, Point, duration, estimate_seconds, expand, format_table, select_shard
+from llm.scaling.points import Point, duration, estimate_seconds
 from llm.spec import ConfigError
 
 DEFAULT_RESOURCES = {"CPU": 1}
@@ -223,12 +223,7 @@ def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, address: str, shard:
     resources, max_retries = options(sweep_cfg)
     ray = _connect(address)
     workdir = os.path.abspath(workdir)  # a worker's working directory is not the driver's
-    throughput = {**CPU_THROUGHPUT, **(sweep_cfg.get("throughput") or {})}
-    points = select_shard(expand(sweep_cfg), shard)
-    print(f"sweep {sweep_cfg.name} ({sweep_cfg.kind}){f', shard {shard}' if shard else ''} on the Ray cluster "
-          f"at {address} -> {workdir}")
-    print(format_table(points, throughput), flush=True)
-    os.makedirs(workdir, exist_ok=True)
+    points, throughput = sweep.announce(sweep_cfg, workdir, shard, where=f" on the Ray cluster at {address}")
     done = sweep.finished_names(workdir)
     todo = [p for p in points if p.name not in done]
     rows, progress = _Rows(workdir, todo), _Progress(todo, throughput, len(points))

@@ -129,24 +129,35 @@ def finished_row(point: Point, workdir: str) -> dict | None:
         return json.load(f)
 
 
-def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, dry_run: bool = False, shard: str = "") -> list[dict]:
-    """Prints the table of points; unless dry_run, trains each unfinished one and returns the new rows."""
+def announce(sweep_cfg: ml_collections.ConfigDict, workdir: str, shard: str, where: str = "", dry_run: bool = False
+             ) -> tuple[list[Point], dict]:
+    """What every runner does first: expands the sweep (once), selects the shard's points, prints their table,
+    the repetition warning and the cooldown forks' savings, and unless dry_run creates workdir and records
+    the savings there. Returns (the shard's points, the throughput the estimates used)."""
     throughput = {**CPU_THROUGHPUT, **(sweep_cfg.get("throughput") or {})}
-    points = select_shard(expand(sweep_cfg), shard)
-    print(f"sweep {sweep_cfg.name} ({sweep_cfg.kind}){f', shard {shard}' if shard else ''} -> {workdir}")
+    everything = expand(sweep_cfg)
+    points = select_shard(everything, shard)
+    print(f"sweep {sweep_cfg.name} ({sweep_cfg.kind}){f', shard {shard}' if shard else ''}{where} -> {workdir}")
     print(format_table(points, throughput), flush=True)
     repeats = repetition_warning(points)
     if repeats:
         print(repeats, flush=True)
-    saved = cooldowns.savings(expand(sweep_cfg)) if sweep_cfg.get("cooldowns") else None
+    saved = cooldowns.savings(everything) if sweep_cfg.get("cooldowns") else None
     if saved:
         print(cooldowns.describe(saved), flush=True)
+    if not dry_run:
+        os.makedirs(workdir, exist_ok=True)
+        if saved:
+            cooldowns.write_savings(workdir, saved)
+    return points, throughput
+
+
+def run(sweep_cfg: ml_collections.ConfigDict, workdir: str, dry_run: bool = False, shard: str = "") -> list[dict]:
+    """Prints the table of points; unless dry_run, trains each unfinished one and returns the new rows."""
+    points, throughput = announce(sweep_cfg, workdir, shard, dry_run=dry_run)
     if dry_run:
         return []
 
-    os.makedirs(workdir, exist_ok=True)
-    if saved:
-        cooldowns.write_savings(workdir, saved)
     done = finished_names(workdir)
     new_rows = []
     for i, point in enumerate(points):
