@@ -89,6 +89,20 @@ def test_approach2_standard_error_matches_the_spread_over_noise_seeds():
     assert 0.5 < spread / np.mean([f["a_se"] for f in fits]) < 2.0
 
 
+def test_wild_resamples_keep_each_budgets_own_noise_where_pooled_ones_spread_it():
+    """One budget's losses exactly on a parabola, the others' noisy: the wild bootstrap never moves that
+    budget's vertex (its residuals are zero), the pooled one gives it the other budgets' residuals."""
+    noisy = synthetic_isoflops(seed=0, sigma=0.01)
+    first = fit.budget_groups(noisy)[0]
+    log_n = np.log(noisy["params"][first])
+    noisy["loss"][first] = np.polyval([0.05, -2 * 0.05 * np.mean(log_n), 3.0], log_n)
+    vertex = fit.approach2(noisy)["budgets"][0]["n_opt"]
+    for wild in (True, False):
+        moved = [s["budgets"][0]["n_opt"] != pytest.approx(vertex, rel=1e-9)
+                 for s in fit.approach2_samples(noisy, 20, wild=wild)]
+        assert not any(moved) if wild else all(moved)
+
+
 def test_budget_groups_merge_flops_within_ten_percent():
     points = fit.as_points(dict(params=[1, 2, 3, 4, 5, 6.0], flops=[100, 105, 109, 200, 215, 1000.0],
                                 loss=[3, 2, 3, 2, 1, 1.0]))

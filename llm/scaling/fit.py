@@ -274,11 +274,13 @@ def power_laws(points: Points) -> dict:
                 frontier_flops=points["flops"][idx].tolist(), frontier_loss=points["loss"][idx].tolist())
 
 
-def approach2_samples(points: Points, bootstrap: int, seed: int = 0) -> list[dict]:
+def approach2_samples(points: Points, bootstrap: int, seed: int = 0, wild: bool = False) -> list[dict]:
     """approach2 refit to `bootstrap` residual resamples: each budget's losses become its parabola's values
-    plus residuals drawn from all the budgets' parabolas (scaled by sqrt(n / (n - parameters)) for the
-    degrees of freedom the parabolas used). The sizes stay those trained: resampling whole runs instead
-    leaves a budget of five sizes with three or four distinct ones, whose parabola can put its vertex anywhere."""
+    plus residuals (scaled by sqrt(n / (n - parameters)) for the degrees of freedom the parabolas used):
+    drawn from all the budgets' parabolas, or with `wild` each point's own residual with a random sign, so
+    a budget whose runs scatter little keeps a small noise (short runs scatter more than long ones). The
+    sizes stay those trained: resampling whole runs instead leaves a budget of five sizes with three or four
+    distinct ones, whose parabola can put its vertex anywhere."""
     rng = np.random.default_rng(seed)
     fitted, used = points["loss"].copy(), []
     for idx in budget_groups(points):
@@ -294,7 +296,7 @@ def approach2_samples(points: Points, bootstrap: int, seed: int = 0) -> list[dic
     samples = []
     for _ in range(bootstrap):
         loss = fitted.copy()
-        loss[idx] += rng.choice(resid, len(idx))
+        loss[idx] += resid * rng.choice([-1.0, 1.0], len(idx)) if wild else rng.choice(resid, len(idx))
         fit = approach2({**points, "loss": loss})
         if fit is not None:
             samples.append(fit)
