@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from configs.sweeps import grid_example, isoflop_cpu
+from configs.sweeps import grid_example, isoflop_cpu, isoflop_cpu_cooldowns_wide
 from llm.scaling import fit, points as points_lib, sweep
 from llm.training import checkpoint
 
@@ -58,6 +58,23 @@ def test_isoflop_cpu_models_hit_their_target_sizes():
     assert len(targets) == len(points)
     for p, target in zip(points, targets):
         assert abs(math.log(p.non_embedding_params / target)) < math.log(1.1), (p.name, target)
+
+
+def test_wide_cooldown_sweep_is_one_width_family_with_a_window_per_budget():
+    cfg = isoflop_cpu_cooldowns_wide.get_config()
+    points = points_lib.expand(cfg)
+    budgets = sorted({p.budget for p in points})
+    assert len(budgets) == 6 and budgets[-1] / budgets[0] > 30  # 1.5 decades
+    windows = [[p.config.model.d_model for p in points if p.budget == b] for b in budgets]
+    assert sorted(windows[0]) == [16, 24, 32, 40, 48] and sorted(windows[-1]) == [48, 64, 80, 96, 112]
+    assert all(len(set(w)) == 5 and min(w) <= min(v) and max(w) <= max(v) for w, v in zip(windows, windows[1:]))
+    for p in points:
+        m = p.config.model
+        assert (m.num_layers, m.d_model // m.num_heads, m.base_head_dim) == (2, 8, 8), p.name
+        assert p.config.opt.warmup_steps == 100 and p.cooldown_start > 100
+    # Each width is one stable run, forked at each of its budgets' cooldown starts.
+    assert {size: len(group) for size, group in points_lib.by_size(points).items()} == {
+        "d16l2": 2, "d24l2": 3, "d32l2": 4, "d40l2": 5, "d48l2": 6, "d64l2": 4, "d80l2": 3, "d96l2": 2, "d112l2": 1}
 
 
 @pytest.mark.parametrize("target", np.geomspace(1.3e5, 5e6, 9).tolist())

@@ -1,7 +1,8 @@
 """The cooldown-fork IsoFLOP experiment, end to end and resumable (rerun the same command after a stop):
 
-  1. sweep    configs/sweeps/isoflop_cpu_cooldowns.py on the unrepeated corpus (experiments/scaling/build_corpus.py)
-              as a 3-domain mixture, into WORKDIR/sweep; its wall and CPU time into WORKDIR/timing.json
+  1. sweep    --sweep (configs/sweeps/isoflop_cpu_cooldowns_wide.py) on the unrepeated corpus
+              (experiments/scaling/build_corpus.py) as a 3-domain mixture, into WORKDIR/sweep; its wall and CPU
+              time into WORKDIR/timing.json
   2. predict  approaches 2 and 3 with bootstrap intervals on eval_loss (WORKDIR/fits.json); then, before the
               held-out run is trained, its size (approach 3's compute-optimal params at VERIFY_FACTOR x the
               largest budget, as the sweep's shape rule builds it) and its final loss with an interval, into
@@ -9,14 +10,19 @@
   3. verify   trains that run (the sweep's schedule, from scratch) into WORKDIR/verify and compares
   4. domains  the same fits of each domain's eval_loss_<domain>
   5. report   the tables of experiments/scaling/cooldowns/README.md into WORKDIR/report.md, and the
-              results, fits and prediction copied into experiments/scaling/cooldowns/
+              results, fits and prediction copied into --out (experiments/scaling/cooldowns/)
 
     python experiments/scaling/build_corpus.py --out=runs/corpus
     nohup nice -n 10 python experiments/scaling/cooldowns/run.py --workdir=runs/isoflop_cooldowns --corpus=runs/corpus &
     python experiments/scaling/cooldowns/run.py --workdir=runs/isoflop_cooldowns --corpus=runs/corpus --report_only
+
+The first design (0.8 decades of budgets, one list of mixed-depth sizes):
+    python experiments/scaling/cooldowns/run.py --workdir=runs/isoflop_cooldowns_first --corpus=runs/corpus \
+        --sweep=isoflop_cpu_cooldowns --mixture=shakespeare=0.2,code=0.3,docs=0.5 --out=experiments/scaling/cooldowns/first_design
 """
 
 import argparse
+import importlib
 import csv
 import datetime
 import json
@@ -32,11 +38,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, ROOT)
 
-from configs.sweeps import isoflop_cpu_cooldowns  # noqa: E402
 from llm.scaling import cooldowns, fit, points as points_lib, sweep  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MIXTURE = "shakespeare=0.2,code=0.3,docs=0.5"  # shakespeare, the smallest domain, then repeats after 23M tokens
+# The domains in proportion to their sizes (5.1M, 31.0M, 29.6M byte tokens): each lasts about 63M tokens.
+MIXTURE = "shakespeare=0.08,code=0.47,docs=0.45"
 DOMAINS = ("shakespeare", "code", "docs")
 VERIFY_FACTOR = 3.5
 BOOTSTRAP = 100
@@ -44,11 +50,11 @@ DOMAIN_BOOTSTRAP = 50
 NUM_STARTS = 40  # approach 3's L-BFGS starts (of Hoffmann et al.'s 4500-point grid, the best by objective)
 
 
-def sweep_config(corpus: str) -> ml_collections.ConfigDict:
-    c = isoflop_cpu_cooldowns.get_config()
+def sweep_config(corpus: str, name: str, mixture: str) -> ml_collections.ConfigDict:
+    c = importlib.import_module(f"configs.sweeps.{name}").get_config()
     d = c.base.data
     d.dataset = f"jsonl:{os.path.abspath(corpus)}/*.jsonl"
-    d.mixture = MIXTURE
+    d.mixture = mixture
     d.tokenizer = "byte"
     d.data_dir = os.path.join(os.path.abspath(corpus), "cache")  # its index, beside the corpus
     c.base.eval_max_batches = 16  # per domain: 16 x 64 rows of 128 tokens, the same for every point
@@ -144,11 +150,34 @@ def _ci(fit_: dict, key: str) -> str:
     return f"{fit_[key]:.3f} [{lo:.3f}, {hi:.3f}] (half-width {(hi - lo) / 2:.3f})"
 
 
+def loss_table(results: str) -> list[str]:
+    """Eval loss (steps) per budget and size, the budget's lowest in bold."""
+    rows = list(csv.DictReader(open(results)))
+    sizes = sorted({(int(r["params"]), f"d{r['d_model']}l{r['num_layers']}") for r in rows})
+    budgets = sorted({float(r["budget"]) for r in rows})
+    lines = ["| budget (FLOPs) | " + " | ".join(f"{s} ({p / 1e3:.0f}k)" for p, s in sizes) + " |",
+             "|---:|" + "---:|" * len(sizes)]
+    for b in budgets:
+        at = {int(r["params"]): r for r in rows if float(r["budget"]) == b}
+        best = min(at, key=lambda p: float(at[p]["eval_loss"]))
+        cells = []
+        for p, _ in sizes:
+            if p not in at:
+                cells.append("")
+                continue
+            cell = f"{float(at[p]['eval_loss']):.3f}"
+            cells.append((f"**{cell}**" if p == best else cell) + f" ({at[p]['num_train_steps']})")
+        lines.append(f"| {b:.3g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(workdir: str) -> str:
     fitted = json.load(open(os.path.join(workdir, "fits.json")))
     timing = json.load(open(os.path.join(workdir, "timing.json")))
     saved = json.load(open(os.path.join(workdir, "sweep", cooldowns.SAVINGS)))
-    lines = ["## Fits (95% bootstrap intervals)", "",
+    lines = ["## Eval loss (training steps in brackets; bold: the budget's lowest)", "",
+             *loss_table(os.path.join(workdir, "sweep", sweep.RESULTS)), "",
+             "## Fits (95% bootstrap intervals)", "",
              "| loss | approach 2: a | approach 2: b | approach 3: a | approach 3: alpha | approach 3: beta | approach 3: E |",
              "|---|---|---|---|---|---|---|"]
     for name, f_ in fitted.items():
@@ -187,22 +216,32 @@ def report(workdir: str) -> str:
     return "\n".join(lines)
 
 
-def publish(workdir: str) -> None:
+def publish(workdir: str, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
     for name in ("fits.json", "prediction.json", "verify.json", "timing.json", "report.md"):
         if os.path.exists(os.path.join(workdir, name)):
-            shutil.copy(os.path.join(workdir, name), os.path.join(HERE, name))
+            shutil.copy(os.path.join(workdir, name), os.path.join(out, name))
     for name in (sweep.RESULTS, cooldowns.SAVINGS):
-        shutil.copy(os.path.join(workdir, "sweep", name), os.path.join(HERE, name))
+        shutil.copy(os.path.join(workdir, "sweep", name), os.path.join(out, name))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--corpus", required=True, help="the directory build_corpus.py wrote")
+    parser.add_argument("--sweep", default="isoflop_cpu_cooldowns_wide", help="a module of configs/sweeps/")
+    parser.add_argument("--mixture", default=MIXTURE)
+    parser.add_argument("--out", default=HERE, help="where the results, fits and report are copied")
+    parser.add_argument("--seed", type=int, default=0, help="init and data order of every point")
+    parser.add_argument("--sweep_only", action="store_true", help="a replicate: the sweep, no fits or verify run")
     parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args()
-    c = sweep_config(args.corpus)
+    c = sweep_config(args.corpus, args.sweep, args.mixture)
+    c.base.seed = args.seed
     os.makedirs(args.workdir, exist_ok=True)
+    if args.sweep_only:
+        timed("sweep", args.workdir, lambda: sweep.run(c, os.path.join(args.workdir, "sweep")))
+        return
     if not args.report_only:
         timed("sweep", args.workdir, lambda: sweep.run(c, os.path.join(args.workdir, "sweep")))
         prediction = timed("fit and predict", args.workdir, lambda: predict(args.workdir, c))
@@ -214,7 +253,7 @@ def main():
     text = report(args.workdir)
     with open(os.path.join(args.workdir, "report.md"), "w") as f:
         f.write(text + "\n")
-    publish(args.workdir)
+    publish(args.workdir, args.out)
     print(text)
 
 
