@@ -5,6 +5,7 @@ as the real one is; the share of intervals that contain the true exponent, for t
   pooled   the residual bootstrap that pools every budget's parabola residuals (fit.approach2_samples)
   wild     each point's own residual with a random sign (approach2_samples(wild=True))
   t        the least-squares line's standard error times Student's t with (budgets - 2) degrees of freedom
+  between two seeds  two independent sweeps' estimates: their mean +- t(1 dof) x their standard error
 
 under noise models: every run with the same spread, each budget with its own (the real parabolas' residual
 rms per budget, which differ tenfold), and with --seeds (seeds.py's seeds.json) each budget's measured
@@ -53,10 +54,16 @@ def residual_rms(points: dict) -> dict[float, float]:
 
 def shared_fraction(per_point: dict[str, list[float]]) -> float:
     """The share of a run's seed variance that its size's other budgets share (their common stable run):
-    from two seeds, 1 - (within-size variance of the differences) / (their total variance about zero)."""
-    diffs: dict[str, list[float]] = {}
+    from two seeds' differences, each less its budget's mean difference (a shift of a whole budget moves no
+    vertex), 1 - (their variance within a size) / (their total variance)."""
+    by_budget: dict[str, dict[str, float]] = {}
     for name, (first, second) in per_point.items():
-        diffs.setdefault(name.split("_", 1)[1], []).append(second - first)
+        budget, size = name.split("_", 1)
+        by_budget.setdefault(budget, {})[size] = second - first
+    diffs: dict[str, list[float]] = {}
+    for at in by_budget.values():
+        for size, d in at.items():
+            diffs.setdefault(size, []).append(d - np.mean(list(at.values())))
     total = np.mean([d**2 for group in diffs.values() for d in group])
     within = np.mean([np.var(g, ddof=1) for g in diffs.values() if len(g) > 1])
     return float(np.clip(1 - within / total, 0.0, 1.0))
@@ -88,6 +95,11 @@ def coverage(points: dict, law: dict, a_true: float, sd: np.ndarray, sweeps: int
         for kind, (lo, hi) in intervals.items():
             hits[kind].append(lo <= a_true <= hi)
             widths[kind].append((hi - lo) / 2)
+    # Two whole sweeps (seeds) per draw: Student's t with 1 degree of freedom on their two estimates.
+    pairs = np.array(estimates[:len(estimates) // 2 * 2]).reshape(-1, 2)
+    centre, half = pairs.mean(axis=1), stats.t.ppf(0.975, 1) * np.abs(pairs[:, 0] - pairs[:, 1]) / 2
+    hits["between two seeds"] = list(np.abs(centre - a_true) <= half)
+    widths["between two seeds"] = list(half)
     lo, hi = np.percentile(estimates, [2.5, 97.5])
     # Medians: a sweep whose noisiest budget gives a nearly flat parabola puts a anywhere, and a mean would be its.
     return dict(sweeps=len(estimates), a_median=float(np.median(estimates)), a_central_95_half_width=float((hi - lo) / 2),

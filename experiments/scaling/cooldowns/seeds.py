@@ -46,13 +46,17 @@ def main():
     loss = np.array([[float(s[n]["eval_loss"]) for s in seeds] for n in names])  # points x seeds
     budget = np.array([float(seeds[0][n]["budget"]) for n in names])
     columns = {k: np.array([float(seeds[0][n][k]) for n in names]) for k in ("params", "tokens", "flops", "budget")}
-    spread = {}
+    spread, shift = {}, {}
     for b in np.unique(budget):
-        at = loss[budget == b]
-        # The unbiased per-run variance from k seeds, pooled over the budget's points.
-        spread[f"{b:g}"] = float(np.sqrt(np.mean(np.var(at, axis=1, ddof=1))))
+        at = loss[budget == b]  # sizes x seeds
+        # A seed that lowers every size of a budget alike (its data order, say) moves no vertex: the spread
+        # that matters is about each seed's budget mean, corrected for the mean's one degree of freedom.
+        centred = at - at.mean(axis=0)
+        spread[f"{b:g}"] = float(np.sqrt(np.mean(np.var(centred, axis=1, ddof=1)) * len(at) / (len(at) - 1)))
+        shift[f"{b:g}"] = (at.mean(axis=0) - at.mean()).tolist()
     result = dict(workdirs=args.workdirs, points=len(names),
                   per_point={n: loss[i].tolist() for i, n in enumerate(names)}, seed_sd_per_budget=spread,
+                  seed_shift_per_budget=shift, mean_difference=float(np.mean(loss[:, -1] - loss[:, 0])),
                   per_seed=[exponents({**columns, "loss": loss[:, k]}) for k in range(loss.shape[1])],
                   mean=exponents({**columns, "loss": loss.mean(axis=1)}))
     with open(args.out, "w") as f:
