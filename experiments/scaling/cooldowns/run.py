@@ -13,8 +13,8 @@
               results, fits and prediction copied into --out (experiments/scaling/cooldowns/)
 
     python experiments/scaling/build_corpus.py --out=runs/corpus
-    nohup nice -n 10 python experiments/scaling/cooldowns/run.py --workdir=runs/isoflop_cooldowns --corpus=runs/corpus &
-    python experiments/scaling/cooldowns/run.py --workdir=runs/isoflop_cooldowns --corpus=runs/corpus --report_only
+    nohup nice -n 10 python experiments/scaling/cooldowns/run.py --workdir=runs/isoflop_cooldowns_wide --corpus=runs/corpus &
+    python experiments/scaling/cooldowns/run.py --workdir=runs/isoflop_cooldowns_wide --corpus=runs/corpus --report_only
 
 The first design (0.8 decades of budgets, one list of mixed-depth sizes):
     python experiments/scaling/cooldowns/run.py --workdir=runs/isoflop_cooldowns_first --corpus=runs/corpus \
@@ -22,9 +22,9 @@ The first design (0.8 decades of budgets, one list of mixed-depth sizes):
 """
 
 import argparse
-import importlib
 import csv
 import datetime
+import importlib
 import json
 import math
 import os
@@ -239,11 +239,10 @@ def main():
     c = sweep_config(args.corpus, args.sweep, args.mixture)
     c.base.seed = args.seed
     os.makedirs(args.workdir, exist_ok=True)
-    if args.sweep_only:
-        timed("sweep", args.workdir, lambda: sweep.run(c, os.path.join(args.workdir, "sweep")))
-        return
     if not args.report_only:
         timed("sweep", args.workdir, lambda: sweep.run(c, os.path.join(args.workdir, "sweep")))
+        if args.sweep_only:
+            return
         prediction = timed("fit and predict", args.workdir, lambda: predict(args.workdir, c))
         print(json.dumps(prediction), flush=True)
         result = timed("verify run", args.workdir, lambda: verify(args.workdir, c, prediction))
